@@ -1,0 +1,138 @@
+"""Validation of chat options (query string or JSON) into a provider and a `Task`.
+
+Every rule raises `ApiError` with a message that names the field, so bad input is a
+clear 4xx and never reaches a provider.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from app.config import Settings
+from app.errors import ApiError
+from app.providers import Provider, Task
+
+OPTIONS = {"prompt", "messages", "system", "provider", "model", "temperature", "max_tokens", "conversation_id"}
+ROLES = {"system", "user", "assistant"}
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MODEL_PATTERN = re.compile(r"^[\w.:/@+-]{1,200}$")
+
+
+@dataclass
+class ChatRequest:
+    provider: Provider
+    task: Task
+    conversation_id: str | None
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message)
+
+
+def _text(value: Any, name: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"'{name}' must be a string")
+    if len(value) > limit:
+        raise ApiError(413, "prompt_too_large", f"'{name}' is longer than {limit} characters")
+    return value
+
+
+def _number(value: Any, name: str, low: float, high: float, integer: bool, from_query: bool) -> float | int:
+    if from_query and isinstance(value, str):
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError:
+            raise invalid(f"'{name}' must be a {'whole number' if integer else 'number'}") from None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise invalid(f"'{name}' must be a {'whole number' if integer else 'number'}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise invalid(f"'{name}' must be between {low:g} and {high:g}")
+    return value
+
+
+def parse_messages(value: Any, settings: Settings) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise invalid("'messages' must be a non-empty list of {role, content}")
+    if len(value) > settings.MAX_MESSAGES:
+        raise ApiError(413, "prompt_too_large", f"'messages' has more than {settings.MAX_MESSAGES} entries")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or set(message) - {"role", "content"}:
+            raise invalid(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise invalid(f"messages[{i}].role must be one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise invalid(f"messages[{i}].content must be a string")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise invalid("the last message must be a non-empty 'user' message")
+    return messages
+
+
+def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: Mapping[str, Provider],
+                       from_query: bool = False) -> ChatRequest:
+    """Validate the options of one chat request (DESIGN.md: request options)."""
+    unknown = set(data) - OPTIONS
+    if unknown:
+        raise invalid(f"unknown option(s): {', '.join(sorted(unknown))}")
+    limit = settings.MAX_PROMPT_CHARS
+
+    name = data.get("provider") or settings.LLM_PROVIDER
+    if not isinstance(name, str):
+        raise invalid("'provider' must be a string")
+    provider = providers.get(name)
+    if provider is None:
+        raise ApiError(400, "unknown_provider", f"unknown provider '{name[:50]}'; known: {', '.join(sorted(providers))}")
+    if not provider.configured:
+        raise ApiError(400, "provider_not_configured", f"provider '{name}' has no API key configured on this server")
+
+    if "messages" in data and "prompt" in data:
+        raise invalid("send either 'prompt' or 'messages', not both")
+    if "messages" in data:
+        raw = data["messages"]
+        if from_query:
+            try:
+                raw = json.loads(raw)
+            except (TypeError, ValueError):
+                raise invalid("'messages' must be a JSON list") from None
+        messages = parse_messages(raw, settings)
+    elif "prompt" in data:
+        prompt = _text(data["prompt"], "prompt", limit)
+        if not prompt.strip():
+            raise invalid("'prompt' must not be empty")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        raise invalid("'prompt' or 'messages' is required")
+
+    system = data.get("system")
+    if system is not None:
+        system = _text(system, "system", limit) or None
+    total = sum(len(m["content"]) for m in messages) + len(system or "")
+    if total > limit:
+        raise ApiError(413, "prompt_too_large", f"the prompt is {total} characters; the limit is {limit}")
+
+    model = data.get("model") or provider.default_model
+    if not isinstance(model, str) or not MODEL_PATTERN.match(model):
+        raise invalid("'model' must be a model name (letters, digits and ._:/@+-)")
+    temperature = data.get("temperature")
+    if temperature is not None and temperature != "":
+        temperature = float(_number(temperature, "temperature", 0, 2, False, from_query))
+    else:
+        temperature = None
+    max_tokens = data.get("max_tokens")
+    if max_tokens is not None and max_tokens != "":
+        max_tokens = int(_number(max_tokens, "max_tokens", 1, settings.MAX_OUTPUT_TOKENS, True, from_query))
+    else:
+        max_tokens = None
+    conversation_id = data.get("conversation_id") or None
+    if conversation_id is not None and (not isinstance(conversation_id, str) or not ID_PATTERN.match(conversation_id)):
+        raise invalid("'conversation_id' must be 1-64 characters of letters, digits, '_' or '-'")
+
+    task = Task(messages=messages, model=model, system=system, temperature=temperature, max_tokens=max_tokens)
+    return ChatRequest(provider, task, conversation_id)

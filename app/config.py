@@ -1,0 +1,94 @@
+"""Configuration: environment variables (12-factor), read once into a frozen `Settings`.
+
+`create_app(config)` layers `config` over `os.environ`; a `.env` file (or the file
+named by `LLM_RELAY_ENV_FILE`) fills in what the environment does not set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; raised at startup, never per request."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    LLM_PROVIDER: str = "demo"
+    LLM_MODEL: str = ""
+    # Heartbeat comment cadence: below every common idle timeout (nginx/Apache proxies
+    # default to 60 s, many load balancers to 30-60 s) and how fast a departed reader is noticed.
+    SSE_HEARTBEAT_SECONDS: float = 15.0
+    UPSTREAM_CONNECT_TIMEOUT: float = 10.0
+    # Silence allowed between upstream bytes before the stream ends with an error;
+    # long enough for a reasoning model's pause, short enough not to hang a reader.
+    UPSTREAM_READ_TIMEOUT: float = 120.0
+    UPSTREAM_MAX_RETRIES: int = 2
+    UPSTREAM_RETRY_BASE_SECONDS: float = 0.5
+    # A Retry-After longer than this is not waited for (the SDKs give up near 2 min).
+    UPSTREAM_RETRY_MAX_WAIT: float = 30.0
+    UPSTREAM_POOL_SIZE: int = 256
+    MAX_PROMPT_CHARS: int = 32_000
+    MAX_BODY_BYTES: int = 1_048_576
+    MAX_MESSAGES: int = 200
+    MAX_OUTPUT_TOKENS: int = 128_000
+    DEMO_TOKENS_PER_SECOND: float = 30.0
+    DEMO_FIRST_TOKEN_DELAY: float = 0.25
+    STORE_URL: str = ""
+    API_TOKENS: str = ""
+    CORS_ORIGINS: str = ""
+    RATE_LIMIT: str = ""
+    LOG_LEVEL: str = "INFO"
+
+    @classmethod
+    def load(cls, env: Mapping[str, Any]) -> Settings:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.name)
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = kind(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{f.name}={raw!r} is not a valid {kind.__name__}") from exc
+        settings = cls(**values)
+        for name in ("SSE_HEARTBEAT_SECONDS", "UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_READ_TIMEOUT",
+                     "MAX_PROMPT_CHARS", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_OUTPUT_TOKENS"):
+            if getattr(settings, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        return settings
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """`KEY=value` lines (optional `export`, quotes, `#` comments), as .env files have them."""
+    values: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return values
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def environment(config: Mapping[str, Any] | None = None, env_file: str | None = None) -> dict[str, Any]:
+    """The effective environment: env file < process environment < explicit config."""
+    path = env_file or os.environ.get("LLM_RELAY_ENV_FILE") or ".env"
+    merged: dict[str, Any] = dict(read_env_file(path))
+    merged.update(os.environ)
+    merged.update(config or {})
+    return merged

@@ -1,0 +1,141 @@
+"""Incremental decoders for upstream bytes: bytes -> lines -> SSE events (or JSON lines).
+
+Each decoder has the same two methods, `decode(data)` for the next network chunk and
+`flush()` at end of stream, so they stack and test without sockets. Lines are cut on
+bytes before any text decoding: a line break is ASCII, so a multi-byte UTF-8 character
+split across chunks is always whole by the time its line is decoded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class DecodeError(ValueError):
+    """The upstream sent something no valid stream contains (e.g. an endless line)."""
+
+
+class LineDecoder:
+    """Splits bytes into lines on CRLF, LF or lone CR, as the SSE spec's line rule says."""
+
+    __slots__ = ("_buffer", "_trailing_cr", "max_line")
+
+    def __init__(self, max_line: int = 8 * 1024 * 1024) -> None:
+        self._buffer = b""
+        self._trailing_cr = False
+        self.max_line = max_line
+
+    def decode(self, data: bytes) -> list[bytes]:
+        if self._trailing_cr:
+            # The previous chunk ended in CR; an LF now is the rest of that CRLF.
+            self._trailing_cr = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        if self._buffer:
+            data = self._buffer + data
+        if b"\r" in data:
+            self._trailing_cr = data[-1:] == b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = data.split(b"\n")
+        self._buffer = lines.pop()
+        if len(self._buffer) > self.max_line:
+            raise DecodeError(f"upstream line longer than {self.max_line} bytes")
+        return lines
+
+    def flush(self) -> list[bytes]:
+        rest, self._buffer = self._buffer, b""
+        return [rest] if rest else []
+
+
+class SseEvent:
+    """One dispatched SSE event: `event` name (default "message"), `data`, `id`."""
+
+    __slots__ = ("event", "data", "id")
+
+    def __init__(self, event: str, data: str, id: str | None) -> None:
+        self.event = event
+        self.data = data
+        self.id = id
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+    def __repr__(self) -> str:
+        return f"SseEvent(event={self.event!r}, data={self.data!r}, id={self.id!r})"
+
+
+class SseDecoder:
+    """The field rules of the WHATWG event-stream format, fed with network chunks.
+
+    Comments (`:` lines, used as heartbeats by some servers) and unknown fields are
+    skipped; `data:` lines accumulate until a blank line dispatches the event.
+    """
+
+    __slots__ = ("_lines", "_event", "_data", "_id", "_first")
+
+    def __init__(self, max_line: int = 8 * 1024 * 1024) -> None:
+        self._lines = LineDecoder(max_line)
+        self._event = ""
+        self._data: list[str] = []
+        self._id: str | None = None
+        self._first = True
+
+    def decode(self, data: bytes) -> list[SseEvent]:
+        return self._events(self._lines.decode(data))
+
+    def flush(self) -> list[SseEvent]:
+        # A stream cut before its blank line never dispatches its last event (spec).
+        events = self._events(self._lines.flush())
+        self._event, self._data = "", []
+        return events
+
+    def _events(self, lines: list[bytes]) -> list[SseEvent]:
+        events = []
+        for raw in lines:
+            if self._first:
+                self._first = False
+                if raw[:3] == b"\xef\xbb\xbf":  # a UTF-8 BOM may open the stream
+                    raw = raw[3:]
+            if not raw:
+                if self._data:
+                    events.append(SseEvent(self._event or "message", "\n".join(self._data), self._id))
+                self._event, self._data = "", []
+                continue
+            if raw[:1] == b":":
+                continue
+            line = raw.decode("utf-8", "replace")
+            field, sep, value = line.partition(":")
+            if sep and value[:1] == " ":
+                value = value[1:]
+            if field == "data":
+                self._data.append(value)
+            elif field == "event":
+                self._event = value
+            elif field == "id":
+                if "\0" not in value:
+                    self._id = value
+            # `retry` and unknown fields do not concern a server-side reader.
+        return events
+
+
+class NdjsonDecoder:
+    """One JSON value per line (Ollama's native stream); blank lines are skipped."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, max_line: int = 8 * 1024 * 1024) -> None:
+        self._lines = LineDecoder(max_line)
+
+    def decode(self, data: bytes) -> list[Any]:
+        return [self._parse(line) for line in self._lines.decode(data) if line.strip()]
+
+    def flush(self) -> list[Any]:
+        return [self._parse(line) for line in self._lines.flush() if line.strip()]
+
+    @staticmethod
+    def _parse(line: bytes) -> Any:
+        try:
+            return json.loads(line)
+        except ValueError as exc:
+            raise DecodeError(f"upstream sent a line that is not JSON: {line[:200]!r}") from exc

@@ -1,0 +1,53 @@
+"""The one error shape of the API, `{"error": {"type", "message"}}`, produced here only."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("llm_sse_relay")
+
+HTTP_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+              429: "rate_limited"}
+
+
+class ApiError(Exception):
+    """A request the API refuses, with its status and a message meant for the caller."""
+
+    def __init__(self, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, type: str, message: str, headers: dict[str, str] | None = None):
+    response = jsonify({"error": {"type": type, "message": message}})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(err: ApiError):
+        return error_response(err.status, err.type, err.message, err.headers)
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        status = err.code or 500
+        message = err.description or err.name
+        if status == 413:
+            message = f"request body is larger than {app.config.get('MAX_CONTENT_LENGTH')} bytes"
+        return error_response(status, HTTP_TYPES.get(status, "http_error"), message)
+
+    @app.errorhandler(Exception)
+    def unexpected(err: Exception):
+        # Logged with its traceback here; the caller only learns that it failed.
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "the server failed to handle this request")

@@ -1,0 +1,82 @@
+"""The provider registry: which providers exist, their defaults, and how to build them.
+
+Adding a provider is one adapter module (or a subclass with other defaults) and one
+`ProviderSpec` line below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from app.providers.anthropic import AnthropicProvider
+from app.providers.base import HttpProvider, Provider, ProviderError, Task, UpstreamPolicy
+from app.providers.demo import DemoProvider
+from app.providers.gemini import GeminiProvider
+from app.providers.openai import CompatibleProvider, GroqProvider, MistralProvider, OpenAIProvider
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    adapter: type[HttpProvider]
+    key_env: str
+    base_env: str
+    base_url: str
+    model: str
+    models: tuple[str, ...] = ()
+
+
+SPECS: dict[str, ProviderSpec] = {
+    "openai": ProviderSpec(OpenAIProvider, "OPENAI_API_KEY", "OPENAI_BASE_URL",
+                           "https://api.openai.com/v1", "gpt-4.1-mini", ("gpt-4.1-mini", "gpt-4.1", "gpt-4o-mini")),
+    "anthropic": ProviderSpec(AnthropicProvider, "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+                              "https://api.anthropic.com", "claude-sonnet-4-5",
+                              ("claude-sonnet-4-5", "claude-haiku-4-5")),
+    "groq": ProviderSpec(GroqProvider, "GROQ_API_KEY", "GROQ_BASE_URL",
+                         "https://api.groq.com/openai/v1", "llama-3.3-70b-versatile"),
+    "mistral": ProviderSpec(MistralProvider, "MISTRAL_API_KEY", "MISTRAL_BASE_URL",
+                            "https://api.mistral.ai/v1", "mistral-small-latest"),
+    "gemini": ProviderSpec(GeminiProvider, "GEMINI_API_KEY", "GEMINI_BASE_URL",
+                           "https://generativelanguage.googleapis.com/v1beta", "gemini-2.5-flash"),
+    # Local servers: OPENAI_COMPATIBLE_BASE_URL, or Ollama's /v1 under OLLAMA_BASE_URL.
+    "openai-compatible": ProviderSpec(CompatibleProvider, "OPENAI_COMPATIBLE_API_KEY", "OPENAI_COMPATIBLE_BASE_URL",
+                                      "http://127.0.0.1:11434/v1", "llama3.2"),
+}
+
+
+def build_providers(env: Mapping[str, Any], settings: Any) -> dict[str, Provider]:
+    """Every known provider, built from the environment; `configured` says which can run."""
+    policy = UpstreamPolicy(
+        connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
+        read_timeout=settings.UPSTREAM_READ_TIMEOUT,
+        max_retries=settings.UPSTREAM_MAX_RETRIES,
+        retry_base=settings.UPSTREAM_RETRY_BASE_SECONDS,
+        retry_max_wait=settings.UPSTREAM_RETRY_MAX_WAIT,
+        pool_size=settings.UPSTREAM_POOL_SIZE,
+    )
+    providers: dict[str, Provider] = {
+        "demo": DemoProvider(settings.DEMO_TOKENS_PER_SECOND, settings.DEMO_FIRST_TOKEN_DELAY),
+    }
+    for name, spec in SPECS.items():
+        base = env.get(spec.base_env) or ""
+        if name == "openai-compatible" and not base and env.get("OLLAMA_BASE_URL"):
+            base = str(env["OLLAMA_BASE_URL"]).rstrip("/") + "/v1"
+        model = spec.model
+        if settings.LLM_PROVIDER == name and settings.LLM_MODEL:
+            model = settings.LLM_MODEL
+        provider = spec.adapter(name, base or spec.base_url, env.get(spec.key_env), model, policy, spec.models)
+        if name == "openai-compatible":
+            provider.explicit = bool(base)  # only offered when someone pointed it at a server
+        providers[name] = provider
+    if settings.LLM_PROVIDER == "demo" and settings.LLM_MODEL:
+        providers["demo"].default_model = settings.LLM_MODEL
+    return providers
+
+
+def offered(provider: Provider) -> bool:
+    """Whether the page and `auto` choices should list this provider."""
+    return provider.configured and getattr(provider, "explicit", True)
+
+
+__all__ = ["SPECS", "Provider", "ProviderError", "Task", "build_providers", "offered"]

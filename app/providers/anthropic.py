@@ -1,0 +1,137 @@
+"""Anthropic Messages API (`POST {base}/v1/messages`): named SSE events, no [DONE]."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.decoders import SseEvent
+from app.providers.base import (
+    Delta,
+    Finish,
+    HttpProvider,
+    ProviderError,
+    Task,
+    Text,
+    ToolCall,
+    Usage,
+    cut_stream,
+    stream_error,
+)
+
+STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "pause"}
+# max_tokens is required by the API; used when the request does not set one.
+DEFAULT_MAX_TOKENS = 4096
+
+
+def anthropic_messages(task: Task) -> list[dict[str, Any]]:
+    """Anthropic has no system role in `messages`: any such message joins `system`."""
+    return [m for m in task.messages if m.get("role") != "system"]
+
+
+class AnthropicStreamParser:
+    """Events named as their `type`; text is `content_block_delta` / `text_delta`."""
+
+    __slots__ = ("provider", "done", "input_tokens", "blocks", "stop_reason")
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.done = False
+        self.input_tokens: int | None = None
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self.stop_reason: str | None = None
+
+    def feed(self, event: SseEvent) -> list[Delta]:
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            return []
+        if not isinstance(data, dict):
+            return []
+        kind = data.get("type") or event.event
+        if kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                text = delta.get("text")
+                return [Text(text)] if text else []
+            if dtype == "input_json_delta":
+                block = self.blocks.get(data.get("index", 0))
+                if block is not None:
+                    block["json"] += delta.get("partial_json") or ""
+            return []  # thinking, signature, citations: not answer text
+        if kind == "message_start":
+            usage = (data.get("message") or {}).get("usage") or {}
+            self.input_tokens = usage.get("input_tokens")
+            return [Usage(self.input_tokens, usage.get("output_tokens"))]
+        if kind == "content_block_start":
+            block = data.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                self.blocks[data.get("index", 0)] = {"id": block.get("id", ""), "name": block.get("name", ""), "json": ""}
+            return []
+        if kind == "content_block_stop":
+            block = self.blocks.pop(data.get("index", 0), None)
+            if block is None:
+                return []
+            # An empty input means a tool that takes no arguments.
+            return [ToolCall(block["id"], block["name"], block["json"] or "{}")]
+        if kind == "message_delta":
+            out: list[Delta] = []
+            usage = data.get("usage")
+            if isinstance(usage, dict):  # cumulative output count
+                input_tokens = usage.get("input_tokens", self.input_tokens)
+                out.append(Usage(input_tokens, usage.get("output_tokens")))
+            reason = (data.get("delta") or {}).get("stop_reason")
+            if reason:
+                self.stop_reason = STOP_REASONS.get(reason, reason)
+                out.append(Finish(self.stop_reason))
+            return out
+        if kind == "message_stop":
+            self.done = True
+            return []
+        if kind == "error":
+            raise stream_error(data, self.provider)
+        return []  # ping and event types added later
+
+    def finish(self) -> list[Delta]:
+        if not self.done:
+            raise cut_stream(self.provider, "message_stop")
+        return []
+
+
+class AnthropicProvider(HttpProvider):
+    version = "2023-06-01"
+
+    def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
+        system_parts = [task.system] if task.system else []
+        system_parts += [m["content"] for m in task.messages if m.get("role") == "system"]
+        body: dict[str, Any] = {
+            "model": task.model,
+            "messages": anthropic_messages(task),
+            "max_tokens": task.max_tokens or DEFAULT_MAX_TOKENS,
+            "stream": True,
+        }
+        if system_parts:
+            body["system"] = "\n\n".join(system_parts)
+        if task.temperature is not None:
+            body["temperature"] = task.temperature
+        if task.tools:
+            body["tools"] = [{"name": t["name"], "description": t.get("description", ""),
+                              "input_schema": t.get("parameters", {"type": "object"})} for t in task.tools]
+        headers = {"x-api-key": self.api_key or "", "anthropic-version": self.version}
+        return f"{self.base_url}/v1/messages", headers, body
+
+    def stream_parser(self, task: Task) -> AnthropicStreamParser:
+        return AnthropicStreamParser(self.name)
+
+    def error_message(self, body: Any) -> tuple[str | None, float | None]:
+        message, delay = super().error_message(body)
+        if message and isinstance(body, dict) and isinstance(body.get("error"), dict):
+            kind = body["error"].get("type")
+            if kind:
+                message = f"{kind}: {message}"
+        return message, delay
+
+
+__all__ = ["AnthropicProvider", "AnthropicStreamParser", "ProviderError"]

@@ -1,0 +1,409 @@
+"""What every provider shares: the normalized deltas, errors, cancellation, and the
+HTTP upstream call (one `requests.Session`, `stream=True`, retries before the first
+token, the socket shut the moment the stream is cancelled).
+
+A provider adapter only says how to build its request, how to parse its stream's
+events into deltas, and how to read its error bodies.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from typing import Any
+
+import requests
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+from app.decoders import DecodeError, NdjsonDecoder, SseDecoder
+
+# ---------------------------------------------------------------- normalized deltas
+
+
+class Text:
+    """A piece of answer text, exactly as the provider sent it."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class Usage:
+    """Token counts so far: `input_tokens`, `output_tokens`, `total_tokens`."""
+
+    __slots__ = ("usage",)
+
+    def __init__(self, input_tokens: int | None, output_tokens: int | None, total: int | None = None) -> None:
+        if total is None and input_tokens is not None and output_tokens is not None:
+            total = input_tokens + output_tokens
+        self.usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": total}
+
+
+class Finish:
+    """Why the model stopped, normalized: stop, length, tool_calls, content_filter, …"""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class ToolCall:
+    """A complete tool call the model asked for; `arguments` is the raw JSON text."""
+
+    __slots__ = ("id", "name", "arguments")
+
+    def __init__(self, id: str, name: str, arguments: str) -> None:
+        self.id = id
+        self.name = name
+        self.arguments = arguments
+
+
+class Meta:
+    """Anything else worth telling the reader (retries, rate limits) as a `meta` event."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+
+Delta = Text | Usage | Finish | ToolCall | Meta
+
+
+class ProviderError(Exception):
+    """An upstream failure, in the shape of the protocol's `error` event."""
+
+    def __init__(
+        self,
+        type: str,
+        message: str,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+    def as_event(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.status is not None:
+            data["status"] = self.status
+        return data
+
+
+# ---------------------------------------------------------------- the request
+
+
+@dataclass
+class Task:
+    """One normalized chat request, whatever the provider."""
+
+    messages: list[dict[str, Any]]
+    model: str
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Cancellation:
+    """Stops a generation from any thread: sets a flag and runs the registered aborts."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.reason: str | None = None
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # an abort that fails must not stop the others
+                pass
+
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run `callback` on cancel (now, if already cancelled); returns an unregister."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return lambda: self._discard(callback)
+        callback()
+        return lambda: None
+
+    def _discard(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+
+class Provider:
+    """A source of answers. `stream(task, cancel)` yields deltas until done."""
+
+    name = "provider"
+    default_model = ""
+    models: tuple[str, ...] = ()
+
+    @property
+    def configured(self) -> bool:
+        return True
+
+    def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- HTTP upstream
+
+
+@dataclass
+class UpstreamPolicy:
+    """Timeouts and retry bounds of the upstream call (from Settings)."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_retries: int = 2
+    retry_base: float = 0.5
+    retry_max_wait: float = 30.0
+    pool_size: int = 256
+
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+MAX_ERROR_BODY = 64 * 1024
+
+
+def retry_after_from_headers(headers: Any) -> float | None:
+    """Seconds to wait, as the official SDKs read it: retry-after-ms, then retry-after."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def abort_response(response: requests.Response) -> None:
+    """Shut the upstream socket so a read blocked in another thread returns now.
+
+    `close()` alone does not wake a thread blocked in recv() on Linux; shutdown does,
+    and the provider sees its connection closed, so it stops generating (and billing).
+    """
+    raw = response.raw
+    for path in (("_connection", "sock"), ("_fp", "fp", "raw", "_sock")):
+        target: Any = raw
+        for attr in path:
+            target = getattr(target, attr, None)
+            if target is None:
+                break
+        if isinstance(target, socket.socket):
+            try:
+                target.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+
+
+def _iter_raw(response: requests.Response) -> Iterator[bytes]:
+    """Network chunks as they arrive: per HTTP chunk, else whatever recv() returned."""
+    raw = response.raw
+    if raw.chunked and raw.supports_chunked_reads():
+        return raw.read_chunked(decode_content=True)
+    return iter(lambda: raw.read1(65536, decode_content=True), b"")
+
+
+class HttpProvider(Provider):
+    """Base of the adapters that call an HTTP API. Subclasses fill in the wire format."""
+
+    framing = "sse"  # or "ndjson"
+    key_required = True
+
+    def __init__(self, name: str, base_url: str, api_key: str | None, default_model: str,
+                 policy: UpstreamPolicy, models: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key or None
+        self.default_model = default_model
+        self.models = models or (default_model,)
+        self.policy = policy
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=policy.pool_size)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_key) or not self.key_required
+
+    # -- what each wire format defines
+    def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
+        raise NotImplementedError
+
+    def stream_parser(self, task: Task) -> Any:
+        """A fresh object with `feed(event) -> list[Delta]` and `finish() -> list[Delta]`."""
+        raise NotImplementedError
+
+    def error_message(self, body: Any) -> tuple[str | None, float | None]:
+        """The provider's error text (and any retry delay) from a JSON error body."""
+        if isinstance(body, dict):
+            err = body.get("error")
+            if isinstance(err, dict) and err.get("message"):
+                return str(err["message"]), None
+            if isinstance(err, str):
+                return err, None
+            if body.get("message"):
+                return str(body["message"]), None
+        return None, None
+
+    # -- the shared machinery
+    def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
+        """Deltas of one answer; retries only while no text has been yielded."""
+        attempt = 0
+        while True:
+            text_started = False
+            try:
+                for delta in self._attempt(task, cancel):
+                    if not text_started and delta.__class__ is Text:
+                        text_started = True
+                    yield delta
+                return
+            except ProviderError as err:
+                if text_started or not err.retryable or attempt >= self.policy.max_retries:
+                    raise
+                if err.retry_after is not None:
+                    delay = err.retry_after
+                else:  # exponential backoff with jitter, so many clients do not retry in step
+                    delay = self.policy.retry_base * (2**attempt) * (0.75 + random.random() / 2)
+                if delay > self.policy.retry_max_wait:
+                    raise
+                attempt += 1
+                yield Meta({"retry": {"attempt": attempt, "delay": round(delay, 3),
+                                      "status": err.status, "reason": err.message}})
+                if cancel.wait(delay):
+                    return
+
+    def _attempt(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
+        if cancel.is_set():
+            return
+        url, headers, body = self.build_request(task)
+        # identity: a gzip decoder would hold back text until it has a full block.
+        headers = {"Accept-Encoding": "identity", "Content-Type": "application/json", **headers}
+        try:
+            response = self.session.post(
+                url, data=json.dumps(body), headers=headers, stream=True,
+                timeout=(self.policy.connect_timeout, self.policy.read_timeout),
+            )
+        except requests.Timeout as exc:
+            raise ProviderError("upstream_timeout", f"{self.name} did not answer: {exc}", retryable=True) from exc
+        except requests.RequestException as exc:
+            raise ProviderError("upstream_unreachable", f"cannot reach {self.name}: {exc}", retryable=True) from exc
+        unregister = cancel.on_cancel(lambda: abort_response(response))
+        try:
+            if response.status_code >= 400:
+                raise self._error_from_response(response)
+            limits = {k.lower(): v for k, v in response.headers.items() if k.lower().startswith(RATE_LIMIT_PREFIXES)}
+            if limits:
+                yield Meta({"rate_limit": limits})
+            parser = self.stream_parser(task)
+            decoder = SseDecoder() if self.framing == "sse" else NdjsonDecoder()
+            try:
+                for chunk in _iter_raw(response):
+                    for event in decoder.decode(chunk):
+                        yield from parser.feed(event)
+                    if cancel.is_set():
+                        return
+                for event in decoder.flush():
+                    yield from parser.feed(event)
+            except (ReadTimeoutError, requests.Timeout, TimeoutError) as exc:
+                if cancel.is_set():
+                    return
+                raise ProviderError(
+                    "upstream_timeout",
+                    f"{self.name} sent nothing for {self.policy.read_timeout:g} s",
+                ) from exc
+            except (ProtocolError, HTTPException, OSError, requests.RequestException) as exc:
+                if cancel.is_set():
+                    return
+                raise ProviderError("upstream_disconnected", f"{self.name} closed the stream: {exc}") from exc
+            except DecodeError as exc:
+                raise ProviderError("upstream_protocol_error", str(exc)) from exc
+            if cancel.is_set():
+                return
+            yield from parser.finish()
+        finally:
+            unregister()
+            response.close()
+
+    def _error_from_response(self, response: requests.Response) -> ProviderError:
+        try:
+            raw = response.raw.read(MAX_ERROR_BODY, decode_content=True) or b""
+        except Exception:
+            raw = b""
+        retry_after = retry_after_from_headers(response.headers)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        message, body_delay = self.error_message(body)
+        if retry_after is None:
+            retry_after = body_delay
+        text = raw.decode("utf-8", "replace").strip()[:500]
+        message = message or text or response.reason or "error"
+        status = response.status_code
+        should_retry = response.headers.get("x-should-retry")
+        retryable = status in RETRYABLE_STATUS if should_retry is None else should_retry == "true"
+        kind = {401: "upstream_auth", 403: "upstream_auth", 429: "upstream_rate_limited"}.get(status, "upstream_error")
+        return ProviderError(kind, f"{self.name} answered {status}: {message}", status, retryable, retry_after)
+
+
+def stream_error(body: Any, provider: str) -> ProviderError:
+    """An error reported inside a 200 stream (OpenAI `{"error"}`, Anthropic `event: error`)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        message = err.get("message") or err.get("type") or "error"
+        kind = err.get("type") or err.get("status") or "error"
+    else:
+        message, kind = (str(err) if err else "error"), "error"
+    retryable = kind in ("overloaded_error", "rate_limit_error", "server_error", "api_error", "UNAVAILABLE")
+    return ProviderError("upstream_error", f"{provider} stream error ({kind}): {message}", retryable=retryable)
+
+
+def cut_stream(provider: str, marker: str) -> ProviderError:
+    """The connection ended before the provider's end marker: the answer is incomplete."""
+    return ProviderError("upstream_disconnected", f"{provider} stream ended without {marker}")

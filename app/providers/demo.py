@@ -1,0 +1,93 @@
+"""The offline `demo` provider: a useful answer at a realistic pace, no key, no network.
+
+It answers from a few built-in notes about streaming (chosen by the words of the
+prompt), splits the text into token-sized pieces and paces them like a model does.
+Model `demo-fast` sends without pauses (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from app.providers.base import Cancellation, Delta, Finish, Provider, Task, Text, Usage
+
+NOTES = {
+    "apache": (
+        "Under **Apache + mod_wsgi** the three things that break streaming are:\n\n"
+        "1. `mod_deflate` compressing `text/event-stream` (it waits for a full block), "
+        "so the SSE paths get `no-gzip` and `no-brotli`;\n"
+        "2. long streams holding every daemon thread, so SSE paths run in their own "
+        "`WSGIDaemonProcess`;\n"
+        "3. timeouts (`Timeout`, `request-timeout`, mod_reqtimeout) cutting a quiet "
+        "stream, so heartbeats keep it busy.\n"
+    ),
+    "code": (
+        "Here is the smallest custom route with this relay's Python API:\n\n"
+        "```python\n"
+        "from app.client import task\n\n"
+        "@app.get(\"/haiku\")\n"
+        "def haiku():\n"
+        "    return task().system(\"You write haiku.\").prompt(\"autumn\").stream()\n"
+        "```\n\n"
+        "Every token becomes an SSE `token` event the moment it arrives.\n"
+    ),
+    "sse": (
+        "**Server-Sent Events** are plain HTTP: the server keeps the response open and "
+        "writes `event:` / `data:` blocks separated by blank lines. The browser's "
+        "`EventSource` parses them and reconnects with `Last-Event-ID` if the network "
+        "drops, which is why every event here carries an `id:`.\n"
+    ),
+}
+GENERAL = (
+    "I am the **demo provider** of llm-sse-relay: I run offline, so you can try the "
+    "whole pipeline without a key. Each piece of this answer travels as its own SSE "
+    "`token` event, through the same relay, heartbeats and disconnect handling that a "
+    "real model's answer uses. 🚀\n\n"
+    "A few things worth trying:\n\n"
+    "- ask about **Apache**, **SSE** or **code** for other answers;\n"
+    "- press *Stop* mid-answer: the generation ends on the server too;\n"
+    "- set `OPENAI_API_KEY` (or another provider's key) and pick that provider.\n"
+)
+PIECE = re.compile(r"\s*[^\s]{1,5}|\s+")
+
+
+def demo_answer(prompt: str) -> str:
+    """The demo's answer to `prompt`: an echo, then the notes its words ask for."""
+    words = prompt.lower()
+    chosen = [text for key, text in NOTES.items() if key in words]
+    quoted = " ".join(prompt.split())
+    if len(quoted) > 120:
+        quoted = quoted[:117] + "…"
+    head = f"You asked: “{quoted}”.\n\n" if quoted else ""
+    return head + ("\n".join(chosen) if chosen else GENERAL)
+
+
+def split_tokens(text: str) -> list[str]:
+    """Token-sized pieces (a leading space and up to five characters), like BPE output."""
+    return PIECE.findall(text)
+
+
+class DemoProvider(Provider):
+    name = "demo"
+    default_model = "demo"
+    models = ("demo", "demo-fast")
+
+    def __init__(self, tokens_per_second: float = 30.0, first_token_delay: float = 0.25) -> None:
+        self.interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
+        self.first_token_delay = first_token_delay
+
+    def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
+        prompt = next((m["content"] for m in reversed(task.messages) if m["role"] == "user"), "")
+        pieces = split_tokens(demo_answer(str(prompt)))
+        paced = task.model != "demo-fast"
+        if paced and cancel.wait(self.first_token_delay):
+            return
+        limit = task.max_tokens or len(pieces)
+        for count, piece in enumerate(pieces[:limit], 1):
+            yield Text(piece)
+            if paced and self.interval and cancel.wait(self.interval):
+                return
+        input_tokens = sum(len(split_tokens(str(m["content"]))) for m in task.messages)
+        yield Usage(input_tokens, min(limit, len(pieces)))
+        yield Finish("length" if limit < len(pieces) else "stop")

@@ -1,0 +1,168 @@
+"""The OpenAI chat-completions wire format, and the providers that speak it.
+
+Groq, Mistral and OpenAI-compatible local servers (Ollama `/v1`, vLLM, llama.cpp) are
+this adapter with other defaults, not copies of it: the differences are which token
+limit field to send, whether `stream_options` is understood, and where usage hides.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.decoders import SseEvent
+from app.providers.base import (
+    Delta,
+    Finish,
+    HttpProvider,
+    Task,
+    Text,
+    ToolCall,
+    Usage,
+    cut_stream,
+    stream_error,
+)
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
+                  "function_call": "tool_calls", "content_filter": "content_filter"}
+
+
+def openai_messages(task: Task) -> list[dict[str, Any]]:
+    """The system prompt goes first as a `system` message; the rest as given."""
+    messages = [{"role": "system", "content": task.system}] if task.system else []
+    return messages + task.messages
+
+
+def _usage(data: Any) -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    return Usage(data.get("prompt_tokens"), data.get("completion_tokens"), data.get("total_tokens"))
+
+
+def _content_text(content: Any) -> str:
+    """Mistral may send content as a list of parts; only `text` parts are answer text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") for part in content
+            if isinstance(part, dict) and part.get("type", "text") == "text"
+        )
+    return ""
+
+
+class OpenAIStreamParser:
+    """`data:` chunks -> deltas; tool-call fragments are joined per index."""
+
+    __slots__ = ("provider", "done", "finish_reason", "tool_parts")
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.done = False
+        self.finish_reason: str | None = None
+        self.tool_parts: dict[int, dict[str, Any]] = {}
+
+    def feed(self, event: SseEvent) -> list[Delta]:
+        data = event.data
+        if data == "[DONE]":
+            self.done = True
+            return self._flush_tools()
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return []  # not JSON and not [DONE]: nothing a client could use
+        if not isinstance(chunk, dict):
+            return []
+        if event.event == "error" or (chunk.get("error") and not chunk.get("choices")):
+            raise stream_error(chunk, self.provider)
+        out: list[Delta] = []
+        choices = chunk.get("choices")
+        if choices:
+            choice = choices[0]
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if content:
+                text = content if content.__class__ is str else _content_text(content)
+                if text:
+                    out.append(Text(text))
+            if delta.get("tool_calls"):
+                self._collect_tools(delta["tool_calls"])
+            reason = choice.get("finish_reason")
+            if reason:
+                if reason == "error":  # Mistral ends a failed generation this way
+                    raise stream_error({"error": {"type": "error", "message": "generation failed"}}, self.provider)
+                self.finish_reason = FINISH_REASONS.get(reason, reason)
+                out.extend(self._flush_tools())
+                out.append(Finish(self.finish_reason))
+        usage = _usage(chunk.get("usage")) or _usage((chunk.get("x_groq") or {}).get("usage"))
+        if usage is not None:
+            out.append(usage)
+        return out
+
+    def _collect_tools(self, calls: list[dict[str, Any]]) -> None:
+        for position, call in enumerate(calls):
+            index = call.get("index", position)  # Mistral may omit index
+            part = self.tool_parts.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            function = call.get("function") or {}
+            if call.get("id"):
+                part["id"] = call["id"]
+            if function.get("name"):
+                part["name"] = function["name"]
+            arguments = function.get("arguments")
+            if isinstance(arguments, dict):  # some compatible servers send an object
+                arguments = json.dumps(arguments)
+            if arguments:
+                part["arguments"] += arguments
+
+    def _flush_tools(self) -> list[Delta]:
+        calls = [ToolCall(p["id"] or f"call_{i}", p["name"], p["arguments"] or "{}")
+                 for i, p in sorted(self.tool_parts.items())]
+        self.tool_parts = {}
+        return calls
+
+    def finish(self) -> list[Delta]:
+        if not self.done:
+            raise cut_stream(self.provider, "data: [DONE]")
+        return []
+
+
+class OpenAIProvider(HttpProvider):
+    """OpenAI chat completions (`POST {base}/chat/completions`)."""
+
+    # OpenAI documents stream_options.include_usage; Groq and Mistral do not.
+    send_stream_options = True
+    # OpenAI deprecated max_tokens (reasoning models reject it).
+    max_tokens_field = "max_completion_tokens"
+
+    def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
+        body: dict[str, Any] = {"model": task.model, "messages": openai_messages(task), "stream": True}
+        if self.send_stream_options:
+            body["stream_options"] = {"include_usage": True}
+        if task.temperature is not None:
+            body["temperature"] = task.temperature
+        if task.max_tokens is not None:
+            body[self.max_tokens_field] = task.max_tokens
+        if task.tools:
+            body["tools"] = [{"type": "function", "function": tool} for tool in task.tools]
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return f"{self.base_url}/chat/completions", headers, body
+
+    def stream_parser(self, task: Task) -> OpenAIStreamParser:
+        return OpenAIStreamParser(self.name)
+
+
+class GroqProvider(OpenAIProvider):
+    send_stream_options = False
+    max_tokens_field = "max_tokens"
+
+
+class MistralProvider(OpenAIProvider):
+    send_stream_options = False
+    max_tokens_field = "max_tokens"
+
+
+class CompatibleProvider(OpenAIProvider):
+    """Ollama `/v1`, vLLM, llama.cpp: the key is optional and often ignored."""
+
+    key_required = False
+    max_tokens_field = "max_tokens"  # what the local servers understand

@@ -1,0 +1,257 @@
+"""Server-Sent Events framing and the WSGI response that carries it.
+
+Framing lives here and nowhere else: `encode_event` turns one protocol event into
+bytes once (the producer encodes, every reader just copies), `SseBody` is the WSGI
+iterator that reads a `StreamLog` and writes heartbeats, and `sse_response` wraps
+either into a Flask response with the headers every proxy in between needs.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flask import Response
+
+# Sent once at the start: how long EventSource waits before reconnecting (ms).
+RETRY_MS = 3000
+HEARTBEAT = b": ping\n\n"
+
+SSE_HEADERS = {
+    # no-transform stops proxies and CDNs from recompressing or rewriting the body.
+    "Cache-Control": "no-cache, no-transform",
+    # nginx (and anything that copies its convention) must not buffer this response.
+    "X-Accel-Buffering": "no",
+}
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def encode_json(data: Any) -> bytes:
+    """JSON on one line as UTF-8; a lone surrogate (half an emoji) is \\u-escaped."""
+    try:
+        return _dumps(data).encode()
+    except UnicodeEncodeError:
+        # JSON.parse in the browser re-joins escaped surrogate halves across events.
+        return _dumps_ascii(data).encode()
+
+
+def encode_event(event_id: int | None, event: str, data: Any) -> bytes:
+    """One SSE event: `id:`, `event:` and a single `data:` line of JSON.
+
+    JSON never contains a raw line break, so text with newlines or `data:` inside
+    it cannot break the framing.
+    """
+    if event_id is None:
+        return b"event: %s\ndata: %s\n\n" % (event.encode(), encode_json(data))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, event.encode(), encode_json(data))
+
+
+def encode_comment(text: str) -> bytes:
+    """A comment frame; each line of `text` becomes its own `:` line."""
+    lines = str(text).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return b"".join(b": %s\n" % line.encode() for line in lines) + b"\n"
+
+
+class StreamLog:
+    """The in-process log of one stream's encoded frames.
+
+    The producer appends frames and finally closes the log; any number of readers
+    wait on it, each at its own position, so a reader never slows the producer and a
+    late reader still gets every frame. `frames[i]` carries event id `i + 1`.
+    """
+
+    __slots__ = ("frames", "closed", "_cond")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.closed = False
+        self._cond = threading.Condition(threading.Lock())
+
+    def append(self, frame: bytes) -> None:
+        with self._cond:
+            self.frames.append(frame)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def wait(self, position: int, timeout: float) -> list[bytes]:
+        """Frames after `position`; waits up to `timeout` seconds when there are none."""
+        frames = self.frames
+        if len(frames) > position or self.closed:
+            return frames[position:]
+        with self._cond:
+            if len(frames) == position and not self.closed:
+                self._cond.wait(timeout)
+            return frames[position:]
+
+
+def peer_closed(sock: socket.socket | None) -> bool:
+    """True when the client has closed its side of the connection.
+
+    An SSE client sends nothing after its request, so a readable socket that reads
+    as EOF means it is gone. This lets a heartbeat tick notice a departed client
+    without waiting for a write to fail (which takes a second write after the RST).
+    """
+    if sock is None:
+        return False
+    try:
+        # select() with a zero timeout first: a gevent socket would wait inside recv().
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, ValueError):
+        return False
+    except OSError:
+        return True
+
+
+class SseBody:
+    """WSGI iterator: `retry:`, then the log's frames as they come, heartbeats between.
+
+    `close()` is called by every WSGI server when the response ends or the client
+    goes away; `on_close` then tells the producer (e.g. to stop the upstream call).
+    """
+
+    def __init__(
+        self,
+        log: StreamLog,
+        heartbeat: float,
+        position: int = 0,
+        on_close: Callable[[bool], None] | None = None,
+        client_socket: socket.socket | None = None,
+    ) -> None:
+        self.log = log
+        self.heartbeat = heartbeat
+        self.position = position
+        self.on_close = on_close
+        self.client_socket = client_socket
+        self.completed = False
+        self._started = False
+        self._closed = False
+
+    def __iter__(self) -> SseBody:
+        return self
+
+    def __next__(self) -> bytes:
+        if not self._started:
+            self._started = True
+            return b"retry: %d\n\n" % RETRY_MS
+        log = self.log
+        frames = log.wait(self.position, self.heartbeat)
+        if frames:
+            self.position += len(frames)
+            return frames[0] if len(frames) == 1 else b"".join(frames)
+        if log.closed:
+            frames = log.frames[self.position :]  # appended just before close()
+            if frames:
+                self.position += len(frames)
+                return b"".join(frames)
+            self.completed = True
+            raise StopIteration
+        if peer_closed(self.client_socket):
+            raise StopIteration
+        return HEARTBEAT
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.on_close is not None:
+            self.on_close(self.completed)
+
+
+class EventStream:
+    """A stream that application code pushes events into, for custom SSE routes.
+
+    Push from any thread; `sse_response(stream)` serves it. `is_disconnected`
+    turns true when the reader leaves, so the pushing code can stop working.
+    """
+
+    def __init__(self) -> None:
+        self.log = StreamLog()
+        self.is_disconnected = False
+        self._next_id = 1
+
+    def push(self, event: str, data: Any) -> int:
+        event_id = self._next_id
+        self._next_id += 1
+        self.log.append(encode_event(event_id, event, data))
+        return event_id
+
+    def comment(self, text: str) -> None:
+        self.log.append(encode_comment(text))
+
+    def finish(self, data: Any = None, event: str = "done") -> None:
+        """Send the final event (`done` by default) and end the stream."""
+        if data is not None:
+            self.push(event, data)
+        self.log.close()
+
+    def _reader_left(self, completed: bool) -> None:
+        if not completed:
+            self.is_disconnected = True
+
+
+def _log_from_events(events: Iterable[tuple[str, Any]], stream: EventStream) -> None:
+    try:
+        for event, data in events:
+            if stream.is_disconnected:
+                break
+            stream.push(event, data)
+    except Exception as exc:  # the reader must get an `error` event, not a cut stream
+        stream.push("error", {"type": "internal_error", "message": str(exc) or type(exc).__name__})
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+        stream.finish()
+
+
+def sse_response(
+    events: EventStream | StreamLog | Iterable[tuple[str, Any]],
+    heartbeat: float = 15.0,
+    position: int = 0,
+    on_close: Callable[[bool], None] | None = None,
+    status: int = 200,
+) -> Response:
+    """A Flask response that streams `events` as Server-Sent Events.
+
+    `events` is an `EventStream`, a `StreamLog`, or any iterable of
+    `(event_name, data)` pairs (run in a background thread so heartbeats keep
+    flowing while it is slow).
+    """
+    if isinstance(events, StreamLog):
+        log = events
+    else:
+        stream = events if isinstance(events, EventStream) else None
+        if stream is None:
+            stream = EventStream()
+            threading.Thread(target=_log_from_events, args=(events, stream), daemon=True).start()
+        log = stream.log
+        user_close = on_close
+
+        def on_close(completed: bool, stream: EventStream = stream) -> None:
+            stream._reader_left(completed)
+            if user_close is not None:
+                user_close(completed)
+
+    from flask import request
+
+    sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    body = SseBody(log, heartbeat, position, on_close, sock)
+    response = Response(
+        body,
+        status=status,
+        content_type="text/event-stream; charset=utf-8",
+        headers=SSE_HEADERS,
+        direct_passthrough=True,
+    )
+    return response

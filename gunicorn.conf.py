@@ -1,0 +1,23 @@
+"""gunicorn settings for development: `gunicorn -c gunicorn.conf.py wsgi:app`.
+
+An SSE stream holds its request open for the whole answer. A sync worker serves one
+request at a time, so one open stream would block a whole process; the gevent worker
+runs each request (and each upstream producer) as a greenlet, so one process holds
+hundreds to thousands of open streams while waiting on sockets costs almost nothing.
+"""
+
+import os
+
+bind = os.environ.get("BIND", f"127.0.0.1:{os.environ.get('PORT', '8000')}")
+worker_class = "gevent"
+# Streams are I/O bound; one process per core is enough, the greenlets do the rest.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Open connections per worker: the cap on concurrent streams a process accepts.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "2000"))
+# Not a request timeout under gevent: it only restarts a worker whose loop is stuck.
+timeout = 30
+# Let running streams finish (or reach a heartbeat) on reload/shutdown.
+graceful_timeout = 30
+keepalive = 5
+accesslog = os.environ.get("ACCESS_LOG", "-")
+errorlog = "-"

@@ -1,0 +1,40 @@
+"""WSGI entry point: `app` for gunicorn (`wsgi:app`), `application` for mod_wsgi.
+
+Under mod_wsgi the daemon processes do not get your shell's environment, so the vhost
+names an env file with `SetEnv LLM_RELAY_ENV_FILE /path/relay.env`. SetEnv reaches the
+app only in each request's WSGI environ, so there the app is built on the first
+request, from that file; everywhere else it is built at import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from app import create_app  # noqa: E402
+
+
+class EnvFileApplication:
+    """Builds the Flask app on the first request, with the env file the vhost names."""
+
+    def __init__(self) -> None:
+        self._app = None
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if self._app is None:
+            with self._lock:
+                if self._app is None:
+                    self._app = create_app(env_file=environ.get("LLM_RELAY_ENV_FILE"))
+        return self._app(environ, start_response)
+
+
+try:
+    import mod_wsgi  # noqa: F401  (importable only inside Apache's mod_wsgi)
+except ImportError:
+    app = application = create_app()
+else:
+    app = application = EnvFileApplication()
