@@ -88,7 +88,8 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
         raise invalid("'provider' must be a string")
     provider = providers.get(name)
     if provider is None:
-        raise ApiError(400, "unknown_provider", f"unknown provider '{name[:50]}'; known: {', '.join(sorted(providers))}")
+        known = ", ".join(sorted(providers))
+        raise ApiError(400, "unknown_provider", f"unknown provider '{name[:50]}'; known: {known}")
     if not provider.configured:
         raise ApiError(400, "provider_not_configured", f"provider '{name}' has no API key configured on this server")
 

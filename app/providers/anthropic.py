@@ -68,7 +68,8 @@ class AnthropicStreamParser:
         if kind == "content_block_start":
             block = data.get("content_block") or {}
             if block.get("type") == "tool_use":
-                self.blocks[data.get("index", 0)] = {"id": block.get("id", ""), "name": block.get("name", ""), "json": ""}
+                self.blocks[data.get("index", 0)] = {"id": block.get("id", ""), "name": block.get("name", ""),
+                                                     "json": ""}
             return []
         if kind == "content_block_stop":
             block = self.blocks.pop(data.get("index", 0), None)

@@ -84,7 +84,7 @@ class DemoProvider(Provider):
         if paced and cancel.wait(self.first_token_delay):
             return
         limit = task.max_tokens or len(pieces)
-        for count, piece in enumerate(pieces[:limit], 1):
+        for piece in pieces[:limit]:
             yield Text(piece)
             if paced and self.interval and cancel.wait(self.interval):
                 return

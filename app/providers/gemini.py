@@ -77,7 +77,8 @@ class GeminiStreamParser:
                 out.append(Finish(finish))
         meta = chunk.get("usageMetadata")
         if isinstance(meta, dict):  # cumulative on every chunk: the last one wins
-            out.append(Usage(meta.get("promptTokenCount"), meta.get("candidatesTokenCount"), meta.get("totalTokenCount")))
+            out.append(Usage(meta.get("promptTokenCount"), meta.get("candidatesTokenCount"),
+                             meta.get("totalTokenCount")))
         return out
 
     def finish(self) -> list[Delta]:

@@ -1,0 +1,184 @@
+"""Shared fixtures: one fake upstream, the app under a real WSGI server, an SSE reader."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from app import create_app
+from tests.fake_upstream import FakeUpstream
+
+PROVIDERS = ["openai", "anthropic", "groq", "mistral", "gemini", "openai-compatible"]
+
+
+def provider_env(url: str) -> dict[str, str]:
+    env = {}
+    for name in ("OPENAI", "ANTHROPIC", "GROQ", "MISTRAL", "GEMINI", "OPENAI_COMPATIBLE"):
+        env[f"{name}_API_KEY"] = "test-key"
+        env[f"{name}_BASE_URL"] = url
+    return env
+
+
+def app_config(url: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        **provider_env(url),
+        "LLM_RELAY_ENV_FILE": "/nonexistent",
+        "SSE_HEARTBEAT_SECONDS": "1",
+        "UPSTREAM_READ_TIMEOUT": "5",
+        "UPSTREAM_RETRY_BASE_SECONDS": "0.05",
+        "DEMO_TOKENS_PER_SECOND": "200",
+        "DEMO_FIRST_TOKEN_DELAY": "0",
+        "STORE_URL": "memory://",
+        **{k: str(v) for k, v in overrides.items()},
+    }
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def upstream(fake_upstream: FakeUpstream) -> FakeUpstream:
+    fake_upstream.reset()
+    return fake_upstream
+
+
+@pytest.fixture
+def make_app(upstream: FakeUpstream):
+    def factory(**overrides: Any):
+        return create_app(app_config(upstream.url, **overrides))
+
+    return factory
+
+
+@pytest.fixture
+def client(make_app):
+    return make_app().test_client()
+
+
+class LiveServer:
+    def __init__(self, app) -> None:
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers: list[LiveServer] = []
+
+    def start(app) -> str:
+        server = LiveServer(app)
+        servers.append(server)
+        return server.url
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def live(make_app, serve):
+    """Base URL of the app (configured against the fake upstream) under a real server."""
+
+    def start(**overrides: Any) -> str:
+        return serve(make_app(**overrides))
+
+    return start
+
+
+# ------------------------------------------------------------------ reading SSE
+
+
+@dataclass
+class Event:
+    id: str | None
+    event: str
+    data: Any
+    at: float
+
+
+@dataclass
+class SseReader:
+    """Reads an SSE response frame by frame over a real socket, stamping arrival times."""
+
+    response: requests.Response
+    events: list[Event] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    retry: int | None = None
+    _buffer: bytes = b""
+
+    def __iter__(self) -> Iterator[Event]:
+        raw = self.response.raw
+        chunks = raw.read_chunked() if raw.chunked else iter(lambda: raw.read1(65536), b"")
+        for chunk in chunks:
+            self._buffer += chunk
+            while b"\n\n" in self._buffer:
+                frame, self._buffer = self._buffer.split(b"\n\n", 1)
+                event = self._parse(frame.decode("utf-8"))
+                if event is not None:
+                    self.events.append(event)
+                    yield event
+
+    def _parse(self, frame: str) -> Event | None:
+        fields: dict[str, str] = {}
+        for line in frame.split("\n"):
+            if line.startswith(":"):
+                self.comments.append(line[1:].strip())
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        if "retry" in fields:
+            self.retry = int(fields["retry"])
+        if "data" not in fields:
+            return None
+        return Event(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]), time.monotonic())
+
+    def read_all(self, timeout: float = 30) -> list[Event]:
+        deadline = time.monotonic() + timeout
+        for _ in self:
+            if time.monotonic() > deadline:
+                raise AssertionError("stream did not end in time")
+        return self.events
+
+    def close(self) -> None:
+        sock = _socket_of(self.response)
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.response.close()
+
+
+def _socket_of(response: requests.Response) -> socket.socket | None:
+    try:
+        return response.raw._connection.sock
+    except AttributeError:
+        return None
+
+
+def open_stream(url: str, json_body: dict | None = None, headers: dict | None = None, timeout: float = 30) -> SseReader:
+    if json_body is None:
+        response = requests.get(url, stream=True, timeout=timeout, headers=headers)
+    else:
+        response = requests.post(url, json=json_body, stream=True, timeout=timeout, headers=headers)
+    return SseReader(response)
+
+
+def text_of(events: list[Event]) -> str:
+    return "".join(e.data["text"] for e in events if e.event == "token")

@@ -1,0 +1,247 @@
+"""A fake LLM provider on 127.0.0.1 that speaks the real wire formats over a real socket.
+
+Tests queue `Reply`s; each accepted request takes the next one (the last one repeats).
+Bodies are built by `openai_body`, `anthropic_body`, `gemini_body`, … from a list of
+text pieces, then cut into network chunks by `hostile_chunks` so lines, CRLF pairs and
+multi-byte UTF-8 characters straddle chunk boundaries. Every request, and the moment
+the relay closed each connection, is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+    delay: float = 0.0  # between chunks
+    stall_after: int | None = None  # send this many chunks, then go silent until the client leaves
+    chunked: bool = True  # False: close-delimited body, as HTTP/1.0-style servers send
+    content_type: str = "text/event-stream"
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: Any
+    opened_at: float
+    closed_at: float | None = None
+    closed: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(256)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.replies: list[Reply] = []
+        self.seen: list[Seen] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    # -- test API
+    def reset(self, *replies: Reply) -> None:
+        with self._lock:
+            self.replies = list(replies)
+            self.seen = []
+
+    def last(self) -> Seen:
+        return self.seen[-1]
+
+    def wait_for_request(self, count: int = 1, timeout: float = 5.0) -> Seen:
+        deadline = time.monotonic() + timeout
+        while len(self.seen) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"upstream saw {len(self.seen)} requests, expected {count}")
+            time.sleep(0.01)
+        return self.seen[count - 1]
+
+    def close(self) -> None:
+        self._stopped = True
+        self._sock.close()
+
+    # -- the server
+    def _serve(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _next_reply(self) -> Reply:
+        with self._lock:
+            if not self.replies:
+                return Reply(status=500, chunks=[b'{"error":{"message":"no reply queued"}}'])
+            return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(65536)
+                if not piece:
+                    return
+                data += piece
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            length = int(headers.get("content-length", "0"))
+            while len(body) < length:
+                body += conn.recv(65536)
+            try:
+                parsed = json.loads(body) if body else None
+            except ValueError:
+                parsed = body
+            seen = Seen(lines[0].split(" ")[1], headers, parsed, time.monotonic())
+            with self._lock:
+                self.seen.append(seen)
+            reply = self._next_reply()
+            try:
+                self._send(conn, reply)
+            except OSError:
+                pass
+            finally:
+                seen.closed_at = time.monotonic()
+                seen.closed.set()
+
+    def _send(self, conn: socket.socket, reply: Reply) -> None:
+        head = [f"HTTP/1.1 {reply.status} X", f"Content-Type: {reply.content_type}"]
+        head += [f"{k}: {v}" for k, v in reply.headers.items()]
+        # One request per connection: the relay's pool must not reuse it for a retry.
+        head.append("Connection: close")
+        if reply.chunked:
+            head.append("Transfer-Encoding: chunked")
+        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        for i, chunk in enumerate(reply.chunks):
+            if reply.stall_after is not None and i >= reply.stall_after:
+                break
+            if reply.delay and i:
+                time.sleep(reply.delay)
+            conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if reply.chunked else chunk)
+        if reply.stall_after is not None:
+            conn.settimeout(60)  # silent until the relay hangs up (recv returns b"")
+            while conn.recv(1024):
+                pass
+            return
+        if reply.chunked:
+            conn.sendall(b"0\r\n\r\n")
+
+
+# ------------------------------------------------------------------ wire formats
+
+TRICKY_TEXT = [
+    "Hé", "llo", " 👋", " wörld", " —", " 日本", "語", "\n\n", "data: not", " a field", "\r\n",
+    "🚀🚀", " end", ".", " event: x", "\n", "id: 9", " ", "ok",
+]
+
+
+def sse(data: Any, event: str | None = None, eol: str = "\n") -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    out = f"event: {event}{eol}" if event else ""
+    return (out + f"data: {payload}{eol}{eol}").encode()
+
+
+def openai_body(pieces: list[str], finish: str = "stop", usage: bool = True, done: bool = True,
+                error_after: int | None = None, groq: bool = False, mistral: bool = False) -> list[bytes]:
+    """One frame per list item (so a paced reply sends a token per chunk)."""
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    frames = [sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}], "usage": None})]
+    frames.append(b": keep-alive comment\n\n")
+    for i, piece in enumerate(pieces):
+        if error_after is not None and i == error_after:
+            frames.append(sse({"error": {"message": "The server had an error", "type": "server_error"}}))
+            return frames
+        content: Any = [{"type": "text", "text": piece}] if mistral and i % 2 else piece
+        frames.append(sse({**base, "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+                           "usage": None, "obfuscation": "abc"}))
+    u = {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)}
+    final: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+    if groq:
+        final["x_groq"] = {"usage": u}
+    if mistral:
+        final["usage"] = u
+    frames.append(sse(final))
+    if usage and not (groq or mistral):
+        frames.append(sse({**base, "choices": [], "usage": u}))
+    frames.append(b"event: unknown_thing\ndata: {\"x\": 1}\n\n")
+    if done:
+        frames.append(b"data: [DONE]\n\n")
+    return frames
+
+
+def anthropic_body(pieces: list[str], done: bool = True, error_after: int | None = None) -> list[bytes]:
+    frames = [
+        sse({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                   "content": [], "model": "claude", "stop_reason": None,
+                                                   "usage": {"input_tokens": 7, "output_tokens": 1}}},
+            "message_start"),
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+        b'"content_block":{"type":"text","text":""}     }\n\n',
+        sse({"type": "ping"}, "ping"),
+    ]
+    for i, piece in enumerate(pieces):
+        if error_after is not None and i == error_after:
+            frames.append(sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+                              "error"))
+            return frames
+        frames.append(sse({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": piece}}, "content_block_delta"))
+    frames.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+    frames.append(sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                       "usage": {"output_tokens": len(pieces)}}, "message_delta"))
+    if done:
+        frames.append(sse({"type": "message_stop"}, "message_stop"))
+    return frames
+
+
+def gemini_body(pieces: list[str], done: bool = True, error_after: int | None = None) -> list[bytes]:
+    frames = []
+    for i, piece in enumerate(pieces):
+        if error_after is not None and i == error_after:
+            frames.append(sse({"error": {"code": 500, "message": "Internal error", "status": "INTERNAL"}},
+                              eol="\r\n"))
+            return frames
+        frames.append(sse({"candidates": [{"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}],
+                           "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": i + 1,
+                                             "totalTokenCount": i + 4}}, eol="\r\n"))
+    if done:
+        frames.append(sse({"candidates": [{"content": {"role": "model"}, "finishReason": "STOP", "index": 0}],
+                           "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": len(pieces),
+                                             "totalTokenCount": len(pieces) + 3}}, eol="\r\n"))
+    return frames
+
+
+BODIES = {
+    "openai": openai_body,
+    "groq": lambda p, **kw: openai_body(p, groq=True, **kw),
+    "mistral": lambda p, **kw: openai_body(p, mistral=True, **kw),
+    "openai-compatible": lambda p, **kw: openai_body(p, usage=False, **kw),
+    "anthropic": anthropic_body,
+    "gemini": gemini_body,
+}
+
+
+def hostile_chunks(frames: list[bytes]) -> list[bytes]:
+    """The whole body re-cut into 1..6-byte chunks: every boundary lands somewhere awkward."""
+    body = b"".join(frames)
+    out, i, step = [], 0, 1
+    while i < len(body):
+        out.append(body[i:i + step])
+        i += step
+        step = step % 6 + 1
+    return out

@@ -1,0 +1,151 @@
+"""The app under a real WSGI server against the fake upstream over real sockets."""
+
+import time
+
+import pytest
+import requests
+
+from tests.conftest import PROVIDERS, open_stream, text_of
+from tests.fake_upstream import BODIES, TRICKY_TEXT, Reply, hostile_chunks
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+def test_relayed_text_equals_upstream_text_with_hostile_chunking(name, upstream, live):
+    upstream.reset(Reply(chunks=hostile_chunks(BODIES[name](TRICKY_TEXT)), headers={"x-ratelimit-limit-requests": "5"}))
+    url = live()
+    events = open_stream(f"{url}/api/chat/stream?provider={name}&prompt=hi").read_all()
+    assert events[0].event == "msgid" and events[0].data["provider"] == name
+    assert text_of(events) == "".join(TRICKY_TEXT)
+    assert events[-1].event == "done" and events[-1].data["finish_reason"] == "stop"
+    ids = [int(e.id) for e in events]
+    assert ids == sorted(set(ids))
+    # the same upstream answer through the REST route gives the same text
+    upstream.reset(Reply(chunks=hostile_chunks(BODIES[name](TRICKY_TEXT))))
+    rest = requests.post(f"{url}/api/chat", json={"provider": name, "prompt": "hi"}, timeout=10).json()
+    assert rest["content"] == text_of(events)
+    assert rest["finish_reason"] == "stop"
+
+
+def test_close_delimited_upstream_body_streams_too(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["openai"](["a", "b", "c"]), chunked=False))
+    events = open_stream(f"{live()}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert text_of(events) == "abc"
+
+
+def test_headers_and_retry_field(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["openai"](["x"])))
+    reader = open_stream(f"{live()}/api/chat/stream?provider=openai&prompt=hi")
+    reader.read_all()
+    headers = reader.response.headers
+    assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert headers["Cache-Control"] == "no-cache, no-transform"
+    assert headers["X-Accel-Buffering"] == "no"
+    assert "Content-Encoding" not in headers
+    assert reader.retry == 3000
+
+
+def test_post_stream_with_messages(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["anthropic"](["fine"])))
+    body = {"provider": "anthropic", "system": "s", "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]}
+    events = open_stream(f"{live()}/api/chat/stream", json_body=body).read_all()
+    assert text_of(events) == "fine"
+    assert upstream.last().body["system"] == "s" and len(upstream.last().body["messages"]) == 3
+
+
+def test_tokens_arrive_as_the_upstream_sends_them(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"t{i} " for i in range(8)]), delay=0.15))
+    reader = open_stream(f"{live()}/api/chat/stream?provider=openai&prompt=hi")
+    tokens = [e for e in reader.read_all() if e.event == "token"]
+    gaps = [b.at - a.at for a, b in zip(tokens, tokens[1:], strict=False)]
+    # paced 150 ms apart upstream -> spread out here too, not delivered in one burst
+    assert sum(gaps) > 0.6 and min(gaps) > 0.05
+
+
+@pytest.mark.parametrize("stall", [False, True])
+def test_client_disconnect_closes_the_upstream_within_a_heartbeat(stall, upstream, live):
+    pieces = [f"w{i} " for i in range(200)]
+    reply = Reply(chunks=BODIES["openai"](pieces), delay=0.05, stall_after=5 if stall else None)
+    upstream.reset(reply)
+    reader = open_stream(f"{live(SSE_HEARTBEAT_SECONDS=1)}/api/chat/stream?provider=openai&prompt=hi")
+    for event in reader:
+        if event.event == "token":
+            break
+    left_at = time.monotonic()
+    reader.close()
+    seen = upstream.wait_for_request()
+    assert seen.closed.wait(3), "upstream connection still open"
+    assert seen.closed_at - left_at < 1.5  # one heartbeat (1 s) plus scheduling slack
+    assert len(upstream.seen) == 1
+
+
+def test_stalled_upstream_gets_heartbeats_then_a_timeout_error(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["openai"](["a", "b", "c"]), stall_after=3))
+    url = live(SSE_HEARTBEAT_SECONDS=0.3, UPSTREAM_READ_TIMEOUT=1.5)
+    reader = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi")
+    events = reader.read_all()
+    assert text_of(events) == "a"
+    assert events[-1].event == "error" and events[-1].data["type"] == "upstream_timeout"
+    assert reader.comments.count("ping") >= 3
+    assert upstream.last().closed.wait(2)
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic", "gemini"])
+def test_mid_stream_error_becomes_an_error_event(name, upstream, live):
+    upstream.reset(Reply(chunks=hostile_chunks(BODIES[name](["one ", "two ", "three"], error_after=2))))
+    events = open_stream(f"{live()}/api/chat/stream?provider={name}&prompt=hi").read_all()
+    assert text_of(events) == "one two "
+    assert events[-1].event == "error" and events[-1].data["type"] == "upstream_error"
+    assert len(upstream.seen) == 1  # no retry after the first token
+
+
+def test_cut_stream_is_an_error(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["anthropic"](["partial"], done=False)))
+    events = open_stream(f"{live()}/api/chat/stream?provider=anthropic&prompt=hi").read_all()
+    assert events[-1].event == "error" and events[-1].data["type"] == "upstream_disconnected"
+
+
+def test_401_before_the_stream(upstream, live):
+    body = b'{"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}'
+    upstream.reset(Reply(status=401, content_type="application/json", chunks=[body]))
+    url = live()
+    events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert [e.event for e in events] == ["msgid", "error"]
+    assert events[-1].data["status"] == 401 and "Incorrect API key" in events[-1].data["message"]
+    assert len(upstream.seen) == 1
+    rest = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "hi"}, timeout=10)
+    assert rest.status_code == 502 and "Incorrect API key" in rest.json()["error"]["message"]
+
+
+def test_429_with_retry_after_is_retried_before_the_first_token(upstream, live):
+    upstream.reset(
+        Reply(status=429, headers={"Retry-After": "0.2"}, content_type="application/json",
+              chunks=[b'{"error": {"message": "Rate limit reached"}}']),
+        Reply(chunks=BODIES["openai"](["after ", "retry"])),
+    )
+    events = open_stream(f"{live()}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert text_of(events) == "after retry"
+    retry = [e.data["retry"] for e in events if e.event == "meta" and "retry" in e.data]
+    assert retry[0]["status"] == 429 and retry[0]["delay"] == 0.2
+    assert upstream.seen[1].opened_at - upstream.seen[0].opened_at >= 0.2
+
+
+def test_500_retries_are_bounded_then_an_error(upstream, live):
+    upstream.reset(Reply(status=500, content_type="application/json", chunks=[b'{"error": {"message": "boom"}}']))
+    events = open_stream(f"{live(UPSTREAM_MAX_RETRIES=2)}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert events[-1].event == "error" and events[-1].data["status"] == 500
+    assert len(upstream.seen) == 3
+
+
+def test_unreachable_upstream_is_an_error_event(make_app, serve):
+    app = make_app(OPENAI_BASE_URL="http://127.0.0.1:9", UPSTREAM_MAX_RETRIES=0)
+    events = open_stream(f"{serve(app)}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert events[-1].event == "error" and events[-1].data["type"] == "upstream_unreachable"
+
+
+def test_demo_streams_with_no_key(make_app, serve):
+    url = serve(make_app(OPENAI_API_KEY=""))
+    events = open_stream(f"{url}/api/chat/stream?prompt=hi").read_all()
+    assert events[0].data["provider"] == "demo"
+    assert len([e for e in events if e.event == "token"]) > 20
+    assert events[-1].event == "done" and events[-1].data["usage"]["output_tokens"] > 20
