@@ -19,5 +19,5 @@ timeout = 30
 # Let running streams finish (or reach a heartbeat) on reload/shutdown.
 graceful_timeout = 30
 keepalive = 5
-accesslog = os.environ.get("ACCESS_LOG", "-")
+accesslog = os.environ.get("ACCESS_LOG", "-") or None  # ACCESS_LOG= (empty) turns it off
 errorlog = "-"

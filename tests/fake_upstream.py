@@ -24,6 +24,7 @@ class Reply:
     chunks: list[bytes] = field(default_factory=list)
     delay: float = 0.0  # between chunks
     stall_after: int | None = None  # send this many chunks, then go silent until the client leaves
+    pauses: dict[int, float] = field(default_factory=dict)  # extra silence before chunk i
     chunked: bool = True  # False: close-delimited body, as HTTP/1.0-style servers send
     content_type: str = "text/event-stream"
 
@@ -36,6 +37,7 @@ class Seen:
     opened_at: float
     closed_at: float | None = None
     closed: threading.Event = field(default_factory=threading.Event)
+    sent: list[float] = field(default_factory=list)  # when each chunk left
 
 
 class FakeUpstream:
@@ -111,14 +113,14 @@ class FakeUpstream:
                 self.seen.append(seen)
             reply = self._next_reply()
             try:
-                self._send(conn, reply)
+                self._send(conn, reply, seen)
             except OSError:
                 pass
             finally:
                 seen.closed_at = time.monotonic()
                 seen.closed.set()
 
-    def _send(self, conn: socket.socket, reply: Reply) -> None:
+    def _send(self, conn: socket.socket, reply: Reply, seen: Seen) -> None:
         head = [f"HTTP/1.1 {reply.status} X", f"Content-Type: {reply.content_type}"]
         head += [f"{k}: {v}" for k, v in reply.headers.items()]
         # One request per connection: the relay's pool must not reuse it for a retry.
@@ -131,7 +133,10 @@ class FakeUpstream:
                 break
             if reply.delay and i:
                 time.sleep(reply.delay)
+            if i in reply.pauses:
+                time.sleep(reply.pauses[i])
             conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if reply.chunked else chunk)
+            seen.sent.append(time.monotonic())
         if reply.stall_after is not None:
             conn.settimeout(60)  # silent until the relay hangs up (recv returns b"")
             while conn.recv(1024):

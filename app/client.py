@@ -1,0 +1,147 @@
+"""The Python API for app authors: `ask_stream()`, `ask()` and the `task()` builder.
+
+Inside a Flask app made by `create_app()` they use that app's providers and settings;
+anywhere else, providers built once from the environment. Options are validated by
+the same rules as the HTTP API (`ApiError` on bad input).
+
+    from app.client import ask_stream, task
+
+    for piece in ask_stream("Name three rivers", provider="openai"):
+        print(piece, end="", flush=True)
+
+    @bp.get("/haiku")
+    def haiku():
+        return task().system("You write haiku.").prompt(request.args["topic"]).stream()
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, current_app, has_app_context
+
+from app.chat_request import ChatRequest, parse_chat_request
+from app.config import Settings, environment
+from app.providers import build_providers
+from app.providers.base import Cancellation, Text
+from app.relay import Relay, collect
+
+_default: Relay | None = None
+_default_lock = threading.Lock()
+
+
+def current_relay() -> Relay:
+    """The relay of the current Flask app, or one built from the environment."""
+    global _default
+    if has_app_context() and "llm_sse_relay" in current_app.extensions:
+        return current_app.extensions["llm_sse_relay"]
+    with _default_lock:
+        if _default is None:
+            env = environment()
+            settings = Settings.load(env)
+            _default = Relay(settings, build_providers(env, settings))
+        return _default
+
+
+def _chat(options: dict[str, Any]) -> ChatRequest:
+    relay = current_relay()
+    options = {k: v for k, v in options.items() if v is not None}
+    return parse_chat_request(options, relay.settings, relay.providers)
+
+
+class ProviderClient:
+    """A client bound to one provider (default: `LLM_PROVIDER`) and model."""
+
+    def __init__(self, provider: str | None = None, model: str | None = None) -> None:
+        self.provider = provider
+        self.model = model
+
+    def ask_stream(self, prompt: str, **options: Any) -> Iterator[str]:
+        """The answer's text pieces as they arrive; closing the iterator stops the call."""
+        chat = _chat({"provider": self.provider, "model": self.model, "prompt": prompt, **options})
+        return stream_text(chat)
+
+    def ask(self, prompt: str, **options: Any) -> str:
+        """The whole answer's text."""
+        chat = _chat({"provider": self.provider, "model": self.model, "prompt": prompt, **options})
+        return collect(chat.provider, chat.task).text
+
+
+def stream_text(chat: ChatRequest) -> Iterator[str]:
+    cancel = Cancellation()
+    try:
+        for delta in chat.provider.stream(chat.task, cancel):
+            if delta.__class__ is Text:
+                yield delta.text
+    finally:
+        cancel.cancel("closed")
+
+
+def ask_stream(prompt: str, provider: str | None = None, model: str | None = None, **options: Any) -> Iterator[str]:
+    """Stream the answer to `prompt` as text pieces (options as in the HTTP API)."""
+    return ProviderClient(provider, model).ask_stream(prompt, **options)
+
+
+def ask(prompt: str, provider: str | None = None, model: str | None = None, **options: Any) -> str:
+    """The whole answer to `prompt`."""
+    return ProviderClient(provider, model).ask(prompt, **options)
+
+
+class TaskBuilder:
+    """`task().system(…).message(role, content).prompt(…).model(…)…` then `.stream()` or `.ask()`."""
+
+    def __init__(self, provider: str | None = None) -> None:
+        self._options: dict[str, Any] = {"provider": provider}
+        self._messages: list[dict[str, str]] = []
+
+    def provider(self, name: str) -> TaskBuilder:
+        self._options["provider"] = name
+        return self
+
+    def system(self, text: str) -> TaskBuilder:
+        self._options["system"] = text
+        return self
+
+    def message(self, role: str, content: str) -> TaskBuilder:
+        self._messages.append({"role": role, "content": content})
+        return self
+
+    def prompt(self, text: str) -> TaskBuilder:
+        return self.message("user", text)
+
+    def model(self, name: str) -> TaskBuilder:
+        self._options["model"] = name
+        return self
+
+    def temperature(self, value: float) -> TaskBuilder:
+        self._options["temperature"] = value
+        return self
+
+    def max_tokens(self, value: int) -> TaskBuilder:
+        self._options["max_tokens"] = value
+        return self
+
+    def _chat(self) -> ChatRequest:
+        return _chat({**self._options, "messages": list(self._messages)})
+
+    def stream(self) -> Response:
+        """A Flask SSE response with the full event protocol (msgid, token, …, done)."""
+        from app.routes import stream_generation
+
+        chat = self._chat()
+        generation = current_relay().start(chat.provider, chat.task, chat.conversation_id)
+        return stream_generation(generation)
+
+    def ask(self) -> str:
+        chat = self._chat()
+        return collect(chat.provider, chat.task).text
+
+    def ask_stream(self) -> Iterator[str]:
+        return stream_text(self._chat())
+
+
+def task(provider: str | None = None) -> TaskBuilder:
+    """Start building a request; end with `.stream()` (a response) or `.ask()` (the text)."""
+    return TaskBuilder(provider)

@@ -1,0 +1,67 @@
+"""Real servers as subprocesses: Apache via apache/serve-local.sh, and gunicorn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+RELAY_PREFIXES = ("LLM_", "OPENAI_", "ANTHROPIC_", "GROQ_", "MISTRAL_", "GEMINI_", "OLLAMA_", "SSE_",
+                  "UPSTREAM_", "MAX_", "DEMO_", "STORE_URL", "API_TOKENS", "CORS_ORIGINS", "RATE_LIMIT", "STREAM_")
+
+
+class ServerProcess:
+    """Starts a server command, waits for /healthz, stops it with SIGTERM."""
+
+    def __init__(self, args: list[str], port: int, env: dict[str, str], startup: float = 180) -> None:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(RELAY_PREFIXES)}
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="relay-server-", suffix=".log", delete=False)
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(args, cwd=REPO, env={**clean, **env}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + startup
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{args[0]} exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{args[0]} did not start:\n{self.output()}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def apache(port: int, env: dict[str, str], proxy_to: str | None = None) -> ServerProcess:
+    args = ["bash", str(REPO / "apache" / "serve-local.sh"), str(port)]
+    if proxy_to:
+        args += ["--proxy", proxy_to]
+    return ServerProcess(args, port, env)
+
+
+def gunicorn(port: int, env: dict[str, str]) -> ServerProcess:
+    args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+    return ServerProcess(args, port, {**env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1",
+                                      "ACCESS_LOG": ""}, startup=30)

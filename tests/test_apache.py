@@ -1,0 +1,191 @@
+"""Deployments for real: Apache + mod_wsgi (apache/serve-local.sh), gunicorn, and Apache
+as a reverse proxy in front of gunicorn, each against the fake upstream."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import free_port, open_stream, provider_env, require, text_of
+from tests.fake_upstream import BODIES, Reply
+from tests.servers import apache, gunicorn
+
+pytestmark = pytest.mark.apache
+
+PACED = [f"tok{i} " for i in range(10)]
+FIRST_TOKEN_CHUNK = 2  # openai_body: role chunk, a comment, then one chunk per token
+
+
+def have_apache() -> bool:
+    return bool(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2")) and os.path.exists(
+        "/usr/lib/apache2/modules/mod_wsgi.so")
+
+
+@pytest.fixture(scope="module")
+def relay_env(fake_upstream):
+    require(have_apache(), "apache2 with mod_wsgi (apt-get install apache2 libapache2-mod-wsgi-py3)")
+    return {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1", "UPSTREAM_READ_TIMEOUT": "30",
+            "DEMO_FIRST_TOKEN_DELAY": "0"}
+
+
+@pytest.fixture(scope="module")
+def apache_url(relay_env):
+    server = apache(free_port(), relay_env)
+    yield server.url
+    assert server.stop() is not None
+
+
+def assert_streams_incrementally(url: str, upstream, headers=None):
+    """Each token reaches the client soon after the upstream sent it, not all at the end."""
+    upstream.reset(Reply(chunks=BODIES["openai"](PACED), delay=0.2))
+    reader = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi",
+                         headers={"Accept-Encoding": "gzip, br", **(headers or {})})
+    events = reader.read_all()
+    assert "Content-Encoding" not in reader.response.headers
+    assert text_of(events) == "".join(PACED)
+    sent = upstream.last().sent
+    tokens = [e for e in events if e.event == "token"]
+    lags = [token.at - sent[FIRST_TOKEN_CHUNK + i] for i, token in enumerate(tokens)]
+    # 200 ms between tokens upstream: a buffered stream would show lags of seconds.
+    assert max(lags) < 0.15, lags
+    return reader
+
+
+def test_sse_is_not_compressed_and_arrives_token_by_token(apache_url, upstream):
+    reader = assert_streams_incrementally(apache_url, upstream)
+    assert reader.response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+
+
+def test_page_and_json_routes_are_still_gzipped(apache_url):
+    page = requests.get(f"{apache_url}/", headers={"Accept-Encoding": "gzip"}, stream=True, timeout=10)
+    assert page.headers.get("Content-Encoding") == "gzip"
+    assert b"llm-sse-relay" in gzip.decompress(page.raw.read())
+    rest = requests.post(f"{apache_url}/api/chat", json={"prompt": "hi", "model": "demo-fast"},
+                         headers={"Accept-Encoding": "gzip"}, timeout=10)
+    assert rest.headers.get("Content-Encoding") == "gzip" and rest.json()["content"].startswith("You asked")
+
+
+def test_env_file_reaches_the_app_and_bad_input_is_json(apache_url, upstream):
+    response = requests.get(f"{apache_url}/api/chat/stream?prompt=hi&provider=nope", timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["type"] == "unknown_provider"
+    # GEMINI_API_KEY and GEMINI_BASE_URL reach the daemon only through the env file.
+    upstream.reset(Reply(chunks=BODIES["gemini"](["from ", "gemini"])))
+    events = open_stream(f"{apache_url}/api/chat/stream?provider=gemini&prompt=hi").read_all()
+    assert text_of(events) == "from gemini"
+    assert upstream.last().headers["x-goog-api-key"] == "test-key"
+
+
+def test_client_disconnect_closes_the_upstream(apache_url, upstream):
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(300)]), delay=0.05))
+    reader = open_stream(f"{apache_url}/api/chat/stream?provider=openai&prompt=hi")
+    for event in reader:
+        if event.event == "token":
+            break
+    left = time.monotonic()
+    reader.close()
+    seen = upstream.wait_for_request()
+    assert seen.closed.wait(5), "upstream still open after the client left"
+    assert seen.closed_at - left < 2.5  # within a heartbeat (1 s) and Apache's hand-off
+
+
+def test_open_streams_do_not_starve_pages(relay_env, upstream):
+    """Every thread of the SSE group held by open streams: pages and health still answer."""
+    env = {**relay_env, "RELAY_SSE_PROCESSES": "1", "RELAY_SSE_THREADS": "3"}
+    server = apache(free_port(), env)
+    try:
+        upstream.reset(Reply(chunks=BODIES["openai"](["a", "b"]), stall_after=3))
+        readers = [open_stream(f"{server.url}/api/chat/stream?provider=openai&prompt=hi") for _ in range(3)]
+        upstream.wait_for_request(3)
+        # A fourth stream queues behind them (its headers wait for a free stream thread).
+        queued = threading.Thread(target=lambda: readers.append(
+            open_stream(f"{server.url}/api/chat/stream?provider=openai&prompt=hi")), daemon=True)
+        queued.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
+        assert requests.get(f"{server.url}/", timeout=10).status_code == 200
+        waited = time.monotonic() - started
+        statuses = [r.response.status_code for r in readers]
+        assert len(upstream.seen) == 3, statuses  # the fourth stream is queued, all three threads busy
+        assert all(not s.closed.is_set() for s in upstream.seen)
+        assert waited < 5  # "quickly": not queued behind streams that never end
+        for reader in list(readers):
+            reader.close()
+        upstream.wait_for_request(4, timeout=10)  # a thread freed: the queued stream starts
+        queued.join(5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("heartbeat,survives", [(0.5, True), (10, False)])
+def test_stream_outlives_apache_timeouts_thanks_to_heartbeats(relay_env, upstream, heartbeat, survives):
+    """Apache and mod_wsgi I/O timeouts of 2 s, an upstream silent for 5 s mid-answer."""
+    env = {**relay_env, "RELAY_IO_TIMEOUT": "2", "SSE_HEARTBEAT_SECONDS": str(heartbeat)}
+    server = apache(free_port(), env)
+    try:
+        pieces = ["before ", "the ", "pause ", "and ", "after"]
+        upstream.reset(Reply(chunks=BODIES["openai"](pieces), pauses={FIRST_TOKEN_CHUNK + 3: 5.0}))
+        reader = open_stream(f"{server.url}/api/chat/stream?provider=openai&prompt=hi")
+        try:
+            events = reader.read_all()
+        except requests.exceptions.RequestException:
+            events = reader.events
+        if survives:
+            assert text_of(events) == "".join(pieces) and events[-1].event == "done"
+            assert reader.comments.count("ping") >= 5
+        else:  # the control: without heartbeats these timeouts do cut the stream
+            assert not events or events[-1].event != "done"
+    finally:
+        server.stop()
+
+
+def test_serve_local_stops_cleanly_on_sigterm(relay_env):
+    server = apache(free_port(), relay_env)
+    marker = server.output().split("logs: ")[-1].split("/logs")[0]
+    assert server.stop() is not None
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert left == [] and not os.path.exists(marker)
+
+
+@pytest.fixture(scope="module")
+def gunicorn_url(fake_upstream):
+    env = {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1"}
+    server = gunicorn(free_port(), env)
+    yield server.url
+    server.stop()
+
+
+def test_gunicorn_dev_setup_streams_incrementally(gunicorn_url, upstream):
+    assert_streams_incrementally(gunicorn_url, upstream)
+
+
+def test_gunicorn_holds_many_open_streams_in_one_worker(gunicorn_url, upstream):
+    upstream.reset(Reply(chunks=BODIES["openai"](["x"]), stall_after=3))
+    readers = [open_stream(f"{gunicorn_url}/api/chat/stream?provider=openai&prompt=hi") for _ in range(50)]
+    upstream.wait_for_request(50, timeout=20)
+    assert requests.get(f"{gunicorn_url}/healthz", timeout=5).status_code == 200
+    threads = [threading.Thread(target=r.close) for r in readers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seen in upstream.seen:
+        assert seen.closed.wait(5)
+
+
+def test_apache_reverse_proxy_to_gunicorn_streams_incrementally(relay_env, gunicorn_url, upstream):
+    proxy = apache(free_port(), relay_env, proxy_to=gunicorn_url)
+    try:
+        assert_streams_incrementally(proxy.url, upstream)
+        page = requests.get(f"{proxy.url}/", headers={"Accept-Encoding": "gzip"}, timeout=10)
+        assert page.headers.get("Content-Encoding") == "gzip"
+    finally:
+        proxy.stop()
