@@ -12,6 +12,7 @@ from app.config import Settings, environment
 from app.errors import register_error_handlers
 from app.providers import build_providers
 from app.relay import Relay
+from app.store import open_store
 
 
 def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = None) -> Flask:
@@ -24,7 +25,8 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY_BYTES
     app.json.sort_keys = False
     app.json.ensure_ascii = False
-    app.extensions["llm_sse_relay"] = Relay(settings, build_providers(env, settings))
+    store = open_store(settings.STORE_URL, app.instance_path)
+    app.extensions["llm_sse_relay"] = Relay(settings, build_providers(env, settings), store)
 
     from app.routes import bp
 

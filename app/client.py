@@ -27,6 +27,7 @@ from app.config import Settings, environment
 from app.providers import build_providers
 from app.providers.base import Cancellation, Text
 from app.relay import Relay, collect
+from app.store import open_store
 
 _default: Relay | None = None
 _default_lock = threading.Lock()
@@ -41,7 +42,7 @@ def current_relay() -> Relay:
         if _default is None:
             env = environment()
             settings = Settings.load(env)
-            _default = Relay(settings, build_providers(env, settings))
+            _default = Relay(settings, build_providers(env, settings), open_store(settings.STORE_URL, "instance"))
         return _default
 
 

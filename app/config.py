@@ -39,6 +39,13 @@ class Settings:
     DEMO_TOKENS_PER_SECOND: float = 30.0
     DEMO_FIRST_TOKEN_DELAY: float = 0.25
     STORE_URL: str = ""
+    # POST-SSE: after its last reader leaves, a stream keeps generating this long so a
+    # reload or a network change can resume it; then it stops (0 = stop at once).
+    STREAM_GRACE_SECONDS: float = 30.0
+    # A POST-SSE payload that is never opened is forgotten after this long.
+    STREAM_TICKET_TTL: float = 300.0
+    # How long a finished stream's events stay readable for resume.
+    STREAM_LOG_TTL: float = 3600.0
     API_TOKENS: str = ""
     CORS_ORIGINS: str = ""
     RATE_LIMIT: str = ""

@@ -19,8 +19,9 @@ from typing import Any
 
 from app.providers.base import Cancellation, Finish, Meta, Provider, ProviderError, Task, Text, ToolCall, Usage
 from app.sse import StreamLog, encode_event, encode_json
+from app.store import Store
 
-log = logging.getLogger("llm_sse_relay.stream")
+logger = logging.getLogger("llm_sse_relay.stream")
 
 
 def new_id() -> str:
@@ -44,12 +45,30 @@ class Answer:
         return "".join(self.parts)
 
 
+@dataclass
+class Resumable:
+    """How a POST-SSE generation is shared: its store, and how long it waits for readers."""
+
+    store: Store
+    grace: float
+    log_ttl: float
+
+
 class Generation:
-    """One answer in production: its provider call, stream log and readers."""
+    """One answer in production: its provider call, stream log and readers.
+
+    A direct stream stops as soon as its reader leaves. A resumable one also copies its
+    log to the store (for readers in other processes), obeys stop requests made there,
+    and outlives its last reader by a grace period.
+    """
 
     def __init__(self, provider: Provider, task: Task, conversation_id: str,
-                 on_end: Callable[[Generation], None] | None = None, stream_id: str | None = None) -> None:
+                 on_end: Callable[[Generation], None] | None = None, stream_id: str | None = None,
+                 resumable: Resumable | None = None) -> None:
         self.id = stream_id or new_id()
+        self.resumable = resumable
+        self.abort_error: dict[str, Any] | None = None
+        self._watching = False
         self.provider = provider
         self.task = task
         self.conversation_id = conversation_id
@@ -65,12 +84,20 @@ class Generation:
 
     # -- lifecycle
     def start(self) -> Generation:
+        if self.resumable is not None:
+            self.resumable.store.open_log(self.id, self.resumable.log_ttl)
+            threading.Thread(target=LogWriter(self).run, name=f"relay-log-{self.id[:8]}", daemon=True).start()
         threading.Thread(target=self.run, name=f"relay-{self.id[:8]}", daemon=True).start()
         return self
 
     def stop(self, reason: str = "stopped") -> None:
         """End the generation now: the upstream socket is shut, readers get the end."""
         self.cancel.cancel(reason)
+
+    def abort(self, error: dict[str, Any]) -> None:
+        """End the generation with an `error` event (e.g. the store went away)."""
+        self.abort_error = error
+        self.cancel.cancel("error")
 
     def reader_joined(self) -> None:
         with self._lock:
@@ -81,8 +108,35 @@ class Generation:
         with self._lock:
             self.readers -= 1
             last = self.readers == 0
-        if last and not completed and not self.log.closed:
-            self.stop("abandoned")
+            if not last or completed or self.log.closed:
+                return
+            if self.resumable is not None and self.resumable.grace > 0:
+                if not self._watching:
+                    self._watching = True
+                    threading.Thread(target=self._watch_absence, daemon=True).start()
+                return
+        self.stop("abandoned")
+
+    def _watch_absence(self) -> None:
+        """Stop once nobody, here or in another process, has read for a grace period."""
+        assert self.resumable is not None
+        grace = self.resumable.grace
+        while not self.cancel.wait(grace):
+            if self.log.closed:
+                break
+            with self._lock:
+                if self.readers:
+                    self._watching = False
+                    return
+            try:
+                seen = self.resumable.store.reader_seen_at(self.id)
+            except Exception:
+                seen = None
+            if seen is None or time.time() - seen >= grace:
+                self.stop("abandoned")
+                break
+        with self._lock:
+            self._watching = False
 
     # -- the producer
     def run(self) -> None:
@@ -111,7 +165,10 @@ class Generation:
                 elif kind is Meta:
                     append(encode_event(next_id, "meta", delta.data))
                     next_id += 1
-            if self.cancel.is_set():
+            if self.abort_error is not None:
+                answer.outcome, answer.error = "error", self.abort_error
+                append(encode_event(next_id, "error", self.abort_error))
+            elif self.cancel.is_set():
                 answer.outcome = self.cancel.reason or "stopped"
                 answer.finish_reason = "stopped"
                 append(encode_event(next_id, "done", {"finish_reason": "stopped", "usage": answer.usage}))
@@ -126,7 +183,7 @@ class Generation:
             answer.outcome, answer.error = "error", err.as_event()
             append(encode_event(next_id, "error", answer.error))
         except Exception:
-            log.exception("stream %s failed", self.id)
+            logger.exception("stream %s failed", self.id)
             answer.outcome = "error"
             answer.error = {"type": "internal_error", "message": "the relay failed while streaming this answer"}
             append(encode_event(next_id, "error", answer.error))
@@ -138,17 +195,97 @@ class Generation:
                 try:
                     self.on_end(self)
                 except Exception:
-                    log.exception("stream %s: end hook failed", self.id)
+                    logger.exception("stream %s: end hook failed", self.id)
 
     def _log_line(self) -> None:
         now = time.monotonic()
         ttft = "-" if self.first_token_at is None else f"{(self.first_token_at - self.started) * 1000:.0f}"
-        log.info(
+        logger.info(
             "stream id=%s provider=%s model=%s ttft_ms=%s tokens=%d duration_ms=%.0f outcome=%s%s",
             self.id, self.provider.name, self.task.model, ttft, self.token_events,
             (now - self.started) * 1000, self.answer.outcome,
             f" error={self.answer.error['type']}" if self.answer.error else "",
         )
+
+
+class LogWriter:
+    """Copies a resumable generation's frames to the store, off the per-token path.
+
+    It is just another reader of the in-memory log: it wakes when frames arrive and
+    writes whatever accumulated as one batch, so a fast stream costs one store write per
+    batch, not per token. It also carries stop requests made in other processes.
+    """
+
+    # Between batches: lets a fast stream's tokens accumulate into one write.
+    BATCH_SECONDS = 0.02
+    # How often a stop requested through the store is looked for ("within a second").
+    STOP_CHECK_SECONDS = 0.25
+
+    def __init__(self, generation: Generation) -> None:
+        assert generation.resumable is not None
+        self.generation = generation
+        self.store = generation.resumable.store
+        self.ttl = generation.resumable.log_ttl
+
+    def run(self) -> None:
+        generation, store, log = self.generation, self.store, self.generation.log
+        position = 0
+        next_stop_check = 0.0
+        try:
+            while True:
+                frames = log.wait(position, self.STOP_CHECK_SECONDS)
+                if frames:
+                    store.append_frames(generation.id, [(position + i + 1, f) for i, f in enumerate(frames)])
+                    position += len(frames)
+                elif log.closed and position == len(log.frames):
+                    break
+                now = time.monotonic()
+                if now >= next_stop_check and not log.closed:
+                    next_stop_check = now + self.STOP_CHECK_SECONDS
+                    if store.stop_requested(generation.id):
+                        generation.stop("stopped")
+                if frames and not log.closed:
+                    time.sleep(self.BATCH_SECONDS)
+            store.close_log(generation.id, self.ttl)
+        except Exception as exc:
+            logger.warning("stream %s: store failed: %s", generation.id, exc)
+            generation.abort({"type": "store_unavailable",
+                              "message": f"the stream store failed ({type(exc).__name__}); the answer was stopped"})
+
+
+class StoreLogView:
+    """A stream log in the store, read like a `StreamLog` (for readers in other processes)."""
+
+    def __init__(self, store: Store, stream_id: str) -> None:
+        self.store = store
+        self.stream_id = stream_id
+        self.frames: list[bytes] = []  # only ever the frames not yet returned
+        self._touched = 0.0
+        self._failed = False
+
+    @property
+    def closed(self) -> bool:
+        if self._failed:
+            return True
+        try:
+            return self.store.log_state(self.stream_id) != "open"
+        except Exception:
+            return True
+
+    def wait(self, position: int, timeout: float) -> list[bytes]:
+        if self._failed:
+            return []
+        try:
+            now = time.monotonic()
+            if now - self._touched >= 1.0:  # tells the producer's grace watchdog someone reads
+                self._touched = now
+                self.store.touch_reader(self.stream_id)
+            frames = self.store.read_frames(self.stream_id, position, timeout)
+        except Exception as exc:
+            self._failed = True
+            return [encode_event(None, "error", {"type": "store_unavailable",
+                                                 "message": f"the stream store failed ({type(exc).__name__})"})]
+        return [frame for _, frame in frames]
 
 
 def collect(provider: Provider, task: Task, cancel: Cancellation | None = None) -> Answer:
@@ -176,15 +313,22 @@ def collect(provider: Provider, task: Task, cancel: Cancellation | None = None) 
 class Relay:
     """The app's relay service: settings, providers and the generations in this process."""
 
-    def __init__(self, settings: Any, providers: dict[str, Provider]) -> None:
+    def __init__(self, settings: Any, providers: dict[str, Provider], store: Store) -> None:
         self.settings = settings
         self.providers = providers
+        self.store = store
         self.generations: dict[str, Generation] = {}
         self._lock = threading.Lock()
 
-    def start(self, provider: Provider, task: Task, conversation_id: str | None) -> Generation:
+    def start(self, provider: Provider, task: Task, conversation_id: str | None,
+              stream_id: str | None = None, resumable: bool = False) -> Generation:
         """Start producing an answer now; readers attach to `generation.log`."""
-        generation = Generation(provider, task, conversation_id or new_id(), on_end=self._ended)
+        share = None
+        if resumable:
+            s = self.settings
+            share = Resumable(self.store, s.STREAM_GRACE_SECONDS, s.STREAM_LOG_TTL)
+        generation = Generation(provider, task, conversation_id or new_id(), on_end=self._ended,
+                                stream_id=stream_id, resumable=share)
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start()

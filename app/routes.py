@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, render_template, request
+from flask import Blueprint, Response, current_app, jsonify, render_template, request
 
-from app.chat_request import ChatRequest, parse_chat_request
+from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
 from app.errors import ApiError
 from app.providers import ProviderError, offered
-from app.relay import Generation, Relay, collect, new_id
+from app.relay import Generation, Relay, StoreLogView, collect, new_id
 from app.sse import sse_response
 
 bp = Blueprint("relay", __name__)
@@ -39,11 +39,25 @@ def chat_request(from_query: bool) -> ChatRequest:
     return parse_chat_request(data, service.settings, service.providers, from_query=from_query)
 
 
-def stream_generation(generation: Generation):
-    """SSE response for a direct stream: its reader leaving stops the generation."""
+def stream_generation(generation: Generation, position: int = 0):
+    """SSE response reading a generation of this process, from event id `position` on."""
     generation.reader_joined()
     return sse_response(generation.log, heartbeat=relay().settings.SSE_HEARTBEAT_SECONDS,
-                        on_close=generation.reader_left)
+                        position=position, on_close=generation.reader_left)
+
+
+def last_event_id() -> int:
+    """Where a reconnecting reader left off: `Last-Event-ID` (EventSource) or ?last_event_id=."""
+    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+    if not raw.isdigit() or len(raw) > 12:
+        raise ApiError(400, "invalid_request", "Last-Event-ID must be a whole number")
+    return int(raw)
+
+
+def stream_id_or_404(stream_id: str) -> str:
+    if not ID_PATTERN.match(stream_id):
+        raise ApiError(404, "not_found", "no such stream")
+    return stream_id
 
 
 @bp.get("/healthz")
@@ -64,6 +78,58 @@ def chat_stream():
     chat = chat_request(from_query=request.method == "GET")
     generation = relay().start(chat.provider, chat.task, chat.conversation_id)
     return stream_generation(generation)
+
+
+@bp.post("/api/chat/streams")
+def create_stream():
+    """POST-SSE step 1: validate and store the payload; the stream starts when opened."""
+    service = relay()
+    data = json_body()
+    parse_chat_request(data, service.settings, service.providers)  # refuse bad input now, not at open
+    stream_id = new_id()
+    service.store.put_ticket(stream_id, data, service.settings.STREAM_TICKET_TTL)
+    return jsonify(id=stream_id, stream_url=f"/api/chat/streams/{stream_id}"), 201
+
+
+@bp.get("/api/chat/streams/<stream_id>")
+def open_stream(stream_id: str):
+    """POST-SSE step 2: the stream, from any worker or host; resumes after Last-Event-ID."""
+    service = relay()
+    stream_id = stream_id_or_404(stream_id)
+    position = last_event_id()
+    generation = service.generations.get(stream_id)
+    if generation is not None:  # produced in this process: read its log directly
+        return stream_generation(generation, position)
+    payload = service.store.take_ticket(stream_id)
+    if payload is not None:  # first open: this process becomes the producer
+        chat = parse_chat_request(payload, service.settings, service.providers)
+        generation = service.start(chat.provider, chat.task, chat.conversation_id,
+                                   stream_id=stream_id, resumable=True)
+        return stream_generation(generation, position)
+    state = service.store.log_state(stream_id)
+    if state is None:
+        raise ApiError(404, "not_found", "no such stream (unknown, or expired)")
+    view = StoreLogView(service.store, stream_id)
+    if state == "closed" and not service.store.read_frames(stream_id, position, 0):
+        return Response(status=204)  # finished and the reader has it all: EventSource stops here
+    return sse_response(view, heartbeat=service.settings.SSE_HEARTBEAT_SECONDS, position=position)
+
+
+@bp.delete("/api/chat/streams/<stream_id>")
+def stop_stream(stream_id: str):
+    """Stop a generation now, wherever it runs (its producer checks the store)."""
+    service = relay()
+    stream_id = stream_id_or_404(stream_id)
+    generation = service.generations.get(stream_id)
+    if generation is not None:
+        generation.stop("stopped")
+    elif service.store.take_ticket(stream_id) is not None:
+        pass  # never opened: forgetting the payload is stopping it
+    elif service.store.log_state(stream_id) == "open":
+        service.store.request_stop(stream_id)
+    elif service.store.log_state(stream_id) is None:
+        raise ApiError(404, "not_found", "no such stream")
+    return jsonify(id=stream_id, status="stopped")
 
 
 @bp.post("/api/chat")

@@ -224,12 +224,13 @@ def sse_response(
 ) -> Response:
     """A Flask response that streams `events` as Server-Sent Events.
 
-    `events` is an `EventStream`, a `StreamLog`, or any iterable of
+    `events` is an `EventStream`, a `StreamLog` (or an object with its `wait`
+    and `closed`), or any iterable of
     `(event_name, data)` pairs (run in a background thread so heartbeats keep
     flowing while it is slow).
     """
-    if isinstance(events, StreamLog):
-        log = events
+    if isinstance(events, StreamLog) or callable(getattr(events, "wait", None)):
+        log = events  # a StreamLog, or anything with its wait()/closed (a log in the store)
     else:
         stream = events if isinstance(events, EventStream) else None
         if stream is None:

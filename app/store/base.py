@@ -1,0 +1,152 @@
+"""The store's narrow interface: what the relay needs to share between processes and hosts.
+
+- tickets: a POST-SSE payload, kept until its stream is opened (taken once);
+- stream logs: the encoded events of a resumable stream, readable from any process;
+- stream control: "stop" requests and when a reader was last seen;
+- conversations: the messages of a chat, in order.
+
+`MemoryStore` is the single-process version (tests, `STORE_URL=memory://`); SQLite is
+the default for one host, Redis for several.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+Frame = tuple[int, bytes]
+
+
+class Store:
+    """Interface; every method is safe to call from any thread."""
+
+    # -- tickets
+    def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
+        raise NotImplementedError
+
+    def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
+        """The payload to the first caller only (it becomes the producer); None after."""
+        raise NotImplementedError
+
+    # -- stream logs
+    def open_log(self, stream_id: str, ttl: float) -> None:
+        raise NotImplementedError
+
+    def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
+        raise NotImplementedError
+
+    def read_frames(self, stream_id: str, after: int, timeout: float) -> list[Frame]:
+        """Frames with id > `after`; waits up to `timeout` when there are none yet."""
+        raise NotImplementedError
+
+    def close_log(self, stream_id: str, ttl: float) -> None:
+        raise NotImplementedError
+
+    def log_state(self, stream_id: str) -> str | None:
+        """"open", "closed", or None for an unknown or expired stream."""
+        raise NotImplementedError
+
+    # -- stream control
+    def request_stop(self, stream_id: str) -> None:
+        raise NotImplementedError
+
+    def stop_requested(self, stream_id: str) -> bool:
+        raise NotImplementedError
+
+    def touch_reader(self, stream_id: str) -> None:
+        raise NotImplementedError
+
+    def reader_seen_at(self, stream_id: str) -> float | None:
+        raise NotImplementedError
+
+    # -- conversations
+    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:
+        raise NotImplementedError
+
+    def messages(self, conversation_id: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryStore(Store):
+    """Everything in this process's memory: one worker only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._tickets: dict[str, tuple[float, str]] = {}
+        self._logs: dict[str, list[Frame]] = defaultdict(list)
+        self._state: dict[str, dict[str, Any]] = {}
+        self._conversations: dict[str, list[str]] = defaultdict(list)
+
+    def put_ticket(self, ticket_id, payload, ttl):
+        with self._lock:
+            self._tickets[ticket_id] = (time.time() + ttl, json.dumps(payload))
+
+    def take_ticket(self, ticket_id):
+        with self._lock:
+            expires, payload = self._tickets.pop(ticket_id, (0, None))
+        return json.loads(payload) if payload and expires > time.time() else None
+
+    def open_log(self, stream_id, ttl):
+        with self._lock:
+            self._state[stream_id] = {"state": "open", "stop": False, "seen": None, "expires": time.time() + ttl}
+
+    def append_frames(self, stream_id, frames):
+        with self._lock:
+            self._logs[stream_id].extend(frames)
+            self._lock.notify_all()
+
+    def read_frames(self, stream_id, after, timeout):
+        with self._lock:
+            frames = [f for f in self._logs.get(stream_id, ()) if f[0] > after]
+            if not frames and self.log_state(stream_id) == "open":
+                self._lock.wait(timeout)
+                frames = [f for f in self._logs.get(stream_id, ()) if f[0] > after]
+            return frames
+
+    def close_log(self, stream_id, ttl):
+        with self._lock:
+            state = self._state.setdefault(stream_id, {"stop": False, "seen": None})
+            state.update(state="closed", expires=time.time() + ttl)
+            self._lock.notify_all()
+
+    def log_state(self, stream_id):
+        state = self._state.get(stream_id)
+        if state is None or state["expires"] < time.time():
+            return None
+        return state["state"]
+
+    def request_stop(self, stream_id):
+        with self._lock:
+            if stream_id in self._state:
+                self._state[stream_id]["stop"] = True
+
+    def stop_requested(self, stream_id):
+        return bool(self._state.get(stream_id, {}).get("stop"))
+
+    def touch_reader(self, stream_id):
+        if stream_id in self._state:
+            self._state[stream_id]["seen"] = time.time()
+
+    def reader_seen_at(self, stream_id):
+        return self._state.get(stream_id, {}).get("seen")
+
+    def append_message(self, conversation_id, message, ttl):
+        with self._lock:
+            self._conversations[conversation_id].append(json.dumps(message))
+
+    def messages(self, conversation_id):
+        with self._lock:
+            return [json.loads(m) for m in self._conversations.get(conversation_id, ())]
+
+    def delete_conversation(self, conversation_id):
+        with self._lock:
+            return self._conversations.pop(conversation_id, None) is not None

@@ -1,0 +1,101 @@
+"""The store for several hosts: Redis (`STORE_URL=redis://host:6379/0`).
+
+Stream logs are Redis Streams (XADD by the producer, XREAD BLOCK by readers anywhere),
+tickets are keys taken with GETDEL (exactly one producer), conversations are lists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from app.store.base import Frame, Store
+
+PREFIX = "llm-sse-relay:"
+
+
+class RedisStore(Store):
+    def __init__(self, url: str) -> None:
+        # health_check_interval: notice a restarted Redis on the next call, not after a hang.
+        self.redis = redis.Redis.from_url(url, health_check_interval=10, socket_connect_timeout=5)
+        self.redis.ping()
+
+    @staticmethod
+    def _key(kind: str, name: str) -> str:
+        return f"{PREFIX}{kind}:{name}"
+
+    # -- tickets
+    def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
+        self.redis.set(self._key("ticket", ticket_id), json.dumps(payload), px=int(ttl * 1000))
+
+    def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
+        raw = self.redis.getdel(self._key("ticket", ticket_id))
+        return json.loads(raw) if raw else None
+
+    # -- stream logs
+    def open_log(self, stream_id: str, ttl: float) -> None:
+        key = self._key("stream", stream_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, mapping={"state": "open", "stop": 0})
+            pipe.pexpire(key, int(ttl * 1000))
+            pipe.execute()
+
+    def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
+        key = self._key("log", stream_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for n, frame in frames:
+                pipe.xadd(key, {"f": frame}, id=f"{n}-1")
+            pipe.execute()
+
+    def read_frames(self, stream_id: str, after: int, timeout: float) -> list[Frame]:
+        key = self._key("log", stream_id)
+        found = self.redis.xread({key: f"{after}-1"}, block=max(1, int(timeout * 1000)))
+        if not found:
+            return []
+        return [(int(entry_id.split(b"-")[0]), fields[b"f"]) for entry_id, fields in found[0][1]]
+
+    def close_log(self, stream_id: str, ttl: float) -> None:
+        ms = int(ttl * 1000)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self._key("stream", stream_id), "state", "closed")
+            pipe.pexpire(self._key("stream", stream_id), ms)
+            pipe.pexpire(self._key("log", stream_id), ms)
+            pipe.execute()
+
+    def log_state(self, stream_id: str) -> str | None:
+        state = self.redis.hget(self._key("stream", stream_id), "state")
+        return state.decode() if state else None
+
+    # -- stream control
+    def request_stop(self, stream_id: str) -> None:
+        self.redis.hset(self._key("stream", stream_id), "stop", 1)
+
+    def stop_requested(self, stream_id: str) -> bool:
+        return self.redis.hget(self._key("stream", stream_id), "stop") == b"1"
+
+    def touch_reader(self, stream_id: str) -> None:
+        self.redis.hset(self._key("stream", stream_id), "seen", time.time())
+
+    def reader_seen_at(self, stream_id: str) -> float | None:
+        seen = self.redis.hget(self._key("stream", stream_id), "seen")
+        return float(seen) if seen else None
+
+    # -- conversations
+    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:
+        key = self._key("conversation", conversation_id)
+        with self.redis.pipeline() as pipe:
+            pipe.rpush(key, json.dumps(message))
+            pipe.pexpire(key, int(ttl * 1000))
+            pipe.execute()
+
+    def messages(self, conversation_id: str) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.redis.lrange(self._key("conversation", conversation_id), 0, -1)]
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        return bool(self.redis.delete(self._key("conversation", conversation_id)))
+
+    def close(self) -> None:
+        self.redis.close()
