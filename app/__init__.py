@@ -28,8 +28,11 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     store = open_store(settings.STORE_URL, app.instance_path)
     app.extensions["llm_sse_relay"] = Relay(settings, build_providers(env, settings), store)
 
+    from app import websocket
     from app.routes import bp
 
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.MAX_BODY_BYTES}
     app.register_blueprint(bp)
+    app.register_blueprint(websocket.bp)
     register_error_handlers(app)
     return app

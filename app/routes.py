@@ -12,6 +12,7 @@ from app.errors import ApiError
 from app.providers import ProviderError, offered
 from app.relay import Generation, Relay, StoreLogView, collect, new_id
 from app.sse import sse_response
+from app.websocket import websocket_offered
 
 bp = Blueprint("relay", __name__)
 
@@ -65,12 +66,25 @@ def healthz():
     return jsonify(status="ok")
 
 
-@bp.get("/")
-def index():
+def capabilities_of_this_server() -> dict[str, Any]:
     service = relay()
+    transports = ["postsse", "fetch", "sse", "rest"]
+    if websocket_offered(request.environ):
+        transports.append("ws")
     providers = {name: {"models": list(p.models), "default_model": p.default_model}
                  for name, p in service.providers.items() if offered(p)}
-    return render_template("index.html", providers=providers, default_provider=service.settings.LLM_PROVIDER)
+    return {"transports": transports, "providers": providers, "default_provider": service.settings.LLM_PROVIDER}
+
+
+@bp.get("/api/capabilities")
+def capabilities():
+    """What this server offers: transports (no WebSocket under mod_wsgi) and providers."""
+    return jsonify(capabilities_of_this_server())
+
+
+@bp.get("/")
+def index():
+    return render_template("index.html", capabilities=capabilities_of_this_server())
 
 
 @bp.route("/api/chat/stream", methods=["GET", "POST"])

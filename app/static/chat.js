@@ -1,0 +1,289 @@
+// The demo chat page: pickers, history, the answer growing token by token, Stop, errors,
+// time to first token and tokens per second, and Markdown rendered into DOM nodes only:
+// model output is never parsed as HTML, so it cannot inject markup or script.
+
+import { EventTransportClient } from "./transport.js";
+
+const $ = (id) => document.getElementById(id);
+const capabilities = JSON.parse($("capabilities").textContent);
+const STORAGE_KEY = "llm-sse-relay:chat";
+const HISTORY_LIMIT = 40; // messages sent back to the model
+
+const state = { history: [], client: null, conversationId: null };
+
+// ------------------------------------------------------------------ Markdown (safe)
+
+function appendInline(parent, text) {
+  // `code`, **bold**, *italic*, [text](http…) — everything else is literal text.
+  const pattern = /(`[^`\n]+`)|(\*\*[^*\n]+\*\*)|(\*[^*\s][^*\n]*\*)|(\[[^\]\n]+\]\((https?:\/\/[^)\s]+)\))/g;
+  let last = 0;
+  for (const match of text.matchAll(pattern)) {
+    if (match.index > last) parent.append(text.slice(last, match.index));
+    const [whole] = match;
+    let node;
+    if (match[1]) {
+      node = document.createElement("code");
+      node.textContent = whole.slice(1, -1);
+    } else if (match[2]) {
+      node = document.createElement("strong");
+      node.textContent = whole.slice(2, -2);
+    } else if (match[3]) {
+      node = document.createElement("em");
+      node.textContent = whole.slice(1, -1);
+    } else {
+      node = document.createElement("a");
+      node.textContent = whole.slice(1, whole.indexOf("]("));
+      node.href = match[5]; // only http(s) URLs match the pattern
+      node.rel = "noopener noreferrer";
+      node.target = "_blank";
+    }
+    parent.append(node);
+    last = match.index + whole.length;
+  }
+  if (last < text.length) parent.append(text.slice(last));
+}
+
+export function renderMarkdown(container, source) {
+  container.replaceChildren();
+  const lines = source.split("\n");
+  let i = 0;
+  let paragraph = [];
+  let list = null;
+  const flushParagraph = () => {
+    if (!paragraph.length) return;
+    const p = document.createElement("p");
+    paragraph.forEach((line, n) => {
+      if (n) p.append(document.createElement("br"));
+      appendInline(p, line);
+    });
+    container.append(p);
+    paragraph = [];
+  };
+  const closeList = () => {
+    list = null;
+  };
+  while (i < lines.length) {
+    const line = lines[i];
+    const fence = line.match(/^```\s*([\w+-]*)\s*$/);
+    if (fence) {
+      flushParagraph();
+      closeList();
+      const code = [];
+      i += 1;
+      while (i < lines.length && !/^```\s*$/.test(lines[i])) code.push(lines[i++]);
+      i += 1; // the closing fence (absent while the answer is still streaming)
+      const pre = document.createElement("pre");
+      const el = document.createElement("code");
+      if (fence[1]) el.dataset.lang = fence[1];
+      el.textContent = code.join("\n");
+      pre.append(el);
+      container.append(pre);
+      continue;
+    }
+    const heading = line.match(/^(#{1,6})\s+(.*)$/);
+    const bullet = line.match(/^\s*[-*+]\s+(.*)$/);
+    const numbered = line.match(/^\s*\d+[.)]\s+(.*)$/);
+    if (heading) {
+      flushParagraph();
+      closeList();
+      const h = document.createElement(`h${Math.min(6, heading[1].length + 2)}`);
+      appendInline(h, heading[2]);
+      container.append(h);
+    } else if (bullet || numbered) {
+      flushParagraph();
+      const tag = bullet ? "ul" : "ol";
+      if (!list || list.tagName.toLowerCase() !== tag) {
+        list = document.createElement(tag);
+        container.append(list);
+      }
+      const li = document.createElement("li");
+      appendInline(li, (bullet || numbered)[1]);
+      list.append(li);
+    } else if (!line.trim()) {
+      flushParagraph();
+      closeList();
+    } else {
+      closeList();
+      paragraph.push(line);
+    }
+    i += 1;
+  }
+  flushParagraph();
+}
+
+// ------------------------------------------------------------------ page
+
+function save() {
+  const data = { history: state.history.slice(-200), conversationId: state.conversationId };
+  try {
+    localStorage.setItem(STORAGE_KEY, JSON.stringify(data));
+  } catch (_) {
+    /* private mode or full: the chat still works, it just won't survive a reload */
+  }
+}
+
+function addMessage(role, text = "") {
+  $("messages").querySelector(".empty")?.remove();
+  const el = document.createElement("article");
+  el.className = `msg ${role}`;
+  const body = document.createElement("div");
+  body.className = "body";
+  el.append(body);
+  if (role === "user") body.textContent = text;
+  else renderMarkdown(body, text);
+  $("messages").append(el);
+  el.scrollIntoView({ block: "end" });
+  return el;
+}
+
+function showError(el, message) {
+  const box = document.createElement("div");
+  box.className = "error";
+  box.setAttribute("role", "alert");
+  box.textContent = message;
+  el.append(box);
+}
+
+function fillPickers() {
+  const providers = capabilities.providers;
+  const provider = $("provider");
+  for (const name of Object.keys(providers)) provider.append(new Option(name, name));
+  provider.value = providers[capabilities.default_provider] ? capabilities.default_provider : Object.keys(providers)[0];
+  const transport = $("transport");
+  transport.append(new Option("auto", "auto"));
+  for (const name of capabilities.transports) transport.append(new Option(name, name));
+  const updateModels = () => {
+    const info = providers[provider.value] || { models: [], default_model: "" };
+    $("models").replaceChildren(...info.models.map((m) => new Option(m, m)));
+    $("model").value = info.default_model;
+  };
+  provider.addEventListener("change", updateModels);
+  updateModels();
+  $("temperature").addEventListener("input", () => ($("temperature-value").textContent = $("temperature").value));
+}
+
+function setBusy(busy) {
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  $("prompt").disabled = busy;
+}
+
+async function send(prompt) {
+  const userMessage = { role: "user", content: prompt };
+  addMessage("user", prompt);
+  const el = addMessage("assistant");
+  el.dataset.state = "streaming";
+  const body = el.querySelector(".body");
+  const cursor = document.createElement("span");
+  cursor.className = "cursor";
+  body.append(cursor);
+
+  const payload = {
+    messages: [...state.history, userMessage].slice(-HISTORY_LIMIT),
+    provider: $("provider").value,
+    model: $("model").value || undefined,
+    temperature: Number($("temperature").value),
+    system: $("system").value.trim() || undefined,
+  };
+  const client = new EventTransportClient({ transport: $("transport").value, payload, capabilities });
+  state.client = client;
+  setBusy(true);
+
+  let text = "";
+  let tokens = 0;
+  let firstTokenAt = null;
+  let scheduled = false;
+  const started = performance.now();
+  const paint = () => {
+    scheduled = false;
+    renderMarkdown(body, text);
+    if (el.dataset.state === "streaming") body.append(cursor);
+    el.scrollIntoView({ block: "end" });
+  };
+  const onEvent = (event, data) => {
+    if (event === "token") {
+      if (firstTokenAt === null) firstTokenAt = performance.now();
+      tokens += 1;
+      text += data.text;
+      if (!scheduled) {
+        scheduled = true;
+        requestAnimationFrame(paint);
+      }
+    } else if (event === "meta" && data.tool) {
+      const note = document.createElement("div");
+      note.className = "tool";
+      note.textContent = `🔧 ${data.tool.name}: ${data.tool.status}`;
+      el.insertBefore(note, body);
+    } else if (event === "msgid") {
+      el.dataset.streamId = data.id;
+    }
+  };
+
+  let outcome = "done";
+  try {
+    const done = await client.connect(onEvent);
+    if (done.finish_reason === "stopped") outcome = "stopped";
+  } catch (err) {
+    outcome = err.type === "aborted" ? "stopped" : "error";
+    if (outcome === "error") showError(el, err.message);
+  } finally {
+    state.client = null;
+    setBusy(false);
+  }
+  el.dataset.state = outcome;
+  paint();
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const seconds = (performance.now() - (firstTokenAt ?? started)) / 1000;
+  const ttft = firstTokenAt === null ? "–" : `${Math.round(firstTokenAt - started)} ms`;
+  const rate = tokens > 1 && seconds > 0 ? `${(tokens / seconds).toFixed(1)} tok/s` : "–";
+  meta.textContent = `${client.used} · first token ${ttft} · ${tokens} tokens · ${rate}${outcome === "stopped" ? " · stopped" : ""}`;
+  el.append(meta);
+
+  if (text) {
+    state.history.push(userMessage, { role: "assistant", content: text });
+    save();
+  }
+  $("prompt").focus();
+}
+
+function restore() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(STORAGE_KEY) || "{}");
+    state.history = Array.isArray(saved.history) ? saved.history : [];
+    state.conversationId = saved.conversationId || null;
+  } catch (_) {
+    state.history = [];
+  }
+  for (const message of state.history) addMessage(message.role, message.content);
+}
+
+fillPickers();
+restore();
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const prompt = $("prompt").value.trim();
+  if (!prompt || state.client) return;
+  $("prompt").value = "";
+  send(prompt);
+});
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) {
+    e.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", () => state.client?.abort());
+$("new-chat").addEventListener("click", () => {
+  state.client?.abort();
+  state.history = [];
+  state.conversationId = null;
+  save();
+  $("messages").replaceChildren();
+});
+$("toggle-settings").addEventListener("click", () => {
+  const panel = $("settings");
+  panel.hidden = !panel.hidden;
+  $("toggle-settings").setAttribute("aria-expanded", String(!panel.hidden));
+});

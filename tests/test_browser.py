@@ -1,0 +1,171 @@
+"""The demo page in headless Chromium (Debian's), driven by Playwright, for every transport."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, provider_env, require
+from tests.fake_upstream import BODIES, Reply
+from tests.servers import gunicorn
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+RESULTS = Path(__file__).resolve().parent.parent / "test-results"
+STREAMING = ["sse", "postsse", "fetch", "ws"]
+TEXT = ["Grüße", " aus", " Köln", " 👋", " —", " 日本語", " ok", ".", " Line", " two", " has", " more",
+        " words", " in", " it", " 🚀", " and", " then", " some", " more", " text", " to", " end", " here", "!"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    require(os.path.exists(CHROMIUM), "Debian chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    page = context.new_page()
+    page.problems = []
+    page.on("pageerror", lambda err: page.problems.append(str(err)))
+    page.on("dialog", lambda dialog: (page.problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+    yield page
+    RESULTS.mkdir(exist_ok=True)
+    name = request.node.name.replace("/", "_").replace("[", "-").replace("]", "")
+    page.screenshot(path=str(RESULTS / f"{name}.png"), full_page=True)
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def site(fake_upstream):
+    """The app under gunicorn (the development shape, the one that offers WebSocket)."""
+    server = gunicorn(free_port(), {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1",
+                                    "STREAM_GRACE_SECONDS": "0"})
+    yield server.url
+    server.stop()
+
+
+def ask(page, url: str, prompt: str, transport: str = "auto", provider: str = "openai") -> None:
+    page.goto(url + "/")
+    page.click("#toggle-settings")
+    page.select_option("#provider", provider)
+    page.select_option("#transport", transport)
+    # Sample the answer's length as the page sees it, every 10 ms.
+    page.evaluate("""() => { window.__lengths = [];
+        setInterval(() => { const b = document.querySelector('.msg.assistant:last-of-type .body');
+                            if (b) window.__lengths.push(b.textContent.length); }, 10); }""")
+    page.fill("#prompt", prompt)
+    page.click("#send")
+
+
+def answer(page):
+    return page.locator(".msg.assistant").last
+
+
+@pytest.mark.parametrize("transport", STREAMING + ["rest"])
+def test_answer_grows_token_by_token_and_ends_exact(transport, page, site, upstream):
+    upstream.reset(Reply(chunks=BODIES["openai"](TEXT), delay=0.06))
+    ask(page, site, "hello", transport)
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=20_000)
+    assert answer(page).locator(".body").text_content() == "".join(TEXT)
+    lengths = page.evaluate("window.__lengths")
+    intermediate = {n for n in lengths if 0 < n < len("".join(TEXT))}
+    if transport != "rest":  # REST answers in one piece by definition
+        assert len(intermediate) >= 5, lengths
+    assert transport in answer(page).locator(".meta").text_content()
+    assert page.problems == []
+
+
+@pytest.mark.parametrize("transport", STREAMING)
+def test_stop_button_stops_generation_on_the_server(transport, page, site, upstream):
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(400)]), delay=0.03))
+    ask(page, site, "go on", transport)
+    page.wait_for_function("document.querySelector('.msg.assistant .body').textContent.length > 20")
+    page.click("#stop")
+    seen = upstream.wait_for_request()
+    assert seen.closed.wait(3), "the upstream kept generating after Stop"
+    page.wait_for_selector(".msg.assistant[data-state=stopped]", timeout=5_000)
+    assert page.is_visible("#send") and page.is_hidden("#stop")
+    assert page.problems == []
+
+
+@pytest.mark.parametrize("transport", STREAMING)
+def test_upstream_error_is_shown_in_place(transport, page, site, upstream):
+    upstream.reset(Reply(chunks=BODIES["anthropic"](["partial ", "answer"], error_after=1)))
+    ask(page, site, "hi", transport, provider="anthropic")
+    page.wait_for_selector(".msg.assistant[data-state=error]", timeout=10_000)
+    assert "Overloaded" in answer(page).locator(".error").text_content()
+    assert answer(page).locator(".body").text_content() == "partial "
+
+
+def test_http_error_before_the_stream_is_shown(page, live, upstream):
+    body = b'{"error": {"message": "Incorrect API key provided"}}'
+    upstream.reset(Reply(status=401, content_type="application/json", chunks=[body]))
+    ask(page, live(), "hi", "fetch")
+    page.wait_for_selector(".msg.assistant[data-state=error]", timeout=10_000)
+    assert "Incorrect API key provided" in answer(page).locator(".error").text_content()
+
+
+def test_auto_picks_a_streaming_transport_and_capabilities_match_the_server(page, site, live, upstream):
+    upstream.reset(Reply(chunks=BODIES["openai"](["a", "b"])))
+    ask(page, site, "hi", "auto")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=10_000)
+    assert answer(page).locator(".meta").text_content().startswith("postsse")
+    page.goto(site + "/")
+    assert "ws" in page.evaluate("JSON.parse(document.getElementById('capabilities').textContent).transports")
+    page.goto(live() + "/")  # werkzeug's development server: no WebSocket offered
+    assert "ws" not in page.evaluate("JSON.parse(document.getElementById('capabilities').textContent).transports")
+
+
+def test_model_output_cannot_inject_html(page, live, upstream):
+    evil = ["<img src=x onerror=alert(1)>", " and ", "<script>alert(2)</script>", " **bold** [x](javascript:alert(3))"]
+    upstream.reset(Reply(chunks=BODIES["openai"](evil)))
+    ask(page, live(), "hi", "fetch")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=10_000)
+    body = answer(page).locator(".body")
+    assert "<img src=x onerror=alert(1)>" in body.text_content()
+    assert "<script>alert(2)</script>" in body.text_content()
+    assert body.locator("img, script").count() == 0
+    assert body.locator("a").count() == 0  # javascript: links are not links
+    assert body.locator("strong").text_content() == "bold"
+    page.wait_for_timeout(300)
+    assert page.problems == []
+
+
+def test_demo_works_offline_with_markdown_and_history_survives_reload(page, make_app, serve, upstream):
+    url = serve(make_app(DEMO_TOKENS_PER_SECOND=100))
+    page.goto(url + "/")
+    page.fill("#prompt", "tell me about apache")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=20_000)
+    assert answer(page).locator(".body strong").count() >= 1  # **Apache + mod_wsgi**
+    assert answer(page).locator(".body ol li").count() == 3
+    assert "first token" in answer(page).locator(".meta").text_content()
+    page.reload()
+    assert page.locator(".msg.user").text_content() == "tell me about apache"
+    assert "mod_deflate" in answer(page).text_content()
+
+
+def test_phone_width_layout(browser, live):
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(live() + "/")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.fill("#prompt", "hi")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=20_000)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    RESULTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(RESULTS / "phone-width.png"))
+    context.close()
