@@ -16,8 +16,10 @@ from typing import Any
 from app.config import Settings
 from app.errors import ApiError
 from app.providers import Provider, Task
+from app.tools import Tool, toolbox
 
-OPTIONS = {"prompt", "messages", "system", "provider", "model", "temperature", "max_tokens", "conversation_id"}
+OPTIONS = {"prompt", "messages", "system", "provider", "model", "temperature", "max_tokens", "conversation_id",
+           "tools"}
 ROLES = {"system", "user", "assistant"}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MODEL_PATTERN = re.compile(r"^[\w.:/@+-]{1,200}$")
@@ -28,6 +30,7 @@ class ChatRequest:
     provider: Provider
     task: Task
     conversation_id: str | None
+    tools: list[Tool]
 
 
 def invalid(message: str) -> ApiError:
@@ -135,5 +138,22 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     if conversation_id is not None and (not isinstance(conversation_id, str) or not ID_PATTERN.match(conversation_id)):
         raise invalid("'conversation_id' must be 1-64 characters of letters, digits, '_' or '-'")
 
+    tools = parse_tools(data.get("tools"))
     task = Task(messages=messages, model=model, system=system, temperature=temperature, max_tokens=max_tokens)
-    return ChatRequest(provider, task, conversation_id)
+    return ChatRequest(provider, task, conversation_id, tools)
+
+
+def parse_tools(value: Any) -> list[Tool]:
+    """`true` for every registered tool, or a list of their names; absent/false for none."""
+    if value is None or value is False or value == "false" or value == "":
+        return []
+    if value is True or value == "true":
+        return toolbox.select(True)
+    if isinstance(value, str):  # query string: comma-separated names
+        value = [name for name in value.split(",") if name]
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise invalid("'tools' must be true or a list of tool names")
+    unknown = [n for n in value if n not in toolbox.tools]
+    if unknown:
+        raise invalid(f"unknown tool(s): {', '.join(n[:64] for n in unknown)}; known: {', '.join(toolbox.tools)}")
+    return toolbox.select(value)

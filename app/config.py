@@ -46,6 +46,13 @@ class Settings:
     STREAM_TICKET_TTL: float = 300.0
     # How long a finished stream's events stay readable for resume.
     STREAM_LOG_TTL: float = 3600.0
+    # History sent back to the model: the most recent messages within both budgets.
+    HISTORY_MAX_MESSAGES: int = 50
+    HISTORY_MAX_CHARS: int = 24_000
+    # A conversation untouched this long is forgotten (30 days).
+    CONVERSATION_TTL: float = 2_592_000.0
+    # Tool-calling rounds per request before the model must answer without tools.
+    TOOL_MAX_ROUNDS: int = 4
     API_TOKENS: str = ""
     CORS_ORIGINS: str = ""
     RATE_LIMIT: str = ""

@@ -20,6 +20,7 @@ from typing import Any
 from app.providers.base import Cancellation, Finish, Meta, Provider, ProviderError, Task, Text, ToolCall, Usage
 from app.sse import StreamLog, encode_event, encode_json
 from app.store import Store
+from app.tools import Tool, answer_deltas
 
 logger = logging.getLogger("llm_sse_relay.stream")
 
@@ -37,6 +38,7 @@ class Answer:
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_records: list[dict[str, Any]] = field(default_factory=list)  # executed server-side tools
     outcome: str = "running"  # done | error | stopped | abandoned
     error: dict[str, Any] | None = None
 
@@ -64,8 +66,12 @@ class Generation:
 
     def __init__(self, provider: Provider, task: Task, conversation_id: str,
                  on_end: Callable[[Generation], None] | None = None, stream_id: str | None = None,
-                 resumable: Resumable | None = None) -> None:
+                 resumable: Resumable | None = None, tools: list[Tool] | None = None, max_rounds: int = 4,
+                 record: Callable[[Generation], None] | None = None) -> None:
         self.id = stream_id or new_id()
+        self.tools = tools or []
+        self.max_rounds = max_rounds
+        self.record = record
         self.resumable = resumable
         self.abort_error: dict[str, Any] | None = None
         self._watching = False
@@ -148,7 +154,8 @@ class Generation:
                                           "provider": provider.name, "model": self.task.model}))
         next_id = 2
         try:
-            for delta in provider.stream(self.task, self.cancel):
+            deltas = answer_deltas(provider, self.task, self.cancel, self.tools, self.max_rounds, answer.tool_records)
+            for delta in deltas:
                 kind = delta.__class__
                 if kind is Text:  # the hot path: one encode, one append
                     if self.first_token_at is None:
@@ -191,11 +198,12 @@ class Generation:
             self.token_events = len(parts)
             self.log.close()
             self._log_line()
-            if self.on_end is not None:
-                try:
-                    self.on_end(self)
-                except Exception:
-                    logger.exception("stream %s: end hook failed", self.id)
+            for hook in (self.record, self.on_end):
+                if hook is not None:
+                    try:
+                        hook(self)
+                    except Exception:
+                        logger.exception("stream %s: end hook failed", self.id)
 
     def _log_line(self) -> None:
         now = time.monotonic()
@@ -288,14 +296,16 @@ class StoreLogView:
         return [frame for _, frame in frames]
 
 
-def collect(provider: Provider, task: Task, cancel: Cancellation | None = None) -> Answer:
+def collect(provider: Provider, task: Task, cancel: Cancellation | None = None, tools: list[Tool] | None = None,
+            max_rounds: int = 4, answer: Answer | None = None) -> Answer:
     """Run a generation to the end without a stream log (the REST route, `ask()`).
 
     Same deltas, same accumulation as the streamed path, so the text is identical.
+    Pass `answer` to keep what was produced when a `ProviderError` interrupts it.
     """
-    answer = Answer()
+    answer = answer if answer is not None else Answer()
     cancel = cancel or Cancellation()
-    for delta in provider.stream(task, cancel):
+    for delta in answer_deltas(provider, task, cancel, tools, max_rounds, answer.tool_records):
         kind = delta.__class__
         if kind is Text:
             answer.parts.append(delta.text)
@@ -321,14 +331,19 @@ class Relay:
         self._lock = threading.Lock()
 
     def start(self, provider: Provider, task: Task, conversation_id: str | None,
-              stream_id: str | None = None, resumable: bool = False) -> Generation:
-        """Start producing an answer now; readers attach to `generation.log`."""
+              stream_id: str | None = None, resumable: bool = False, tools: list[Tool] | None = None,
+              record: Callable[[Generation], None] | None = None) -> Generation:
+        """Start producing an answer now; readers attach to `generation.log`.
+
+        `record` runs when the answer ended, however it ended (conversation memory).
+        """
         share = None
+        s = self.settings
         if resumable:
-            s = self.settings
             share = Resumable(self.store, s.STREAM_GRACE_SECONDS, s.STREAM_LOG_TTL)
         generation = Generation(provider, task, conversation_id or new_id(), on_end=self._ended,
-                                stream_id=stream_id, resumable=share)
+                                stream_id=stream_id, resumable=share, tools=tools,
+                                max_rounds=s.TOOL_MAX_ROUNDS, record=record)
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start()

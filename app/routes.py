@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request
 
 from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
+from app.conversations import Conversations
 from app.errors import ApiError
 from app.providers import ProviderError, offered
-from app.relay import Generation, Relay, StoreLogView, collect, new_id
+from app.providers.base import Task
+from app.relay import Answer, Generation, Relay, StoreLogView, collect, new_id
 from app.sse import sse_response
 from app.websocket import websocket_offered
 
@@ -38,6 +41,25 @@ def chat_request(from_query: bool) -> ChatRequest:
     service = relay()
     data = request.args.to_dict() if from_query else json_body()
     return parse_chat_request(data, service.settings, service.providers, from_query=from_query)
+
+
+def conversations() -> Conversations:
+    service = relay()
+    return Conversations(service.store, service.settings)
+
+
+def start_generation(chat: ChatRequest, stream_id: str | None = None, resumable: bool = False,
+                     prepared: tuple[str, Task] | None = None) -> Generation:
+    """Start a chat's answer, with its conversation: history in, the answer recorded after."""
+    stream_id = stream_id or new_id()
+    memory = conversations()
+    conversation_id, task = prepared or memory.begin(chat, stream_id)
+
+    def record(generation: Generation) -> None:
+        memory.finish(generation.conversation_id, generation.id, generation.answer, generation.answer.tool_records)
+
+    return relay().start(chat.provider, task, conversation_id, stream_id=stream_id, resumable=resumable,
+                         tools=chat.tools, record=record)
 
 
 def stream_generation(generation: Generation, position: int = 0):
@@ -90,8 +112,7 @@ def index():
 @bp.route("/api/chat/stream", methods=["GET", "POST"])
 def chat_stream():
     chat = chat_request(from_query=request.method == "GET")
-    generation = relay().start(chat.provider, chat.task, chat.conversation_id)
-    return stream_generation(generation)
+    return stream_generation(start_generation(chat))
 
 
 @bp.post("/api/chat/streams")
@@ -99,10 +120,13 @@ def create_stream():
     """POST-SSE step 1: validate and store the payload; the stream starts when opened."""
     service = relay()
     data = json_body()
-    parse_chat_request(data, service.settings, service.providers)  # refuse bad input now, not at open
+    chat = parse_chat_request(data, service.settings, service.providers)  # refuse bad input now
     stream_id = new_id()
-    service.store.put_ticket(stream_id, data, service.settings.STREAM_TICKET_TTL)
-    return jsonify(id=stream_id, stream_url=f"/api/chat/streams/{stream_id}"), 201
+    # Accepted now: the user's message is stored now, and the ticket carries the history.
+    conversation_id, task = conversations().begin(chat, stream_id)
+    ticket = {"options": data, "conversation_id": conversation_id, "messages": task.messages}
+    service.store.put_ticket(stream_id, ticket, service.settings.STREAM_TICKET_TTL)
+    return jsonify(id=stream_id, stream_url=f"/api/chat/streams/{stream_id}", conversation_id=conversation_id), 201
 
 
 @bp.get("/api/chat/streams/<stream_id>")
@@ -113,12 +137,14 @@ def open_stream(stream_id: str):
     position = last_event_id()
     generation = service.generations.get(stream_id)
     if generation is not None:  # produced in this process: read its log directly
+        if generation.log.closed and position >= len(generation.log.frames):
+            return Response(status=204)  # finished and the reader has it all: EventSource stops here
         return stream_generation(generation, position)
-    payload = service.store.take_ticket(stream_id)
-    if payload is not None:  # first open: this process becomes the producer
-        chat = parse_chat_request(payload, service.settings, service.providers)
-        generation = service.start(chat.provider, chat.task, chat.conversation_id,
-                                   stream_id=stream_id, resumable=True)
+    ticket = service.store.take_ticket(stream_id)
+    if ticket is not None:  # first open: this process becomes the producer
+        chat = parse_chat_request(ticket["options"], service.settings, service.providers)
+        prepared = (ticket["conversation_id"], replace(chat.task, messages=ticket["messages"]))
+        generation = start_generation(chat, stream_id, resumable=True, prepared=prepared)
         return stream_generation(generation, position)
     state = service.store.log_state(stream_id)
     if state is None:
@@ -149,19 +175,45 @@ def stop_stream(stream_id: str):
 @bp.post("/api/chat")
 def chat_rest():
     chat = chat_request(from_query=False)
+    request_id = new_id()
+    memory = conversations()
+    conversation_id, task = memory.begin(chat, request_id)
+    answer = Answer()
     try:
-        answer = collect(chat.provider, chat.task)
+        collect(chat.provider, task, tools=chat.tools, max_rounds=relay().settings.TOOL_MAX_ROUNDS, answer=answer)
     except ProviderError as err:
+        answer.outcome, answer.error = "error", err.as_event()
+        memory.finish(conversation_id, request_id, answer, answer.tool_records)
         status = err.status if err.status and 400 <= err.status < 600 else 502
         # A provider's 401 is the server's misconfiguration, not the caller's fault.
         status = 502 if status in (401, 403) else status
         return jsonify(error={"type": err.type, "message": err.message, "status": err.status}), status
+    memory.finish(conversation_id, request_id, answer, answer.tool_records)
     return jsonify(
-        id=new_id(),
-        conversation_id=chat.conversation_id or new_id(),
+        id=request_id,
+        conversation_id=conversation_id,
         provider=chat.provider.name,
-        model=chat.task.model,
+        model=task.model,
         content=answer.text,
         finish_reason=answer.finish_reason,
         usage=answer.usage,
+        tools=answer.tool_records,
     )
+
+
+@bp.get("/api/conversations/<conversation_id>")
+def get_conversation(conversation_id: str):
+    """The stored records of a conversation, in order (tool calls inside the answers)."""
+    if not ID_PATTERN.match(conversation_id):
+        raise ApiError(404, "not_found", "no such conversation")
+    messages = relay().store.messages(conversation_id)
+    if not messages:
+        raise ApiError(404, "not_found", "no such conversation")
+    return jsonify(id=conversation_id, messages=messages)
+
+
+@bp.delete("/api/conversations/<conversation_id>")
+def delete_conversation(conversation_id: str):
+    if not ID_PATTERN.match(conversation_id) or not relay().store.delete_conversation(conversation_id):
+        raise ApiError(404, "not_found", "no such conversation")
+    return jsonify(id=conversation_id, deleted=True)

@@ -49,7 +49,9 @@ def chat_ws(ws) -> None:
     except ApiError as err:
         ws.send(_error_frame(err.type, err.message))
         return
-    generation = service.start(chat.provider, chat.task, chat.conversation_id)
+    from app.routes import start_generation
+
+    generation = start_generation(chat)
     generation.reader_joined()
     log = generation.log
     position, completed = 0, False

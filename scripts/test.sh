@@ -8,7 +8,7 @@ source scripts/venv.sh
 
 as_root apt-get update -q
 as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    apache2 libapache2-mod-wsgi-py3 chromium redis-server python3-venv curl procps
+    apache2 libapache2-mod-wsgi-py3 chromium fonts-noto-color-emoji redis-server python3-venv curl procps
 
 make_venv
 .venv/bin/pip install -q -e '.[test]'

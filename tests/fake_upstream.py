@@ -250,3 +250,43 @@ def hostile_chunks(frames: list[bytes]) -> list[bytes]:
         i += step
         step = step % 6 + 1
     return out
+
+
+def openai_tool_call_body(calls: list[tuple[str, str, str]]) -> list[bytes]:
+    """An OpenAI stream that asks for tools: (id, name, arguments JSON), arguments in pieces."""
+    base = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "model": "m"}
+    frames = []
+    for index, (call_id, name, arguments) in enumerate(calls):
+        first = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        frames.append(sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": [first]}, "finish_reason": None}]}))
+        for i in range(0, len(arguments), 4):
+            piece = {"index": index, "function": {"arguments": arguments[i:i + 4]}}
+            frames.append(sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": [piece]}}]}))
+    frames.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    frames.append(b"data: [DONE]\n\n")
+    return frames
+
+
+def anthropic_tool_use_body(call_id: str, name: str, arguments: str, text: str = "") -> list[bytes]:
+    frames = [sse({"type": "message_start", "message": {"usage": {"input_tokens": 3, "output_tokens": 1}}},
+                  "message_start")]
+    index = 0
+    if text:
+        frames.append(sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                          "content_block_start"))
+        frames.append(sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+                          "content_block_delta"))
+        frames.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        index = 1
+    frames.append(sse({"type": "content_block_start", "index": index,
+                       "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}}},
+                      "content_block_start"))
+    for i in range(0, len(arguments), 5):
+        frames.append(sse({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "input_json_delta", "partial_json": arguments[i:i + 5]}},
+                          "content_block_delta"))
+    frames.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
+    frames.append(sse({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
+                      "message_delta"))
+    frames.append(sse({"type": "message_stop"}, "message_stop"))
+    return frames

@@ -169,3 +169,29 @@ def test_phone_width_layout(browser, live):
     RESULTS.mkdir(exist_ok=True)
     page.screenshot(path=str(RESULTS / "phone-width.png"))
     context.close()
+
+
+def test_tool_activity_shows_inline_and_conversation_continues_on_the_server(page, site, upstream):
+    page.goto(site + "/")
+    page.click("#toggle-settings")
+    page.select_option("#provider", "demo")
+    page.check("#tools")
+    page.fill("#prompt", "what is 6 * 7 ?")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=20_000)
+    note = answer(page).locator(".tool").text_content()
+    assert "calculate" in note and "42" in note
+    assert "42" in answer(page).locator(".body").text_content()
+    # The next turn goes to a real provider with the stored history, not the page's copy.
+    upstream.reset(Reply(chunks=BODIES["openai"](["fine"])))
+    page.select_option("#provider", "openai")
+    page.uncheck("#tools")
+    page.fill("#prompt", "and now?")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-state=done]", timeout=20_000)
+    sent = upstream.last().body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"] and sent[0]["content"] == "what is 6 * 7 ?"
+    page.reload()
+    page.wait_for_selector(".msg.assistant >> nth=1")
+    assert page.locator(".msg.user").count() == 2
+    assert "calculate" in page.locator(".tool").first.text_content()

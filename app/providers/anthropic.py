@@ -16,6 +16,7 @@ from app.providers.base import (
     ToolCall,
     Usage,
     cut_stream,
+    parsed_arguments,
     stream_error,
 )
 
@@ -125,6 +126,14 @@ class AnthropicProvider(HttpProvider):
 
     def stream_parser(self, task: Task) -> AnthropicStreamParser:
         return AnthropicStreamParser(self.name)
+
+    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+        content += [{"type": "tool_use", "id": r.call.id, "name": r.call.name,
+                     "input": parsed_arguments(r.call.arguments)} for r in results]
+        answers = [{"type": "tool_result", "tool_use_id": r.call.id, "content": r.content, "is_error": not r.ok}
+                   for r in results]
+        return [{"role": "assistant", "content": content}, {"role": "user", "content": answers}]
 
     def error_message(self, body: Any) -> tuple[str | None, float | None]:
         message, delay = super().error_message(body)

@@ -176,6 +176,19 @@ class Provider:
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         raise NotImplementedError
 
+    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
+        """The messages that tell this provider which tools it called and what they returned."""
+        raise ProviderError("tools_unsupported", f"provider {self.name} does not support tools")
+
+
+def parsed_arguments(arguments: str) -> dict[str, Any]:
+    """A tool call's arguments as an object (an invalid string becomes {})."""
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
 
 # ---------------------------------------------------------------- HTTP upstream
 

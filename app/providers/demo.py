@@ -7,10 +7,12 @@ Model `demo-fast` sends without pauses (tests, benchmarks).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
+from typing import Any
 
-from app.providers.base import Cancellation, Delta, Finish, Provider, Task, Text, Usage
+from app.providers.base import Cancellation, Delta, Finish, Provider, Task, Text, ToolCall, Usage
 
 NOTES = {
     "apache": (
@@ -50,6 +52,18 @@ GENERAL = (
     "- set `OPENAI_API_KEY` (or another provider's key) and pick that provider.\n"
 )
 PIECE = re.compile(r"\s*[^\s]{1,5}|\s+")
+ARITHMETIC = re.compile(r"[-+(]*\d[\d.\s]*(?:[-+*/%]{1,2}[\s(]*\d[\d.\s)]*)+")
+
+
+def demo_tool_call(prompt: str, tools: list[dict[str, Any]]) -> ToolCall | None:
+    """Which tool the demo "model" wants for `prompt`, if any (offline tool calling)."""
+    names = {t["name"] for t in tools}
+    expression = ARITHMETIC.search(prompt)
+    if "calculate" in names and expression:
+        return ToolCall("demo_call_1", "calculate", json.dumps({"expression": expression.group().strip()}))
+    if "current_time" in names and re.search(r"\b(time|date|today|clock)\b", prompt, re.I):
+        return ToolCall("demo_call_1", "current_time", json.dumps({"timezone": "UTC"}))
+    return None
 
 
 def demo_answer(prompt: str) -> str:
@@ -78,8 +92,18 @@ class DemoProvider(Provider):
         self.first_token_delay = first_token_delay
 
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
+        last = task.messages[-1] if task.messages else {}
         prompt = next((m["content"] for m in reversed(task.messages) if m["role"] == "user"), "")
-        pieces = split_tokens(demo_answer(str(prompt)))
+        if last.get("role") == "tool":  # answer with what the tool returned
+            text = f"The tool `{last['name']}` says: **{last['content']}**."
+        else:
+            call = demo_tool_call(str(prompt), task.tools) if task.tools else None
+            if call is not None:
+                yield call
+                yield Finish("tool_calls")
+                return
+            text = demo_answer(str(prompt))
+        pieces = split_tokens(text)
         paced = task.model != "demo-fast"
         if paced and cancel.wait(self.first_token_delay):
             return
@@ -88,6 +112,11 @@ class DemoProvider(Provider):
             yield Text(piece)
             if paced and self.interval and cancel.wait(self.interval):
                 return
-        input_tokens = sum(len(split_tokens(str(m["content"]))) for m in task.messages)
+        input_tokens = sum(len(split_tokens(str(m.get("content") or ""))) for m in task.messages)
         yield Usage(input_tokens, min(limit, len(pieces)))
         yield Finish("length" if limit < len(pieces) else "stop")
+
+    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
+        calls = [{"id": r.call.id, "name": r.call.name, "arguments": r.call.arguments} for r in results]
+        return [{"role": "assistant", "content": text, "tool_calls": calls}] + [
+            {"role": "tool", "name": r.call.name, "content": r.content} for r in results]

@@ -18,6 +18,7 @@ from app.providers.base import (
     ToolCall,
     Usage,
     cut_stream,
+    parsed_arguments,
     stream_error,
 )
 
@@ -27,10 +28,15 @@ FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_fil
 
 
 def gemini_contents(task: Task) -> list[dict[str, Any]]:
-    return [
-        {"role": "model" if m["role"] == "assistant" else "user", "parts": [{"text": m["content"]}]}
-        for m in task.messages if m.get("role") != "system"
-    ]
+    """Chat messages as Gemini contents; entries already in Gemini's shape pass through."""
+    contents = []
+    for m in task.messages:
+        if "parts" in m:
+            contents.append(m)
+        elif m.get("role") != "system":
+            role = "model" if m["role"] == "assistant" else "user"
+            contents.append({"role": role, "parts": [{"text": m["content"]}]})
+    return contents
 
 
 class GeminiStreamParser:
@@ -109,6 +115,12 @@ class GeminiProvider(HttpProvider):
 
     def stream_parser(self, task: Task) -> GeminiStreamParser:
         return GeminiStreamParser(self.name)
+
+    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [{"text": text}] if text else []
+        parts += [{"functionCall": {"name": r.call.name, "args": parsed_arguments(r.call.arguments)}} for r in results]
+        answers = [{"functionResponse": {"name": r.call.name, "response": {"result": r.content}}} for r in results]
+        return [{"role": "model", "parts": parts}, {"role": "user", "parts": answers}]
 
     def error_message(self, body: Any) -> tuple[str | None, float | None]:
         message, _ = super().error_message(body)

@@ -150,6 +150,12 @@ class OpenAIProvider(HttpProvider):
     def stream_parser(self, task: Task) -> OpenAIStreamParser:
         return OpenAIStreamParser(self.name)
 
+    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
+        calls = [{"id": r.call.id, "type": "function", "function": {"name": r.call.name, "arguments": r.call.arguments}}
+                 for r in results]
+        return [{"role": "assistant", "content": text or None, "tool_calls": calls}] + [
+            {"role": "tool", "tool_call_id": r.call.id, "content": r.content} for r in results]
+
 
 class GroqProvider(OpenAIProvider):
     send_stream_options = False

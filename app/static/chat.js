@@ -7,9 +7,9 @@ import { EventTransportClient } from "./transport.js";
 const $ = (id) => document.getElementById(id);
 const capabilities = JSON.parse($("capabilities").textContent);
 const STORAGE_KEY = "llm-sse-relay:chat";
-const HISTORY_LIMIT = 40; // messages sent back to the model
 
-const state = { history: [], client: null, conversationId: null };
+// The server keeps the conversation (history, tool calls); the page keeps only its id.
+const state = { client: null, conversationId: null };
 
 // ------------------------------------------------------------------ Markdown (safe)
 
@@ -114,12 +114,27 @@ export function renderMarkdown(container, source) {
 // ------------------------------------------------------------------ page
 
 function save() {
-  const data = { history: state.history.slice(-200), conversationId: state.conversationId };
   try {
-    localStorage.setItem(STORAGE_KEY, JSON.stringify(data));
+    localStorage.setItem(STORAGE_KEY, JSON.stringify({ conversationId: state.conversationId }));
   } catch (_) {
     /* private mode or full: the chat still works, it just won't survive a reload */
   }
+}
+
+function toolNote(el, tool, body) {
+  // One line per call, updated in place: "calling calculate…" then its result.
+  const key = `${tool.name}:${tool.arguments}`;
+  let note = [...el.querySelectorAll(".tool")].find((n) => n.dataset.key === key && n.dataset.status === "running");
+  if (!note) {
+    note = document.createElement("div");
+    note.className = "tool";
+    note.dataset.key = key;
+    el.insertBefore(note, body);
+  }
+  note.dataset.status = tool.status;
+  if (tool.status === "round_limit") note.textContent = `🔧 tool limit reached (${tool.rounds} rounds)`;
+  else if (tool.status === "running") note.textContent = `🔧 calling ${tool.name}(${tool.arguments})…`;
+  else note.textContent = `🔧 ${tool.name}(${tool.arguments}) → ${tool.result_preview ?? tool.result ?? ""}`;
 }
 
 function addMessage(role, text = "") {
@@ -169,7 +184,6 @@ function setBusy(busy) {
 }
 
 async function send(prompt) {
-  const userMessage = { role: "user", content: prompt };
   addMessage("user", prompt);
   const el = addMessage("assistant");
   el.dataset.state = "streaming";
@@ -179,11 +193,13 @@ async function send(prompt) {
   body.append(cursor);
 
   const payload = {
-    messages: [...state.history, userMessage].slice(-HISTORY_LIMIT),
+    prompt,
+    conversation_id: state.conversationId || undefined,
     provider: $("provider").value,
     model: $("model").value || undefined,
     temperature: Number($("temperature").value),
     system: $("system").value.trim() || undefined,
+    tools: $("tools").checked || undefined,
   };
   const client = new EventTransportClient({ transport: $("transport").value, payload, capabilities });
   state.client = client;
@@ -210,12 +226,13 @@ async function send(prompt) {
         requestAnimationFrame(paint);
       }
     } else if (event === "meta" && data.tool) {
-      const note = document.createElement("div");
-      note.className = "tool";
-      note.textContent = `🔧 ${data.tool.name}: ${data.tool.status}`;
-      el.insertBefore(note, body);
+      toolNote(el, data.tool, body);
     } else if (event === "msgid") {
       el.dataset.streamId = data.id;
+      if (data.conversation_id && data.conversation_id !== state.conversationId) {
+        state.conversationId = data.conversation_id;
+        save();
+      }
     }
   };
 
@@ -239,23 +256,31 @@ async function send(prompt) {
   const rate = tokens > 1 && seconds > 0 ? `${(tokens / seconds).toFixed(1)} tok/s` : "–";
   meta.textContent = `${client.used} · first token ${ttft} · ${tokens} tokens · ${rate}${outcome === "stopped" ? " · stopped" : ""}`;
   el.append(meta);
-
-  if (text) {
-    state.history.push(userMessage, { role: "assistant", content: text });
-    save();
-  }
   $("prompt").focus();
 }
 
-function restore() {
+async function restore() {
   try {
-    const saved = JSON.parse(localStorage.getItem(STORAGE_KEY) || "{}");
-    state.history = Array.isArray(saved.history) ? saved.history : [];
-    state.conversationId = saved.conversationId || null;
+    state.conversationId = JSON.parse(localStorage.getItem(STORAGE_KEY) || "{}").conversationId || null;
   } catch (_) {
-    state.history = [];
+    state.conversationId = null;
   }
-  for (const message of state.history) addMessage(message.role, message.content);
+  if (!state.conversationId) return;
+  const response = await fetch(`/api/conversations/${encodeURIComponent(state.conversationId)}`);
+  if (!response.ok) {
+    state.conversationId = null; // expired or deleted: start afresh
+    save();
+    return;
+  }
+  const { messages } = await response.json();
+  for (const record of messages) {
+    if (record.role !== "user" && record.role !== "assistant") continue;
+    const el = addMessage(record.role, record.content);
+    if (record.role !== "assistant") continue;
+    el.dataset.state = record.status;
+    for (const tool of record.tools || []) toolNote(el, tool, el.querySelector(".body"));
+    if (record.error) showError(el, record.error.message);
+  }
 }
 
 fillPickers();
@@ -277,7 +302,6 @@ $("prompt").addEventListener("keydown", (e) => {
 $("stop").addEventListener("click", () => state.client?.abort());
 $("new-chat").addEventListener("click", () => {
   state.client?.abort();
-  state.history = [];
   state.conversationId = null;
   save();
   $("messages").replaceChildren();
