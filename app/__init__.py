@@ -8,7 +8,8 @@ from typing import Any
 
 from flask import Flask
 
-from app.config import Settings, environment
+from app.access import Access, install, parse_rate
+from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
 from app.providers import build_providers
 from app.relay import Relay
@@ -25,8 +26,20 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY_BYTES
     app.json.sort_keys = False
     app.json.ensure_ascii = False
-    store = open_store(settings.STORE_URL, app.instance_path)
-    app.extensions["llm_sse_relay"] = Relay(settings, build_providers(env, settings), store)
+    try:
+        parse_rate(settings.RATE_LIMIT)
+        store = open_store(settings.STORE_URL, app.instance_path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    relay = Relay(settings, build_providers(env, settings), store)
+    relay.access = Access(settings, store)
+    app.extensions["llm_sse_relay"] = relay
+    install(app, relay.access)
+    if settings.TRUSTED_PROXIES:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = settings.TRUSTED_PROXIES
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
 
     from app import websocket
     from app.routes import bp

@@ -54,8 +54,15 @@ class Settings:
     # Tool-calling rounds per request before the model must answer without tools.
     TOOL_MAX_ROUNDS: int = 4
     API_TOKENS: str = ""
+    JWT_SECRET: str = ""
+    JWT_AUDIENCE: str = ""
     CORS_ORIGINS: str = ""
     RATE_LIMIT: str = ""
+    # Answers in progress at once per caller (0 = no cap).
+    MAX_STREAMS_PER_CLIENT: int = 20
+    # Proxies in front of the app whose X-Forwarded-* headers are trusted (gunicorn
+    # behind Apache/nginx: 1); 0 under mod_wsgi, where REMOTE_ADDR is the client.
+    TRUSTED_PROXIES: int = 0
     LOG_LEVEL: str = "INFO"
 
     @classmethod

@@ -54,6 +54,7 @@ class Resumable:
     store: Store
     grace: float
     log_ttl: float
+    owner: str = ""
 
 
 class Generation:
@@ -91,7 +92,7 @@ class Generation:
     # -- lifecycle
     def start(self) -> Generation:
         if self.resumable is not None:
-            self.resumable.store.open_log(self.id, self.resumable.log_ttl)
+            self.resumable.store.open_log(self.id, self.resumable.log_ttl, self.resumable.owner)
             threading.Thread(target=LogWriter(self).run, name=f"relay-log-{self.id[:8]}", daemon=True).start()
         threading.Thread(target=self.run, name=f"relay-{self.id[:8]}", daemon=True).start()
         return self
@@ -135,7 +136,7 @@ class Generation:
                     self._watching = False
                     return
             try:
-                seen = self.resumable.store.reader_seen_at(self.id)
+                seen = self.resumable.store.seen_at(self.id, "reader")
             except Exception:
                 seen = None
             if seen is None or time.time() - seen >= grace:
@@ -216,6 +217,10 @@ class Generation:
         )
 
 
+# How often a producer says it is alive; a reader elsewhere gives up after 5x this silence.
+PRODUCER_ALIVE_SECONDS = 1.0
+
+
 class LogWriter:
     """Copies a resumable generation's frames to the store, off the per-token path.
 
@@ -238,7 +243,7 @@ class LogWriter:
     def run(self) -> None:
         generation, store, log = self.generation, self.store, self.generation.log
         position = 0
-        next_stop_check = 0.0
+        next_stop_check = next_alive = 0.0
         try:
             while True:
                 frames = log.wait(position, self.STOP_CHECK_SECONDS)
@@ -252,6 +257,9 @@ class LogWriter:
                     next_stop_check = now + self.STOP_CHECK_SECONDS
                     if store.stop_requested(generation.id):
                         generation.stop("stopped")
+                    if now >= next_alive:  # readers elsewhere can tell a live producer from a dead one
+                        next_alive = now + PRODUCER_ALIVE_SECONDS
+                        store.touch(generation.id, "producer")
                 if frames and not log.closed:
                     time.sleep(self.BATCH_SECONDS)
             store.close_log(generation.id, self.ttl)
@@ -283,17 +291,29 @@ class StoreLogView:
     def wait(self, position: int, timeout: float) -> list[bytes]:
         if self._failed:
             return []
+        store, stream_id = self.store, self.stream_id
         try:
             now = time.monotonic()
             if now - self._touched >= 1.0:  # tells the producer's grace watchdog someone reads
                 self._touched = now
-                self.store.touch_reader(self.stream_id)
-            frames = self.store.read_frames(self.stream_id, position, timeout)
+                store.touch(stream_id, "reader")
+            frames = store.read_frames(stream_id, position, timeout)
+            if frames:
+                return [frame for _, frame in frames]
+            state = store.log_state(stream_id)
+            if state is None:
+                return self._fail("stream_lost", "this stream's log is gone from the store (expired, or the store "
+                                                  "was restarted)")
+            producer = store.seen_at(stream_id, "producer")
+            if state == "open" and producer and time.time() - producer > 5 * PRODUCER_ALIVE_SECONDS:
+                return self._fail("stream_lost", "the process generating this answer stopped")
+            return []
         except Exception as exc:
-            self._failed = True
-            return [encode_event(None, "error", {"type": "store_unavailable",
-                                                 "message": f"the stream store failed ({type(exc).__name__})"})]
-        return [frame for _, frame in frames]
+            return self._fail("store_unavailable", f"the stream store failed ({type(exc).__name__})")
+
+    def _fail(self, kind: str, message: str) -> list[bytes]:
+        self._failed = True
+        return [encode_event(None, "error", {"type": kind, "message": message})]
 
 
 def collect(provider: Provider, task: Task, cancel: Cancellation | None = None, tools: list[Tool] | None = None,
@@ -328,11 +348,12 @@ class Relay:
         self.providers = providers
         self.store = store
         self.generations: dict[str, Generation] = {}
+        self.access: Any = None  # app.access.Access, set by create_app
         self._lock = threading.Lock()
 
     def start(self, provider: Provider, task: Task, conversation_id: str | None,
               stream_id: str | None = None, resumable: bool = False, tools: list[Tool] | None = None,
-              record: Callable[[Generation], None] | None = None) -> Generation:
+              record: Callable[[Generation], None] | None = None, owner: str = "") -> Generation:
         """Start producing an answer now; readers attach to `generation.log`.
 
         `record` runs when the answer ended, however it ended (conversation memory).
@@ -340,10 +361,11 @@ class Relay:
         share = None
         s = self.settings
         if resumable:
-            share = Resumable(self.store, s.STREAM_GRACE_SECONDS, s.STREAM_LOG_TTL)
+            share = Resumable(self.store, s.STREAM_GRACE_SECONDS, s.STREAM_LOG_TTL, owner)
         generation = Generation(provider, task, conversation_id or new_id(), on_end=self._ended,
                                 stream_id=stream_id, resumable=share, tools=tools,
                                 max_rounds=s.TOOL_MAX_ROUNDS, record=record)
+        generation.owner = owner
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start()

@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, render_template, request
+from flask import Blueprint, Response, current_app, g, jsonify, render_template, request
 
 from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
 from app.conversations import Conversations
@@ -38,9 +38,24 @@ def json_body() -> dict[str, Any]:
 
 
 def chat_request(from_query: bool) -> ChatRequest:
+    """The request's chat options, validated; counts against the caller's rate limit."""
     service = relay()
+    service.access.count_request(g.caller)
     data = request.args.to_dict() if from_query else json_body()
+    data.pop("access_token", None)
     return parse_chat_request(data, service.settings, service.providers, from_query=from_query)
+
+
+def caller_id() -> str:
+    caller = g.get("caller")
+    return caller.id if caller is not None else f"ip:{request.remote_addr}"
+
+
+def require_owner(owner: str | None) -> None:
+    """A stream is bound to its creator: with auth on, only they may stop or read it by token."""
+    caller = g.get("caller")
+    if relay().access.enabled and caller is not None and owner is not None and caller.id != owner:
+        raise ApiError(403, "forbidden", "this stream belongs to another client")
 
 
 def conversations() -> Conversations:
@@ -49,17 +64,31 @@ def conversations() -> Conversations:
 
 
 def start_generation(chat: ChatRequest, stream_id: str | None = None, resumable: bool = False,
-                     prepared: tuple[str, Task] | None = None) -> Generation:
-    """Start a chat's answer, with its conversation: history in, the answer recorded after."""
+                     prepared: tuple[str, Task] | None = None, owner: str | None = None) -> Generation:
+    """Start a chat's answer, with its conversation: history in, the answer recorded after.
+
+    Takes one of the caller's open-stream slots (429 when none is left) until it ends.
+    """
+    service = relay()
+    owner = owner or caller_id()
+    service.access.open_stream(owner)
     stream_id = stream_id or new_id()
     memory = conversations()
-    conversation_id, task = prepared or memory.begin(chat, stream_id)
+    try:
+        conversation_id, task = prepared or memory.begin(chat, stream_id)
+    except Exception:
+        service.access.close_stream(owner)
+        raise
 
     def record(generation: Generation) -> None:
-        memory.finish(generation.conversation_id, generation.id, generation.answer, generation.answer.tool_records)
+        try:
+            memory.finish(generation.conversation_id, generation.id, generation.answer,
+                          generation.answer.tool_records)
+        finally:
+            service.access.close_stream(owner)
 
-    return relay().start(chat.provider, task, conversation_id, stream_id=stream_id, resumable=resumable,
-                         tools=chat.tools, record=record)
+    return service.start(chat.provider, task, conversation_id, stream_id=stream_id, resumable=resumable,
+                         tools=chat.tools, record=record, owner=owner)
 
 
 def stream_generation(generation: Generation, position: int = 0):
@@ -95,7 +124,8 @@ def capabilities_of_this_server() -> dict[str, Any]:
         transports.append("ws")
     providers = {name: {"models": list(p.models), "default_model": p.default_model}
                  for name, p in service.providers.items() if offered(p)}
-    return {"transports": transports, "providers": providers, "default_provider": service.settings.LLM_PROVIDER}
+    return {"transports": transports, "providers": providers, "default_provider": service.settings.LLM_PROVIDER,
+            "auth": service.access.enabled}
 
 
 @bp.get("/api/capabilities")
@@ -119,12 +149,13 @@ def chat_stream():
 def create_stream():
     """POST-SSE step 1: validate and store the payload; the stream starts when opened."""
     service = relay()
+    service.access.count_request(g.caller)
     data = json_body()
     chat = parse_chat_request(data, service.settings, service.providers)  # refuse bad input now
     stream_id = new_id()
     # Accepted now: the user's message is stored now, and the ticket carries the history.
     conversation_id, task = conversations().begin(chat, stream_id)
-    ticket = {"options": data, "conversation_id": conversation_id, "messages": task.messages}
+    ticket = {"options": data, "conversation_id": conversation_id, "messages": task.messages, "owner": caller_id()}
     service.store.put_ticket(stream_id, ticket, service.settings.STREAM_TICKET_TTL)
     return jsonify(id=stream_id, stream_url=f"/api/chat/streams/{stream_id}", conversation_id=conversation_id), 201
 
@@ -137,18 +168,23 @@ def open_stream(stream_id: str):
     position = last_event_id()
     generation = service.generations.get(stream_id)
     if generation is not None:  # produced in this process: read its log directly
+        require_owner(generation.owner)
         if generation.log.closed and position >= len(generation.log.frames):
             return Response(status=204)  # finished and the reader has it all: EventSource stops here
         return stream_generation(generation, position)
     ticket = service.store.take_ticket(stream_id)
     if ticket is not None:  # first open: this process becomes the producer
+        if g.get("caller") is not None and relay().access.enabled and g.caller.id != ticket["owner"]:
+            service.store.put_ticket(stream_id, ticket, service.settings.STREAM_TICKET_TTL)
+            require_owner(ticket["owner"])
         chat = parse_chat_request(ticket["options"], service.settings, service.providers)
         prepared = (ticket["conversation_id"], replace(chat.task, messages=ticket["messages"]))
-        generation = start_generation(chat, stream_id, resumable=True, prepared=prepared)
+        generation = start_generation(chat, stream_id, resumable=True, prepared=prepared, owner=ticket["owner"])
         return stream_generation(generation, position)
     state = service.store.log_state(stream_id)
     if state is None:
         raise ApiError(404, "not_found", "no such stream (unknown, or expired)")
+    require_owner(service.store.log_owner(stream_id))
     view = StoreLogView(service.store, stream_id)
     if state == "closed" and not service.store.read_frames(stream_id, position, 0):
         return Response(status=204)  # finished and the reader has it all: EventSource stops here
@@ -162,19 +198,36 @@ def stop_stream(stream_id: str):
     stream_id = stream_id_or_404(stream_id)
     generation = service.generations.get(stream_id)
     if generation is not None:
+        require_owner(generation.owner)
         generation.stop("stopped")
-    elif service.store.take_ticket(stream_id) is not None:
-        pass  # never opened: forgetting the payload is stopping it
-    elif service.store.log_state(stream_id) == "open":
-        service.store.request_stop(stream_id)
-    elif service.store.log_state(stream_id) is None:
+        return jsonify(id=stream_id, status="stopped")
+    ticket = service.store.take_ticket(stream_id)
+    if ticket is not None:  # never opened: forgetting the payload is stopping it
+        if service.access.enabled and g.caller.id != ticket["owner"]:
+            service.store.put_ticket(stream_id, ticket, service.settings.STREAM_TICKET_TTL)
+            require_owner(ticket["owner"])
+        return jsonify(id=stream_id, status="stopped")
+    state = service.store.log_state(stream_id)
+    if state is None:
         raise ApiError(404, "not_found", "no such stream")
+    require_owner(service.store.log_owner(stream_id))
+    if state == "open":
+        service.store.request_stop(stream_id)
     return jsonify(id=stream_id, status="stopped")
 
 
 @bp.post("/api/chat")
 def chat_rest():
     chat = chat_request(from_query=False)
+    access, owner = relay().access, caller_id()
+    access.open_stream(owner)
+    try:
+        return rest_answer(chat)
+    finally:
+        access.close_stream(owner)
+
+
+def rest_answer(chat: ChatRequest):
     request_id = new_id()
     memory = conversations()
     conversation_id, task = memory.begin(chat, request_id)

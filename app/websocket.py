@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
@@ -38,20 +38,23 @@ def chat_ws(ws) -> None:
     raw = ws.receive(timeout=max(heartbeat, 10))
     if raw is None:
         return
+    from app.routes import start_generation
+
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_request", "the first message must be a JSON object")
+        # Browsers cannot set headers on a WebSocket: the token may come in the first message.
+        caller = service.access.caller(request, token=data.pop("access_token", None))
+        service.access.count_request(caller)
         chat = parse_chat_request(data, service.settings, service.providers)
+        generation = start_generation(chat, owner=caller.id)
     except ValueError:
         ws.send(_error_frame("invalid_json", "the first message is not valid JSON"))
         return
     except ApiError as err:
         ws.send(_error_frame(err.type, err.message))
         return
-    from app.routes import start_generation
-
-    generation = start_generation(chat)
     generation.reader_joined()
     log = generation.log
     position, completed = 0, False

@@ -124,8 +124,15 @@ class SseReader:
     comments: list[str] = field(default_factory=list)
     retry: int | None = None
     _buffer: bytes = b""
+    _events: Iterator[Event] | None = None
 
     def __iter__(self) -> Iterator[Event]:
+        # One generator for the response's life: a loop that breaks can be resumed later.
+        if self._events is None:
+            self._events = self._read()
+        return self._events
+
+    def _read(self) -> Iterator[Event]:
         raw = self.response.raw
         chunks = raw.read_chunked() if raw.chunked else iter(lambda: raw.read1(65536), b"")
         for chunk in chunks:
@@ -201,3 +208,55 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a free port, without persistence (a restart forgets all)."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+
+        import redis
+
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.url).flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    import os
+    import shutil
+
+    require(bool(shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")),
+            "redis-server (apt-get install redis-server)")
+    server = RedisServer()
+    yield server
+    server.stop()

@@ -195,3 +195,24 @@ def test_tool_activity_shows_inline_and_conversation_continues_on_the_server(pag
     page.wait_for_selector(".msg.assistant >> nth=1")
     assert page.locator(".msg.user").count() == 2
     assert "calculate" in page.locator(".tool").first.text_content()
+
+
+def test_page_works_with_auth_on(page, make_app, serve):
+    url = serve(make_app(API_TOKENS="page-token", DEMO_TOKENS_PER_SECOND=200))
+    page.goto(url + "/")
+    assert page.is_visible("#token")  # asked for first
+    page.fill("#prompt", "hi")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state=error]", timeout=10_000)
+    assert "access token" in answer(page).locator(".error").text_content()
+    page.fill("#token", "page-token")
+    page.dispatch_event("#token", "change")
+    for transport in ("postsse", "fetch", "sse", "rest"):
+        page.select_option("#transport", transport)
+        page.fill("#prompt", f"hi over {transport}")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".msg.assistant:last-of-type[data-state=done]", timeout=10_000)
+        assert answer(page).locator(".meta").text_content().startswith(transport)
+    page.reload()  # the conversation comes back from the server, with the stored token
+    page.wait_for_selector(".msg.user >> nth=3")
+    assert page.locator(".msg.user").count() == 4  # the refused first prompt was never accepted

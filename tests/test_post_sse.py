@@ -150,8 +150,12 @@ def test_store_contract(kind, tmp_path):
     assert store.log_state("s") == "open" and not store.stop_requested("s")
     store.request_stop("s")
     assert store.stop_requested("s")
-    store.touch_reader("s")
-    assert time.time() - store.reader_seen_at("s") < 5
+    store.touch("s", "reader")
+    assert time.time() - store.seen_at("s", "reader") < 5 and store.seen_at("s", "producer") is None
+    assert store.hit("k", 60)[0] == 1 and store.hit("k", 60)[0] == 2 and 0 < store.hit("k", 60)[1] <= 60
+    assert store.acquire("c", 2, 60) and store.acquire("c", 2, 60) and not store.acquire("c", 2, 60)
+    store.release("c")
+    assert store.acquire("c", 2, 60)
     store.close_log("s", ttl=60)
     assert store.log_state("s") == "closed" and store.log_state("nope") is None
     store.append_message("c", {"role": "user", "content": "q"}, ttl=60)

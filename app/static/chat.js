@@ -7,6 +7,7 @@ import { EventTransportClient } from "./transport.js";
 const $ = (id) => document.getElementById(id);
 const capabilities = JSON.parse($("capabilities").textContent);
 const STORAGE_KEY = "llm-sse-relay:chat";
+const TOKEN_KEY = "llm-sse-relay:token";
 
 // The server keeps the conversation (history, tool calls); the page keeps only its id.
 const state = { client: null, conversationId: null };
@@ -201,7 +202,8 @@ async function send(prompt) {
     system: $("system").value.trim() || undefined,
     tools: $("tools").checked || undefined,
   };
-  const client = new EventTransportClient({ transport: $("transport").value, payload, capabilities });
+  const token = $("token").value.trim() || null;
+  const client = new EventTransportClient({ transport: $("transport").value, payload, capabilities, token });
   state.client = client;
   setBusy(true);
 
@@ -266,7 +268,10 @@ async function restore() {
     state.conversationId = null;
   }
   if (!state.conversationId) return;
-  const response = await fetch(`/api/conversations/${encodeURIComponent(state.conversationId)}`);
+  const token = $("token").value.trim();
+  const response = await fetch(`/api/conversations/${encodeURIComponent(state.conversationId)}`, {
+    headers: token ? { Authorization: `Bearer ${token}` } : {},
+  });
   if (!response.ok) {
     state.conversationId = null; // expired or deleted: start afresh
     save();
@@ -283,7 +288,19 @@ async function restore() {
   }
 }
 
+function setupToken() {
+  if (!capabilities.auth) return;
+  $("token-field").hidden = false;
+  $("token").value = localStorage.getItem(TOKEN_KEY) || "";
+  $("token").addEventListener("change", () => localStorage.setItem(TOKEN_KEY, $("token").value.trim()));
+  if (!$("token").value) {
+    $("settings").hidden = false; // the first thing to fill in
+    $("token").focus();
+  }
+}
+
 fillPickers();
+setupToken();
 restore();
 
 $("composer").addEventListener("submit", (e) => {

@@ -74,8 +74,9 @@ async function errorFromResponse(response) {
 }
 
 export class EventTransportClient {
-  constructor({ endpoint = "", transport = "auto", payload = {}, events = null, capabilities = null } = {}) {
+  constructor({ endpoint = "", transport = "auto", payload = {}, events = null, capabilities = null, token = null } = {}) {
     this.endpoint = endpoint.replace(/\/$/, "");
+    this.token = token; // bearer token when the server has auth on
     this.transport = transport;
     this.payload = payload;
     this.capabilities = capabilities;
@@ -131,6 +132,10 @@ export class EventTransportClient {
     return runner();
   }
 
+  _headers(extra = {}) {
+    return this.token ? { ...extra, Authorization: `Bearer ${this.token}` } : extra;
+  }
+
   abort() {
     this._aborted = true;
     if (this._abort) this._abort();
@@ -158,6 +163,8 @@ export class EventTransportClient {
 
   _query() {
     const params = new URLSearchParams();
+    // EventSource cannot send headers: the token rides in the URL (prefer POST-SSE).
+    if (this.token) params.set("access_token", this.token);
     for (const [key, value] of Object.entries(this.payload)) {
       if (value === undefined || value === null || value === "") continue;
       params.set(key, typeof value === "object" ? JSON.stringify(value) : String(value));
@@ -206,7 +213,7 @@ export class EventTransportClient {
   async _postsse(deliver) {
     const response = await fetch(`${this.endpoint}/api/chat/streams`, {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: this._headers({ "Content-Type": "application/json" }),
       body: JSON.stringify(this.payload),
     });
     if (!response.ok) throw await errorFromResponse(response);
@@ -216,7 +223,7 @@ export class EventTransportClient {
     const closeLocal = this._abort;
     this._abort = () => {
       // Stop the generation on the server (wherever it runs), then the local reader.
-      fetch(url, { method: "DELETE", keepalive: true }).catch(() => {});
+      fetch(url, { method: "DELETE", keepalive: true, headers: this._headers() }).catch(() => {});
       closeLocal();
     };
     if (this._aborted) this._abort();
@@ -230,7 +237,7 @@ export class EventTransportClient {
     try {
       response = await fetch(`${this.endpoint}/api/chat/stream`, {
         method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        headers: this._headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
         body: JSON.stringify(this.payload),
         signal: controller.signal,
       });
@@ -277,7 +284,7 @@ export class EventTransportClient {
     try {
       response = await fetch(`${this.endpoint}/api/chat`, {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: this._headers({ "Content-Type": "application/json" }),
         body: JSON.stringify(this.payload),
         signal: controller.signal,
       });
@@ -308,7 +315,8 @@ export class EventTransportClient {
         socket.close();
       };
       const handle = this._settle(deliver, resolve, reject, close);
-      socket.onopen = () => socket.send(JSON.stringify(this.payload));
+      const first = this.token ? { ...this.payload, access_token: this.token } : this.payload;
+      socket.onopen = () => socket.send(JSON.stringify(first));
       // Each message is one or more SSE frames: the same protocol as every other transport.
       socket.onmessage = (message) => {
         for (const e of parser.feed(message.data)) {

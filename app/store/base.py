@@ -32,7 +32,11 @@ class Store:
         raise NotImplementedError
 
     # -- stream logs
-    def open_log(self, stream_id: str, ttl: float) -> None:
+    def open_log(self, stream_id: str, ttl: float, owner: str = "") -> None:
+        raise NotImplementedError
+
+    def log_owner(self, stream_id: str) -> str | None:
+        """Who created the stream (the caller id bound to it at POST-SSE step 1)."""
         raise NotImplementedError
 
     def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
@@ -56,10 +60,23 @@ class Store:
     def stop_requested(self, stream_id: str) -> bool:
         raise NotImplementedError
 
-    def touch_reader(self, stream_id: str) -> None:
+    def touch(self, stream_id: str, who: str) -> None:
+        """Record that a `reader` or the `producer` of a stream is alive, now."""
         raise NotImplementedError
 
-    def reader_seen_at(self, stream_id: str) -> float | None:
+    def seen_at(self, stream_id: str, who: str) -> float | None:
+        raise NotImplementedError
+
+    # -- limits shared by every process
+    def hit(self, key: str, window: float) -> tuple[int, float]:
+        """Count one hit in the current fixed window; (hits so far, seconds until it resets)."""
+        raise NotImplementedError
+
+    def acquire(self, key: str, limit: int, ttl: float) -> bool:
+        """Take one of `limit` slots (open streams); False when all are taken."""
+        raise NotImplementedError
+
+    def release(self, key: str) -> None:
         raise NotImplementedError
 
     # -- conversations
@@ -85,6 +102,8 @@ class MemoryStore(Store):
         self._logs: dict[str, list[Frame]] = defaultdict(list)
         self._state: dict[str, dict[str, Any]] = {}
         self._conversations: dict[str, list[str]] = defaultdict(list)
+        self._windows: dict[str, tuple[float, int]] = {}
+        self._slots: dict[str, int] = defaultdict(int)
 
     def put_ticket(self, ticket_id, payload, ttl):
         with self._lock:
@@ -95,9 +114,12 @@ class MemoryStore(Store):
             expires, payload = self._tickets.pop(ticket_id, (0, None))
         return json.loads(payload) if payload and expires > time.time() else None
 
-    def open_log(self, stream_id, ttl):
+    def open_log(self, stream_id, ttl, owner=""):
         with self._lock:
-            self._state[stream_id] = {"state": "open", "stop": False, "seen": None, "expires": time.time() + ttl}
+            self._state[stream_id] = {"state": "open", "stop": False, "expires": time.time() + ttl, "owner": owner}
+
+    def log_owner(self, stream_id):
+        return self._state.get(stream_id, {}).get("owner")
 
     def append_frames(self, stream_id, frames):
         with self._lock:
@@ -114,7 +136,7 @@ class MemoryStore(Store):
 
     def close_log(self, stream_id, ttl):
         with self._lock:
-            state = self._state.setdefault(stream_id, {"stop": False, "seen": None})
+            state = self._state.setdefault(stream_id, {"stop": False})
             state.update(state="closed", expires=time.time() + ttl)
             self._lock.notify_all()
 
@@ -132,12 +154,32 @@ class MemoryStore(Store):
     def stop_requested(self, stream_id):
         return bool(self._state.get(stream_id, {}).get("stop"))
 
-    def touch_reader(self, stream_id):
+    def touch(self, stream_id, who):
         if stream_id in self._state:
-            self._state[stream_id]["seen"] = time.time()
+            self._state[stream_id][who] = time.time()
 
-    def reader_seen_at(self, stream_id):
-        return self._state.get(stream_id, {}).get("seen")
+    def seen_at(self, stream_id, who):
+        return self._state.get(stream_id, {}).get(who)
+
+    def hit(self, key, window):
+        now = time.time()
+        with self._lock:
+            start, count = self._windows.get(key, (0.0, 0))
+            if now - start >= window:
+                start, count = now - (now % window), 0
+            self._windows[key] = (start, count + 1)
+            return count + 1, start + window - now
+
+    def acquire(self, key, limit, ttl):
+        with self._lock:
+            if self._slots[key] >= limit:
+                return False
+            self._slots[key] += 1
+            return True
+
+    def release(self, key):
+        with self._lock:
+            self._slots[key] = max(0, self._slots[key] - 1)
 
     def append_message(self, conversation_id, message, ttl):
         with self._lock:

@@ -36,10 +36,10 @@ class RedisStore(Store):
         return json.loads(raw) if raw else None
 
     # -- stream logs
-    def open_log(self, stream_id: str, ttl: float) -> None:
+    def open_log(self, stream_id: str, ttl: float, owner: str = "") -> None:
         key = self._key("stream", stream_id)
         with self.redis.pipeline() as pipe:
-            pipe.hset(key, mapping={"state": "open", "stop": 0})
+            pipe.hset(key, mapping={"state": "open", "stop": 0, "owner": owner})
             pipe.pexpire(key, int(ttl * 1000))
             pipe.execute()
 
@@ -65,6 +65,10 @@ class RedisStore(Store):
             pipe.pexpire(self._key("log", stream_id), ms)
             pipe.execute()
 
+    def log_owner(self, stream_id: str) -> str | None:
+        owner = self.redis.hget(self._key("stream", stream_id), "owner")
+        return owner.decode() if owner is not None else None
+
     def log_state(self, stream_id: str) -> str | None:
         state = self.redis.hget(self._key("stream", stream_id), "state")
         return state.decode() if state else None
@@ -76,12 +80,39 @@ class RedisStore(Store):
     def stop_requested(self, stream_id: str) -> bool:
         return self.redis.hget(self._key("stream", stream_id), "stop") == b"1"
 
-    def touch_reader(self, stream_id: str) -> None:
-        self.redis.hset(self._key("stream", stream_id), "seen", time.time())
+    def touch(self, stream_id: str, who: str) -> None:
+        self.redis.hset(self._key("stream", stream_id), who, time.time())
 
-    def reader_seen_at(self, stream_id: str) -> float | None:
-        seen = self.redis.hget(self._key("stream", stream_id), "seen")
+    def seen_at(self, stream_id: str, who: str) -> float | None:
+        seen = self.redis.hget(self._key("stream", stream_id), who)
         return float(seen) if seen else None
+
+    # -- limits
+    def hit(self, key: str, window: float) -> tuple[int, float]:
+        now = time.time()
+        start = now - (now % window)
+        name = self._key("hit", f"{key}:{int(start)}")
+        with self.redis.pipeline() as pipe:
+            pipe.incr(name)
+            pipe.pexpire(name, int(window * 1000) + 1000)
+            count, _ = pipe.execute()
+        return int(count), start + window - now
+
+    def acquire(self, key: str, limit: int, ttl: float) -> bool:
+        name = self._key("slot", key)
+        with self.redis.pipeline() as pipe:
+            pipe.incr(name)
+            pipe.pexpire(name, int(ttl * 1000))
+            count, _ = pipe.execute()
+        if int(count) > limit:
+            self.redis.decr(name)
+            return False
+        return True
+
+    def release(self, key: str) -> None:
+        name = self._key("slot", key)
+        if self.redis.decr(name) < 0:
+            self.redis.set(name, 0, keepttl=True)
 
     # -- conversations
     def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:

@@ -20,7 +20,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS tickets (id TEXT PRIMARY KEY, payload TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS streams (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, stop INTEGER NOT NULL DEFAULT 0,
-    reader_seen REAL, expires REAL NOT NULL);
+    reader_seen REAL, producer_seen REAL, owner TEXT, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS frames (
     stream_id TEXT NOT NULL, seq INTEGER NOT NULL, frame BLOB NOT NULL, PRIMARY KEY (stream_id, seq));
 CREATE TABLE IF NOT EXISTS messages (
@@ -63,6 +64,7 @@ class SqliteStore(Store):
         db.execute("DELETE FROM frames WHERE stream_id IN (SELECT id FROM streams WHERE expires < ?)", (now,))
         db.execute("DELETE FROM streams WHERE expires < ?", (now,))
         db.execute("DELETE FROM messages WHERE expires < ?", (now,))
+        db.execute("DELETE FROM counters WHERE expires < ?", (now,))
 
     # -- tickets
     def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
@@ -76,9 +78,13 @@ class SqliteStore(Store):
         return json.loads(row[0])
 
     # -- stream logs
-    def open_log(self, stream_id: str, ttl: float) -> None:
-        self._db().execute("INSERT OR REPLACE INTO streams (id, state, expires) VALUES (?, 'open', ?)",
-                           (stream_id, time.time() + ttl))
+    def open_log(self, stream_id: str, ttl: float, owner: str = "") -> None:
+        self._db().execute("INSERT OR REPLACE INTO streams (id, state, owner, expires) VALUES (?, 'open', ?, ?)",
+                           (stream_id, owner, time.time() + ttl))
+
+    def log_owner(self, stream_id: str) -> str | None:
+        row = self._db().execute("SELECT owner FROM streams WHERE id = ?", (stream_id,)).fetchone()
+        return row[0] if row else None
 
     def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
         db = self._db()
@@ -113,12 +119,42 @@ class SqliteStore(Store):
         row = self._db().execute("SELECT stop FROM streams WHERE id = ?", (stream_id,)).fetchone()
         return bool(row and row[0])
 
-    def touch_reader(self, stream_id: str) -> None:
-        self._db().execute("UPDATE streams SET reader_seen = ? WHERE id = ?", (time.time(), stream_id))
+    def touch(self, stream_id: str, who: str) -> None:
+        column = {"reader": "reader_seen", "producer": "producer_seen"}[who]
+        self._db().execute(f"UPDATE streams SET {column} = ? WHERE id = ?", (time.time(), stream_id))
 
-    def reader_seen_at(self, stream_id: str) -> float | None:
-        row = self._db().execute("SELECT reader_seen FROM streams WHERE id = ?", (stream_id,)).fetchone()
+    def seen_at(self, stream_id: str, who: str) -> float | None:
+        column = {"reader": "reader_seen", "producer": "producer_seen"}[who]
+        row = self._db().execute(f"SELECT {column} FROM streams WHERE id = ?", (stream_id,)).fetchone()
         return row[0] if row else None
+
+    # -- limits
+    def hit(self, key: str, window: float) -> tuple[int, float]:
+        now = time.time()
+        start = now - (now % window)
+        row = self._db().execute(
+            "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE SET "
+            "count = CASE WHEN expires <= ? THEN 1 ELSE count + 1 END, "
+            "expires = CASE WHEN expires <= ? THEN excluded.expires ELSE expires END RETURNING count, expires",
+            (f"hit:{key}", start + window, now, now)).fetchone()
+        return row[0], row[1] - now
+
+    def acquire(self, key: str, limit: int, ttl: float) -> bool:
+        db = self._db()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT count, expires FROM counters WHERE key = ?", (f"slot:{key}",)).fetchone()
+            count = row[0] if row and row[1] > now else 0
+            if count >= limit:
+                return False
+            db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", (f"slot:{key}", count + 1, now + ttl))
+            return True
+        finally:
+            db.execute("COMMIT")
+
+    def release(self, key: str) -> None:
+        self._db().execute("UPDATE counters SET count = MAX(0, count - 1) WHERE key = ?", (f"slot:{key}",))
 
     # -- conversations
     def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:

@@ -1,0 +1,124 @@
+"""Auth (bearer tokens, JWT), the open-stream cap, rate limits and CORS."""
+
+import time
+
+import requests
+
+from app.access import make_jwt
+from tests.conftest import open_stream, text_of
+from tests.fake_upstream import BODIES, Reply
+
+SECRET = "s3cret-for-tests"
+DEMO = {"prompt": "hi", "model": "demo-fast"}
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_bearer_tokens_guard_every_api_route(make_app):
+    client = make_app(API_TOKENS="alpha,beta").test_client()
+    assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
+    assert client.get("/api/capabilities").get_json()["auth"] is True
+    for method, path in [("post", "/api/chat"), ("post", "/api/chat/stream"), ("post", "/api/chat/streams"),
+                         ("get", "/api/conversations/abc"), ("delete", "/api/chat/streams/abc")]:
+        response = getattr(client, method)(path, json=DEMO)
+        assert response.status_code == 401, path
+        assert response.get_json()["error"]["type"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert client.post("/api/chat", json=DEMO, headers=bearer("gamma")).status_code == 401
+    assert client.post("/api/chat", json=DEMO, headers=bearer("beta")).status_code == 200
+
+
+def test_jwt_expiry_signature_and_audience(make_app):
+    client = make_app(JWT_SECRET=SECRET, JWT_AUDIENCE="relay").test_client()
+    now = int(time.time())
+    good = make_jwt({"sub": "ann", "exp": now + 60, "aud": "relay"}, SECRET)
+    cases = {
+        good: 200,
+        make_jwt({"sub": "ann", "exp": now - 120, "aud": "relay"}, SECRET): 401,  # expired
+        make_jwt({"sub": "ann", "aud": "relay"}, SECRET): 401,  # no expiry
+        make_jwt({"sub": "ann", "exp": now + 60, "aud": "relay"}, "other-secret"): 401,  # forged
+        make_jwt({"sub": "ann", "exp": now + 60, "aud": "elsewhere"}, SECRET): 401,
+        good.rsplit(".", 1)[0] + ".": 401,
+    }
+    for token, status in cases.items():
+        assert client.post("/api/chat", json=DEMO, headers=bearer(token)).status_code == status, token
+
+
+def test_post_sse_with_auth_is_bound_to_its_creator(make_app, serve, upstream):
+    url = serve(make_app(API_TOKENS="alpha,beta", STREAM_GRACE_SECONDS=0))
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"{i} " for i in range(200)]), delay=0.02))
+    ticket = requests.post(f"{url}/api/chat/streams", json={"provider": "openai", "prompt": "hi"},
+                           headers=bearer("alpha"), timeout=10).json()
+    stream_url = url + ticket["stream_url"]
+    # Another client holding the id cannot open or stop it with its own token.
+    assert requests.get(stream_url, headers=bearer("beta"), timeout=10).status_code == 403
+    reader = open_stream(stream_url)  # EventSource: no headers, the id is the credential
+    next(iter(reader))
+    assert requests.delete(stream_url, headers=bearer("beta"), timeout=10).status_code == 403
+    assert requests.delete(stream_url, timeout=10).status_code == 401
+    assert requests.delete(stream_url, headers=bearer("alpha"), timeout=10).json()["status"] == "stopped"
+    last = reader.read_all()[-1]
+    assert last.event == "done" and last.data["finish_reason"] == "stopped", last
+
+
+def test_direct_eventsource_stream_may_carry_the_token_in_the_url(make_app, serve):
+    url = serve(make_app(API_TOKENS="alpha"))
+    assert requests.get(f"{url}/api/chat/stream?prompt=hi", timeout=10).status_code == 401
+    events = open_stream(f"{url}/api/chat/stream?prompt=hi&model=demo-fast&access_token=alpha").read_all()
+    assert events[-1].event == "done"
+
+
+def test_rate_limit_answers_429_with_retry_after(make_app):
+    client = make_app(RATE_LIMIT="2/minute").test_client()
+    assert [client.post("/api/chat", json=DEMO).status_code for _ in range(2)] == [200, 200]
+    response = client.post("/api/chat", json=DEMO)
+    assert response.status_code == 429 and response.get_json()["error"]["type"] == "rate_limited"
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert client.get("/healthz").status_code == 200  # health checks are never limited
+
+
+def test_rate_limits_are_per_token(make_app):
+    client = make_app(RATE_LIMIT="1/minute", API_TOKENS="alpha,beta").test_client()
+    assert client.post("/api/chat", json=DEMO, headers=bearer("alpha")).status_code == 200
+    assert client.post("/api/chat", json=DEMO, headers=bearer("alpha")).status_code == 429
+    assert client.post("/api/chat", json=DEMO, headers=bearer("beta")).status_code == 200
+
+
+def test_cap_on_concurrent_open_streams(make_app, serve, upstream):
+    url = serve(make_app(MAX_STREAMS_PER_CLIENT=2))
+    upstream.reset(Reply(chunks=BODIES["openai"](["a"]), stall_after=3))
+    readers = [open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi") for _ in range(2)]
+    third = requests.get(f"{url}/api/chat/stream?provider=openai&prompt=hi", timeout=10)
+    assert third.status_code == 429 and third.json()["error"]["type"] == "too_many_streams"
+    readers[0].close()
+    assert upstream.wait_for_request(1).closed.wait(3)
+    time.sleep(0.2)
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    assert text_of(open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()) == "ok"
+    readers[1].close()
+
+
+def test_cors_allowed_origin_and_preflight(make_app):
+    client = make_app(CORS_ORIGINS="https://app.example, https://other.example").test_client()
+    preflight = client.options("/api/chat/streams", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    assert "Origin" in preflight.headers["Vary"]
+    assert "Access-Control-Allow-Credentials" not in preflight.headers
+    actual = client.post("/api/chat", json=DEMO, headers={"Origin": "https://other.example"})
+    assert actual.headers["Access-Control-Allow-Origin"] == "https://other.example"
+    denied = client.post("/api/chat", json=DEMO, headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in denied.headers
+
+
+def test_cors_wildcard_never_with_credentials(make_app):
+    client = make_app(CORS_ORIGINS="*").test_client()
+    response = client.post("/api/chat", json=DEMO, headers={"Origin": "https://any.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Credentials" not in response.headers
