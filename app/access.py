@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,9 @@ from flask import Flask, Request, Response, g, request
 from app.errors import ApiError
 
 WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-# A stream slot whose release was lost (a killed process) frees itself after this long.
-SLOT_TTL = 3600.0
+# A stream slot lives this long unless its process refreshes it: a killed process's
+# slots free themselves within a minute.
+SLOT_TTL = 60.0
 JWT_LEEWAY = 30
 
 
@@ -104,6 +106,9 @@ class Access:
         self.any_origin = "*" in origins
         self.origins = set(origins) - {"*"}
         self.store = store
+        self.held: set[tuple[str, str]] = set()  # this process's live slots, refreshed together
+        self._lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
 
     @property
     def enabled(self) -> bool:
@@ -151,16 +156,42 @@ class Access:
             raise ApiError(429, "rate_limited", f"more than {limit} requests per {window:g} s; try again later",
                            {"Retry-After": str(max(1, math.ceil(reset)))})
 
-    def open_stream(self, caller_id: str) -> None:
+    def open_stream(self, caller_id: str, stream_id: str) -> None:
         """Take a slot for an answer in progress; release with `close_stream`."""
-        if self.max_streams and not self.store.acquire(f"streams:{caller_id}", self.max_streams, SLOT_TTL):
+        if not self.max_streams:
+            return
+        slot = (f"streams:{caller_id}", stream_id)
+        if not self.store.acquire(*slot, self.max_streams, SLOT_TTL):
             raise ApiError(429, "too_many_streams",
                            f"{self.max_streams} answers are already in progress for this client",
                            {"Retry-After": "5"})
+        with self._lock:
+            self.held.add(slot)
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = threading.Thread(target=self._keep, name="relay-slot-keeper", daemon=True)
+                self._keeper.start()
 
-    def close_stream(self, caller_id: str) -> None:
-        if self.max_streams:
-            self.store.release(f"streams:{caller_id}")
+    def close_stream(self, caller_id: str, stream_id: str) -> None:
+        if not self.max_streams:
+            return
+        slot = (f"streams:{caller_id}", stream_id)
+        with self._lock:
+            self.held.discard(slot)
+        self.store.release(*slot)
+
+    def _keep(self) -> None:
+        """Refresh every live slot of this process in one store call, a few times per TTL."""
+        while True:
+            time.sleep(SLOT_TTL / 4)
+            with self._lock:
+                slots = list(self.held)
+                if not slots:
+                    self._keeper = None
+                    return
+            try:
+                self.store.refresh(slots, SLOT_TTL)
+            except Exception:  # the store is down: the slots expire, nothing else to do
+                pass
 
     # -- CORS
     def cors(self, response: Response) -> Response:

@@ -58,8 +58,9 @@ class Settings:
     JWT_AUDIENCE: str = ""
     CORS_ORIGINS: str = ""
     RATE_LIMIT: str = ""
-    # Answers in progress at once per caller (0 = no cap).
-    MAX_STREAMS_PER_CLIENT: int = 20
+    # Answers in progress at once per caller (0 = no cap, the default: behind a reverse
+    # proxy every client has the proxy's address unless TRUSTED_PROXIES is set).
+    MAX_STREAMS_PER_CLIENT: int = 0
     # Proxies in front of the app whose X-Forwarded-* headers are trusted (gunicorn
     # behind Apache/nginx: 1); 0 under mod_wsgi, where REMOTE_ADDR is the client.
     TRUSTED_PROXIES: int = 0

@@ -16,6 +16,66 @@ class DecodeError(ValueError):
     """The upstream sent something no valid stream contains (e.g. an endless line)."""
 
 
+class ChunkedDecoder:
+    """HTTP/1.1 chunked transfer coding: wire bytes -> body bytes, incrementally.
+
+    One network read that carries several small chunks (several tokens) is decoded in
+    one pass, instead of a readline and two reads per chunk in the HTTP client.
+    `done` turns true after the last chunk and its trailer section.
+    """
+
+    __slots__ = ("_buffer", "_left", "_trailer", "done")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._left = 0  # body bytes of the current chunk still to come (+2 for its CRLF)
+        self._trailer = False
+        self.done = False
+
+    def decode(self, data: bytes) -> bytes:
+        buffer = self._buffer + data if self._buffer else data
+        out = []
+        pos, end = 0, len(buffer)
+        while pos < end and not self.done:
+            if self._left > 0:
+                take = min(self._left, end - pos)
+                out.append(buffer[pos:pos + take])
+                pos += take
+                self._left -= take
+                if self._left == 0:
+                    self._left = -2  # the CRLF after the data
+                continue
+            if self._left < 0:  # skip what is left of the CRLF after a chunk
+                take = min(-self._left, end - pos)
+                pos += take
+                self._left += take
+                continue
+            line_end = buffer.find(b"\n", pos)
+            if line_end < 0:
+                if end - pos > 1024:
+                    raise DecodeError("chunk size line too long")
+                break
+            line = buffer[pos:line_end].strip()
+            pos = line_end + 1
+            if self._trailer:
+                if not line:
+                    self.done = True
+                continue
+            try:
+                size = int(line.split(b";", 1)[0], 16)
+            except ValueError:
+                raise DecodeError(f"bad chunk size line {line[:40]!r}") from None
+            if size == 0:
+                self._trailer = True
+            else:
+                self._left = size
+        self._buffer = buffer[pos:]
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def flush(self) -> bytes:
+        return b""
+
+
 class LineDecoder:
     """Splits bytes into lines on CRLF, LF or lone CR, as the SSE spec's line rule says."""
 

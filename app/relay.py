@@ -53,7 +53,6 @@ class Resumable:
 
     store: Store
     grace: float
-    log_ttl: float
     owner: str = ""
 
 
@@ -90,10 +89,9 @@ class Generation:
         self._lock = threading.Lock()
 
     # -- lifecycle
-    def start(self) -> Generation:
-        if self.resumable is not None:
-            self.resumable.store.open_log(self.id, self.resumable.log_ttl, self.resumable.owner)
-            threading.Thread(target=LogWriter(self).run, name=f"relay-log-{self.id[:8]}", daemon=True).start()
+    def start(self, flusher: LogFlusher | None = None) -> Generation:
+        if self.resumable is not None and flusher is not None:
+            flusher.add(self)
         threading.Thread(target=self.run, name=f"relay-{self.id[:8]}", daemon=True).start()
         return self
 
@@ -221,52 +219,89 @@ class Generation:
 PRODUCER_ALIVE_SECONDS = 1.0
 
 
-class LogWriter:
-    """Copies a resumable generation's frames to the store, off the per-token path.
+class LogFlusher:
+    """Copies every resumable generation of this process to the store, in batches.
 
-    It is just another reader of the in-memory log: it wakes when frames arrive and
-    writes whatever accumulated as one batch, so a fast stream costs one store write per
-    batch, not per token. It also carries stop requests made in other processes.
+    One thread per process, not one per stream: every FLUSH_SECONDS it writes what all
+    streams produced since the last tick in one store round trip (one SQLite transaction,
+    one Redis pipeline), looks for stop requests for all of them in one query, and says
+    they are alive. The per-token path only appends to memory; local readers never wait
+    for the store, and readers elsewhere are at most one tick behind.
     """
 
-    # Between batches: lets a fast stream's tokens accumulate into one write.
-    BATCH_SECONDS = 0.02
+    # Between batches: the most a reader in another process lags behind a local one.
+    FLUSH_SECONDS = 0.05
     # How often a stop requested through the store is looked for ("within a second").
     STOP_CHECK_SECONDS = 0.25
 
-    def __init__(self, generation: Generation) -> None:
-        assert generation.resumable is not None
-        self.generation = generation
-        self.store = generation.resumable.store
-        self.ttl = generation.resumable.log_ttl
+    def __init__(self, store: Store, ttl: float, on_closed: Callable[[Generation], None]) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.on_closed = on_closed  # the log is complete in the store: readers anywhere see the end
+        self.active: dict[str, list[Any]] = {}  # stream id -> [generation, frames written]
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def run(self) -> None:
-        generation, store, log = self.generation, self.store, self.generation.log
-        position = 0
+    def add(self, generation: Generation) -> None:
+        self.store.open_log(generation.id, self.ttl, generation.resumable.owner if generation.resumable else "")
+        with self._lock:
+            self.active[generation.id] = [generation, 0]
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="relay-log-flusher", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
         next_stop_check = next_alive = 0.0
-        try:
-            while True:
-                frames = log.wait(position, self.STOP_CHECK_SECONDS)
-                if frames:
-                    store.append_frames(generation.id, [(position + i + 1, f) for i, f in enumerate(frames)])
-                    position += len(frames)
-                elif log.closed and position == len(log.frames):
-                    break
+        while True:
+            time.sleep(self.FLUSH_SECONDS)
+            with self._lock:
+                entries = list(self.active.items())
+                if not entries:
+                    self._thread = None
+                    return
+            try:
+                self._flush(entries)
                 now = time.monotonic()
-                if now >= next_stop_check and not log.closed:
+                running = [sid for sid, (gen, _) in entries if not gen.log.closed]
+                if running and now >= next_stop_check:
                     next_stop_check = now + self.STOP_CHECK_SECONDS
-                    if store.stop_requested(generation.id):
-                        generation.stop("stopped")
-                    if now >= next_alive:  # readers elsewhere can tell a live producer from a dead one
-                        next_alive = now + PRODUCER_ALIVE_SECONDS
-                        store.touch(generation.id, "producer")
-                if frames and not log.closed:
-                    time.sleep(self.BATCH_SECONDS)
-            store.close_log(generation.id, self.ttl)
-        except Exception as exc:
-            logger.warning("stream %s: store failed: %s", generation.id, exc)
-            generation.abort({"type": "store_unavailable",
-                              "message": f"the stream store failed ({type(exc).__name__}); the answer was stopped"})
+                    for sid in self.store.stopped_among(running):
+                        self.active[sid][0].stop("stopped")
+                if running and now >= next_alive:  # readers elsewhere can tell a live producer from a dead one
+                    next_alive = now + PRODUCER_ALIVE_SECONDS
+                    self.store.touch_many(running, "producer")
+            except Exception as exc:
+                logger.warning("stream store failed: %s", exc)
+                error = {"type": "store_unavailable",
+                         "message": f"the stream store failed ({type(exc).__name__}); the answer was stopped"}
+                with self._lock:
+                    for sid, (generation, _) in entries:
+                        generation.abort(error)
+                        self.active.pop(sid, None)
+                        self.on_closed(generation)
+
+    def _flush(self, entries: list[tuple[str, list[Any]]]) -> None:
+        batch: dict[str, list[tuple[int, bytes]]] = {}
+        finished = []
+        for sid, entry in entries:
+            generation, written = entry
+            log = generation.log
+            closed = log.closed  # read before the frames: a closed log has all of them
+            frames = log.frames
+            count = len(frames)
+            if count > written:
+                batch[sid] = [(written + i + 1, f) for i, f in enumerate(frames[written:count])]
+                entry[1] = count
+            if closed:
+                finished.append(sid)
+        if batch:
+            self.store.append_many(batch)
+        for sid in finished:
+            self.store.close_log(sid, self.ttl)
+            with self._lock:
+                generation = self.active.pop(sid)[0]
+            self.on_closed(generation)
 
 
 class StoreLogView:
@@ -348,6 +383,7 @@ class Relay:
         self.providers = providers
         self.store = store
         self.generations: dict[str, Generation] = {}
+        self.flusher = LogFlusher(store, settings.STREAM_LOG_TTL, on_closed=self._ended)
         self.access: Any = None  # app.access.Access, set by create_app
         self._lock = threading.Lock()
 
@@ -361,14 +397,15 @@ class Relay:
         share = None
         s = self.settings
         if resumable:
-            share = Resumable(self.store, s.STREAM_GRACE_SECONDS, s.STREAM_LOG_TTL, owner)
-        generation = Generation(provider, task, conversation_id or new_id(), on_end=self._ended,
+            share = Resumable(self.store, s.STREAM_GRACE_SECONDS, owner)
+        # A resumable generation stays findable here until its log is complete in the store.
+        generation = Generation(provider, task, conversation_id or new_id(), on_end=None if share else self._ended,
                                 stream_id=stream_id, resumable=share, tools=tools,
                                 max_rounds=s.TOOL_MAX_ROUNDS, record=record)
         generation.owner = owner
         with self._lock:
             self.generations[generation.id] = generation
-        return generation.start()
+        return generation.start(self.flusher)
 
     def _ended(self, generation: Generation) -> None:
         with self._lock:

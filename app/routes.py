@@ -71,13 +71,13 @@ def start_generation(chat: ChatRequest, stream_id: str | None = None, resumable:
     """
     service = relay()
     owner = owner or caller_id()
-    service.access.open_stream(owner)
     stream_id = stream_id or new_id()
+    service.access.open_stream(owner, stream_id)
     memory = conversations()
     try:
         conversation_id, task = prepared or memory.begin(chat, stream_id)
     except Exception:
-        service.access.close_stream(owner)
+        service.access.close_stream(owner, stream_id)
         raise
 
     def record(generation: Generation) -> None:
@@ -85,7 +85,7 @@ def start_generation(chat: ChatRequest, stream_id: str | None = None, resumable:
             memory.finish(generation.conversation_id, generation.id, generation.answer,
                           generation.answer.tool_records)
         finally:
-            service.access.close_stream(owner)
+            service.access.close_stream(owner, generation.id)
 
     return service.start(chat.provider, task, conversation_id, stream_id=stream_id, resumable=resumable,
                          tools=chat.tools, record=record, owner=owner)
@@ -219,16 +219,15 @@ def stop_stream(stream_id: str):
 @bp.post("/api/chat")
 def chat_rest():
     chat = chat_request(from_query=False)
-    access, owner = relay().access, caller_id()
-    access.open_stream(owner)
+    access, owner, request_id = relay().access, caller_id(), new_id()
+    access.open_stream(owner, request_id)
     try:
-        return rest_answer(chat)
+        return rest_answer(chat, request_id)
     finally:
-        access.close_stream(owner)
+        access.close_stream(owner, request_id)
 
 
-def rest_answer(chat: ChatRequest):
-    request_id = new_id()
+def rest_answer(chat: ChatRequest, request_id: str):
     memory = conversations()
     conversation_id, task = memory.begin(chat, request_id)
     answer = Answer()

@@ -66,32 +66,41 @@ class StreamLog:
     late reader still gets every frame. `frames[i]` carries event id `i + 1`.
     """
 
-    __slots__ = ("frames", "closed", "_cond")
+    __slots__ = ("frames", "closed", "_waiters")
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.closed = False
-        self._cond = threading.Condition(threading.Lock())
+        self._waiters: list[threading.Event] = []
 
+    # The per-token path. A Condition costs a lock round trip per append and an
+    # ownership check per notify (slow under gevent); one-shot events cost nothing
+    # when nobody waits. Safe without a lock: list appends are atomic, frames are
+    # appended before waiters are woken, and a waiter re-checks after registering.
     def append(self, frame: bytes) -> None:
-        with self._cond:
-            self.frames.append(frame)
-            self._cond.notify_all()
+        self.frames.append(frame)
+        if self._waiters:
+            self._wake()
 
     def close(self) -> None:
-        with self._cond:
-            self.closed = True
-            self._cond.notify_all()
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for event in waiters:
+            event.set()
 
     def wait(self, position: int, timeout: float) -> list[bytes]:
         """Frames after `position`; waits up to `timeout` seconds when there are none."""
         frames = self.frames
         if len(frames) > position or self.closed:
             return frames[position:]
-        with self._cond:
-            if len(frames) == position and not self.closed:
-                self._cond.wait(timeout)
-            return frames[position:]
+        event = threading.Event()
+        self._waiters.append(event)
+        if len(frames) == position and not self.closed:
+            event.wait(timeout)
+        return frames[position:]
 
 
 def peer_closed(sock: socket.socket | None) -> bool:

@@ -27,6 +27,7 @@ class Reply:
     pauses: dict[int, float] = field(default_factory=dict)  # extra silence before chunk i
     chunked: bool = True  # False: close-delimited body, as HTTP/1.0-style servers send
     content_type: str = "text/event-stream"
+    keep_alive: bool = False  # keep the connection for the next request
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Seen:
     closed_at: float | None = None
     closed: threading.Event = field(default_factory=threading.Event)
     sent: list[float] = field(default_factory=list)  # when each chunk left
+    connection: int = 0  # which TCP connection carried it
 
 
 class FakeUpstream:
@@ -93,10 +95,17 @@ class FakeUpstream:
     def _handle(self, conn: socket.socket) -> None:
         with conn:
             data = b""
+            while True:
+                data, keep = self._one_request(conn, data)
+                if not keep:
+                    return
+
+    def _one_request(self, conn: socket.socket, data: bytes) -> tuple[bytes, bool]:
+        if True:
             while b"\r\n\r\n" not in data:
                 piece = conn.recv(65536)
                 if not piece:
-                    return
+                    return b"", False
                 data += piece
             head, _, body = data.partition(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
@@ -104,27 +113,30 @@ class FakeUpstream:
             length = int(headers.get("content-length", "0"))
             while len(body) < length:
                 body += conn.recv(65536)
+            body, rest = body[:length], body[length:]
             try:
                 parsed = json.loads(body) if body else None
             except ValueError:
                 parsed = body
-            seen = Seen(lines[0].split(" ")[1], headers, parsed, time.monotonic())
+            seen = Seen(lines[0].split(" ")[1], headers, parsed, time.monotonic(), connection=conn.fileno())
             with self._lock:
                 self.seen.append(seen)
             reply = self._next_reply()
             try:
                 self._send(conn, reply, seen)
             except OSError:
-                pass
+                return b"", False
             finally:
                 seen.closed_at = time.monotonic()
                 seen.closed.set()
+            return rest, reply.keep_alive and reply.stall_after is None
 
     def _send(self, conn: socket.socket, reply: Reply, seen: Seen) -> None:
         head = [f"HTTP/1.1 {reply.status} X", f"Content-Type: {reply.content_type}"]
         head += [f"{k}: {v}" for k, v in reply.headers.items()]
-        # One request per connection: the relay's pool must not reuse it for a retry.
-        head.append("Connection: close")
+        # One request per connection unless asked: the relay's pool must not reuse it for a retry.
+        if not reply.keep_alive:
+            head.append("Connection: close")
         if reply.chunked:
             head.append("Transfer-Encoding: chunked")
         conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
@@ -144,6 +156,8 @@ class FakeUpstream:
             return
         if reply.chunked:
             conn.sendall(b"0\r\n\r\n")
+        elif not reply.keep_alive:
+            conn.shutdown(socket.SHUT_WR)  # a close-delimited body ends here
 
 
 # ------------------------------------------------------------------ wire formats

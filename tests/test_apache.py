@@ -156,8 +156,9 @@ def test_serve_local_stops_cleanly_on_sigterm(relay_env):
 
 
 @pytest.fixture(scope="module")
-def gunicorn_url(fake_upstream):
-    env = {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1"}
+def gunicorn_url(fake_upstream, tmp_path_factory):
+    store = tmp_path_factory.mktemp("gunicorn") / "relay.sqlite3"
+    env = {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1", "STORE_URL": f"sqlite:///{store}"}
     server = gunicorn(free_port(), env)
     yield server.url
     server.stop()

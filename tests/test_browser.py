@@ -48,10 +48,11 @@ def page(browser, request):
 
 
 @pytest.fixture(scope="module")
-def site(fake_upstream):
+def site(fake_upstream, tmp_path_factory):
     """The app under gunicorn (the development shape, the one that offers WebSocket)."""
+    store = tmp_path_factory.mktemp("site") / "relay.sqlite3"
     server = gunicorn(free_port(), {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1",
-                                    "STREAM_GRACE_SECONDS": "0"})
+                                    "STREAM_GRACE_SECONDS": "0", "STORE_URL": f"sqlite:///{store}"})
     yield server.url
     server.stop()
 

@@ -80,3 +80,17 @@ def test_ndjson_objects_per_line():
 def test_ndjson_garbage_is_a_decode_error():
     with pytest.raises(DecodeError):
         NdjsonDecoder().decode(b"not json\n")
+
+
+def test_chunked_transfer_decoding_for_every_cut():
+    from app.decoders import ChunkedDecoder
+
+    body = b"data: one\n\n" + "data: é🚀\n\n".encode() + b"x" * 300
+    wire = b"b\r\n" + body[:11] + b"\r\n" + b"%x;ext=1\r\n" % (len(body) - 11) + body[11:] + b"\r\n0\r\nX-T: 1\r\n\r\n"
+    for i in range(len(wire) + 1):
+        for j in (i, min(len(wire), i + 3)):
+            decoder = ChunkedDecoder()
+            out = decoder.decode(wire[:i]) + decoder.decode(wire[i:j]) + decoder.decode(wire[j:])
+            assert out == body and decoder.done, (i, j)
+    with pytest.raises(DecodeError):
+        ChunkedDecoder().decode(b"zz\r\n")

@@ -149,3 +149,13 @@ def test_demo_streams_with_no_key(make_app, serve):
     assert events[0].data["provider"] == "demo"
     assert len([e for e in events if e.event == "token"]) > 20
     assert events[-1].event == "done" and events[-1].data["usage"]["output_tokens"] > 20
+
+
+def test_upstream_keep_alive_connection_is_reused_cleanly(upstream, live):
+    upstream.reset(Reply(chunks=hostile_chunks(BODIES["openai"](TRICKY_TEXT)), keep_alive=True))
+    url = live()
+    for _ in range(3):
+        events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
+        assert text_of(events) == "".join(TRICKY_TEXT) and events[-1].event == "done"
+    assert len(upstream.seen) == 3
+    assert len({seen.connection for seen in upstream.seen}) == 1  # one TCP (and TLS) handshake for all

@@ -55,9 +55,12 @@ def test_redis_store_contract(redis_url):
     store.close_log("s", 60)
     assert store.log_state("s") == "closed"
     assert [store.hit("k", 60)[0] for _ in range(3)] == [1, 2, 3]
-    assert store.acquire("c", 1, 60) and not store.acquire("c", 1, 60)
-    store.release("c")
-    assert store.acquire("c", 1, 60)
+    assert store.acquire("c", "a", 1, 60) and not store.acquire("c", "b", 1, 60)
+    store.release("c", "a")
+    assert store.acquire("c", "b", 1, 60)
+    assert store.acquire("d", "dead", 1, 0.05)
+    time.sleep(0.1)
+    assert store.acquire("d", "live", 1, 60)
     store.append_message("conv", {"role": "user", "content": "q"}, 60)
     assert store.messages("conv") == [{"role": "user", "content": "q"}]
     assert store.delete_conversation("conv")

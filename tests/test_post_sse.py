@@ -153,9 +153,15 @@ def test_store_contract(kind, tmp_path):
     store.touch("s", "reader")
     assert time.time() - store.seen_at("s", "reader") < 5 and store.seen_at("s", "producer") is None
     assert store.hit("k", 60)[0] == 1 and store.hit("k", 60)[0] == 2 and 0 < store.hit("k", 60)[1] <= 60
-    assert store.acquire("c", 2, 60) and store.acquire("c", 2, 60) and not store.acquire("c", 2, 60)
-    store.release("c")
-    assert store.acquire("c", 2, 60)
+    assert store.acquire("c", "s1", 2, 60) and store.acquire("c", "s2", 2, 60) and not store.acquire("c", "s3", 2, 60)
+    store.release("c", "s1")
+    assert store.acquire("c", "s3", 2, 60)
+    assert store.acquire("d", "dead", 1, 0.05) and not store.acquire("d", "live", 1, 60)
+    time.sleep(0.1)  # a slot its process stopped refreshing frees itself
+    assert store.acquire("d", "live", 1, 0.05)
+    store.refresh([("d", "live")], 60)
+    time.sleep(0.1)
+    assert not store.acquire("d", "other", 1, 60)
     store.close_log("s", ttl=60)
     assert store.log_state("s") == "closed" and store.log_state("nope") is None
     store.append_message("c", {"role": "user", "content": "q"}, ttl=60)

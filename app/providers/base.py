@@ -22,7 +22,7 @@ from typing import Any
 import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from app.decoders import DecodeError, NdjsonDecoder, SseDecoder
+from app.decoders import ChunkedDecoder, DecodeError, NdjsonDecoder, SseDecoder
 
 # ---------------------------------------------------------------- normalized deltas
 
@@ -254,11 +254,30 @@ def abort_response(response: requests.Response) -> None:
 
 
 def _iter_raw(response: requests.Response) -> Iterator[bytes]:
-    """Network chunks as they arrive: per HTTP chunk, else whatever recv() returned."""
+    """Body bytes as they arrive, one network read at a time."""
     raw = response.raw
+    socket_reader = getattr(getattr(raw, "_fp", None), "fp", None)  # http.client's buffered socket reader
+    identity = raw.headers.get("content-encoding", "identity").lower() in ("", "identity")
+    if raw.chunked and identity and hasattr(socket_reader, "read1"):
+        return _iter_chunked(raw, socket_reader)
     if raw.chunked and raw.supports_chunked_reads():
         return raw.read_chunked(decode_content=True)
     return iter(lambda: raw.read1(65536, decode_content=True), b"")
+
+
+def _iter_chunked(raw: Any, socket_reader: Any) -> Iterator[bytes]:
+    """Chunked bodies decoded by `ChunkedDecoder`: one pass per recv(), however many tokens it holds."""
+    decoder = ChunkedDecoder()
+    while not decoder.done:
+        data = socket_reader.read1(65536)
+        if not data:
+            raise ProtocolError("the connection closed in the middle of a chunked body")
+        body = decoder.decode(data)
+        if body:
+            yield body
+    # The body ended exactly: the connection may serve the next request (no new TLS handshake).
+    if raw.headers.get("connection", "").lower() != "close":
+        raw.release_conn()
 
 
 class HttpProvider(Provider):

@@ -53,6 +53,18 @@ class Store:
         """"open", "closed", or None for an unknown or expired stream."""
         raise NotImplementedError
 
+    # -- batches: one round trip for every stream a process produces (see relay.LogFlusher)
+    def append_many(self, batch: dict[str, list[Frame]]) -> None:
+        for stream_id, frames in batch.items():
+            self.append_frames(stream_id, frames)
+
+    def stopped_among(self, stream_ids: list[str]) -> set[str]:
+        return {s for s in stream_ids if self.stop_requested(s)}
+
+    def touch_many(self, stream_ids: list[str], who: str) -> None:
+        for stream_id in stream_ids:
+            self.touch(stream_id, who)
+
     # -- stream control
     def request_stop(self, stream_id: str) -> None:
         raise NotImplementedError
@@ -72,11 +84,19 @@ class Store:
         """Count one hit in the current fixed window; (hits so far, seconds until it resets)."""
         raise NotImplementedError
 
-    def acquire(self, key: str, limit: int, ttl: float) -> bool:
-        """Take one of `limit` slots (open streams); False when all are taken."""
+    def acquire(self, key: str, member: str, limit: int, ttl: float) -> bool:
+        """Take one of `limit` slots for `member` (a stream); False when all are taken.
+
+        A slot lives `ttl` seconds unless refreshed, so a process that dies holding
+        slots frees them by itself.
+        """
         raise NotImplementedError
 
-    def release(self, key: str) -> None:
+    def refresh(self, slots: list[tuple[str, str]], ttl: float) -> None:
+        """Keep the (key, member) slots of live streams for another `ttl` seconds."""
+        raise NotImplementedError
+
+    def release(self, key: str, member: str) -> None:
         raise NotImplementedError
 
     # -- conversations
@@ -103,7 +123,7 @@ class MemoryStore(Store):
         self._state: dict[str, dict[str, Any]] = {}
         self._conversations: dict[str, list[str]] = defaultdict(list)
         self._windows: dict[str, tuple[float, int]] = {}
-        self._slots: dict[str, int] = defaultdict(int)
+        self._slots: dict[str, dict[str, float]] = defaultdict(dict)
 
     def put_ticket(self, ticket_id, payload, ttl):
         with self._lock:
@@ -170,16 +190,27 @@ class MemoryStore(Store):
             self._windows[key] = (start, count + 1)
             return count + 1, start + window - now
 
-    def acquire(self, key, limit, ttl):
+    def acquire(self, key, member, limit, ttl):
+        now = time.time()
         with self._lock:
-            if self._slots[key] >= limit:
+            slots = {m: e for m, e in self._slots[key].items() if e > now}
+            if len(slots) >= limit:
+                self._slots[key] = slots
                 return False
-            self._slots[key] += 1
+            slots[member] = now + ttl
+            self._slots[key] = slots
             return True
 
-    def release(self, key):
+    def refresh(self, slots, ttl):
+        expires = time.time() + ttl
         with self._lock:
-            self._slots[key] = max(0, self._slots[key] - 1)
+            for key, member in slots:
+                if member in self._slots[key]:
+                    self._slots[key][member] = expires
+
+    def release(self, key, member):
+        with self._lock:
+            self._slots[key].pop(member, None)
 
     def append_message(self, conversation_id, message, ttl):
         with self._lock:

@@ -50,6 +50,28 @@ class RedisStore(Store):
                 pipe.xadd(key, {"f": frame}, id=f"{n}-1")
             pipe.execute()
 
+    def append_many(self, batch: dict[str, list[Frame]]) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for stream_id, frames in batch.items():
+                key = self._key("log", stream_id)
+                for n, frame in frames:
+                    pipe.xadd(key, {"f": frame}, id=f"{n}-1")
+            pipe.execute()
+
+    def stopped_among(self, stream_ids: list[str]) -> set[str]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for stream_id in stream_ids:
+                pipe.hget(self._key("stream", stream_id), "stop")
+            flags = pipe.execute()
+        return {s for s, flag in zip(stream_ids, flags, strict=True) if flag == b"1"}
+
+    def touch_many(self, stream_ids: list[str], who: str) -> None:
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for stream_id in stream_ids:
+                pipe.hset(self._key("stream", stream_id), who, now)
+            pipe.execute()
+
     def read_frames(self, stream_id: str, after: int, timeout: float) -> list[Frame]:
         key = self._key("log", stream_id)
         found = self.redis.xread({key: f"{after}-1"}, block=max(1, int(timeout * 1000)))
@@ -98,21 +120,31 @@ class RedisStore(Store):
             count, _ = pipe.execute()
         return int(count), start + window - now
 
-    def acquire(self, key: str, limit: int, ttl: float) -> bool:
-        name = self._key("slot", key)
-        with self.redis.pipeline() as pipe:
-            pipe.incr(name)
+    # Slots: a sorted set per key, each member scored with its expiry.
+    def acquire(self, key: str, member: str, limit: int, ttl: float) -> bool:
+        name = self._key("slots", key)
+        now = time.time()
+        with self.redis.pipeline() as pipe:  # MULTI/EXEC: the count and the add are one step
+            pipe.zremrangebyscore(name, "-inf", now)
+            pipe.zadd(name, {member: now + ttl})
+            pipe.zcard(name)
             pipe.pexpire(name, int(ttl * 1000))
-            count, _ = pipe.execute()
-        if int(count) > limit:
-            self.redis.decr(name)
+            _, _, count, _ = pipe.execute()
+        if count > limit:
+            self.redis.zrem(name, member)
             return False
         return True
 
-    def release(self, key: str) -> None:
-        name = self._key("slot", key)
-        if self.redis.decr(name) < 0:
-            self.redis.set(name, 0, keepttl=True)
+    def refresh(self, slots: list[tuple[str, str]], ttl: float) -> None:
+        expires = time.time() + ttl
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, member in slots:
+                pipe.zadd(self._key("slots", key), {member: expires}, xx=True)
+                pipe.pexpire(self._key("slots", key), int(ttl * 1000))
+            pipe.execute()
+
+    def release(self, key: str, member: str) -> None:
+        self.redis.zrem(self._key("slots", key), member)
 
     # -- conversations
     def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:

@@ -12,7 +12,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from app.store.base import Frame, Store
 
@@ -22,6 +23,8 @@ CREATE TABLE IF NOT EXISTS streams (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, stop INTEGER NOT NULL DEFAULT 0,
     reader_seen REAL, producer_seen REAL, owner TEXT, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS slots (key TEXT NOT NULL, member TEXT NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (key, member));
 CREATE TABLE IF NOT EXISTS frames (
     stream_id TEXT NOT NULL, seq INTEGER NOT NULL, frame BLOB NOT NULL, PRIMARY KEY (stream_id, seq));
 CREATE TABLE IF NOT EXISTS messages (
@@ -31,6 +34,21 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id
 """
 # How often a reader in another process looks for new frames.
 POLL_SECONDS = 0.05
+# Longest wait for another process's write lock before giving up.
+LOCK_WAIT_SECONDS = 10.0
+T = TypeVar("T")
+
+
+def _find_gevent_pool() -> Callable[[], Any] | None:
+    try:
+        from gevent import get_hub
+        from gevent.monkey import is_module_patched
+    except ImportError:
+        return None
+    return (lambda: get_hub().threadpool) if is_module_patched("threading") else None
+
+
+_gevent_pool = _find_gevent_pool()
 
 
 class SqliteStore(Store):
@@ -40,18 +58,64 @@ class SqliteStore(Store):
         os.makedirs(directory, exist_ok=True)
         self._local = threading.local()
         self._last_sweep = 0.0
-        with self._db() as db:
-            db.executescript(SCHEMA)
+        self._write(lambda db: [db.execute(statement) for statement in SCHEMA.split(";") if statement.strip()])
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            # autocommit; busy_timeout: wait for another process's write instead of failing.
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            # Autocommit, and no busy timeout: SQLite's own busy handler sleeps inside C,
+            # which would stall every stream of a gevent worker; _write waits politely.
+            db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
+
+    def _off_loop(self, call: Callable[[], T]) -> T:
+        """Under gevent, run a blocking SQLite call on a native thread: disk I/O and lock waits
+        then cost the event loop nothing, and the other streams of the worker keep flowing."""
+        if _gevent_pool is None:
+            return call()
+        return _gevent_pool().apply(call)
+
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one write transaction, waiting for other processes cooperatively."""
+        return self._off_loop(lambda: self._write_here(work))
+
+    def _write_here(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._db()
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)  # gevent-aware when patched: other streams run meanwhile
+                delay = min(delay * 2, 0.02)
+                continue
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+    def _query(self, sql: str, params: Any = ()) -> list[Any]:
+        """A read; WAL readers rarely wait, but a checkpoint can make them (then: politely)."""
+        return self._off_loop(lambda: self._query_here(sql, params))
+
+    def _query_here(self, sql: str, params: Any) -> list[Any]:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                return self._db().execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.002)
 
     def _sweep(self) -> None:
         """Drop what expired, at most once a minute per process."""
@@ -59,120 +123,147 @@ class SqliteStore(Store):
         if now - self._last_sweep < 60:
             return
         self._last_sweep = now
-        db = self._db()
-        db.execute("DELETE FROM tickets WHERE expires < ?", (now,))
-        db.execute("DELETE FROM frames WHERE stream_id IN (SELECT id FROM streams WHERE expires < ?)", (now,))
-        db.execute("DELETE FROM streams WHERE expires < ?", (now,))
-        db.execute("DELETE FROM messages WHERE expires < ?", (now,))
-        db.execute("DELETE FROM counters WHERE expires < ?", (now,))
+
+        def sweep(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM tickets WHERE expires < ?", (now,))
+            db.execute("DELETE FROM frames WHERE stream_id IN (SELECT id FROM streams WHERE expires < ?)", (now,))
+            db.execute("DELETE FROM streams WHERE expires < ?", (now,))
+            # A conversation expires as a whole, CONVERSATION_TTL after its last message.
+            db.execute("DELETE FROM messages WHERE conversation_id IN (SELECT conversation_id FROM messages "
+                       "GROUP BY conversation_id HAVING MAX(expires) < ?)", (now,))
+            db.execute("DELETE FROM counters WHERE expires < ?", (now,))
+            db.execute("DELETE FROM slots WHERE expires < ?", (now,))
+
+        self._write(sweep)
 
     # -- tickets
     def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
         self._sweep()
-        self._db().execute("INSERT INTO tickets VALUES (?, ?, ?)", (ticket_id, json.dumps(payload), time.time() + ttl))
+        row = (ticket_id, json.dumps(payload), time.time() + ttl)
+        self._write(lambda db: db.execute("INSERT INTO tickets VALUES (?, ?, ?)", row))
 
     def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
-        row = self._db().execute("DELETE FROM tickets WHERE id = ? RETURNING payload, expires", (ticket_id,)).fetchone()
+        row = self._write(lambda db: db.execute("DELETE FROM tickets WHERE id = ? RETURNING payload, expires",
+                                                (ticket_id,)).fetchone())
         if row is None or row[1] < time.time():
             return None
         return json.loads(row[0])
 
     # -- stream logs
     def open_log(self, stream_id: str, ttl: float, owner: str = "") -> None:
-        self._db().execute("INSERT OR REPLACE INTO streams (id, state, owner, expires) VALUES (?, 'open', ?, ?)",
-                           (stream_id, owner, time.time() + ttl))
+        row = (stream_id, owner, time.time() + ttl)
+        self._write(lambda db: db.execute(
+            "INSERT OR REPLACE INTO streams (id, state, owner, expires) VALUES (?, 'open', ?, ?)", row))
 
     def log_owner(self, stream_id: str) -> str | None:
-        row = self._db().execute("SELECT owner FROM streams WHERE id = ?", (stream_id,)).fetchone()
+        row = next(iter(self._query("SELECT owner FROM streams WHERE id = ?", (stream_id,))), None)
         return row[0] if row else None
 
     def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
-        db = self._db()
-        db.execute("BEGIN")
-        db.executemany("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", [(stream_id, n, f) for n, f in frames])
-        db.execute("COMMIT")
+        self.append_many({stream_id: frames})
+
+    def append_many(self, batch: dict[str, list[Frame]]) -> None:
+        rows = [(s, n, f) for s, frames in batch.items() for n, f in frames]
+        self._write(lambda db: db.executemany("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", rows))
+
+    def stopped_among(self, stream_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(stream_ids), 500):  # SQLite's limit on bound parameters
+            chunk = stream_ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(f"SELECT id FROM streams WHERE stop = 1 AND id IN ({marks})", chunk)
+            found.update(r[0] for r in rows)
+        return found
+
+    def touch_many(self, stream_ids: list[str], who: str) -> None:
+        column = {"reader": "reader_seen", "producer": "producer_seen"}[who]
+        rows = [(time.time(), s) for s in stream_ids]
+        self._write(lambda db: db.executemany(f"UPDATE streams SET {column} = ? WHERE id = ?", rows))
 
     def read_frames(self, stream_id: str, after: int, timeout: float) -> list[Frame]:
-        db = self._db()
         deadline = time.monotonic() + timeout
         while True:
-            rows = db.execute("SELECT seq, frame FROM frames WHERE stream_id = ? AND seq > ? ORDER BY seq",
-                              (stream_id, after)).fetchall()
+            rows = self._query("SELECT seq, frame FROM frames WHERE stream_id = ? AND seq > ? ORDER BY seq",
+                              (stream_id, after))
             if rows or self.log_state(stream_id) != "open" or time.monotonic() >= deadline:
                 return [(n, bytes(f)) for n, f in rows]
             time.sleep(POLL_SECONDS)
 
     def close_log(self, stream_id: str, ttl: float) -> None:
-        self._db().execute("INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
-                           "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires",
-                           (stream_id, time.time() + ttl))
+        row = (stream_id, time.time() + ttl)
+        self._write(lambda db: db.execute(
+            "INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
+            "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires", row))
 
     def log_state(self, stream_id: str) -> str | None:
-        row = self._db().execute("SELECT state, expires FROM streams WHERE id = ?", (stream_id,)).fetchone()
+        row = next(iter(self._query("SELECT state, expires FROM streams WHERE id = ?", (stream_id,))), None)
         return row[0] if row and row[1] >= time.time() else None
 
     # -- stream control
     def request_stop(self, stream_id: str) -> None:
-        self._db().execute("UPDATE streams SET stop = 1 WHERE id = ?", (stream_id,))
+        self._write(lambda db: db.execute("UPDATE streams SET stop = 1 WHERE id = ?", (stream_id,)))
 
     def stop_requested(self, stream_id: str) -> bool:
-        row = self._db().execute("SELECT stop FROM streams WHERE id = ?", (stream_id,)).fetchone()
+        row = next(iter(self._query("SELECT stop FROM streams WHERE id = ?", (stream_id,))), None)
         return bool(row and row[0])
 
     def touch(self, stream_id: str, who: str) -> None:
         column = {"reader": "reader_seen", "producer": "producer_seen"}[who]
-        self._db().execute(f"UPDATE streams SET {column} = ? WHERE id = ?", (time.time(), stream_id))
+        row = (time.time(), stream_id)
+        self._write(lambda db: db.execute(f"UPDATE streams SET {column} = ? WHERE id = ?", row))
 
     def seen_at(self, stream_id: str, who: str) -> float | None:
         column = {"reader": "reader_seen", "producer": "producer_seen"}[who]
-        row = self._db().execute(f"SELECT {column} FROM streams WHERE id = ?", (stream_id,)).fetchone()
+        row = next(iter(self._query(f"SELECT {column} FROM streams WHERE id = ?", (stream_id,))), None)
         return row[0] if row else None
 
     # -- limits
     def hit(self, key: str, window: float) -> tuple[int, float]:
         now = time.time()
         start = now - (now % window)
-        row = self._db().execute(
+        row = self._write(lambda db: db.execute(
             "INSERT INTO counters VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE SET "
             "count = CASE WHEN expires <= ? THEN 1 ELSE count + 1 END, "
             "expires = CASE WHEN expires <= ? THEN excluded.expires ELSE expires END RETURNING count, expires",
-            (f"hit:{key}", start + window, now, now)).fetchone()
+            (f"hit:{key}", start + window, now, now)).fetchone())
         return row[0], row[1] - now
 
-    def acquire(self, key: str, limit: int, ttl: float) -> bool:
-        db = self._db()
+    def acquire(self, key: str, member: str, limit: int, ttl: float) -> bool:
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            row = db.execute("SELECT count, expires FROM counters WHERE key = ?", (f"slot:{key}",)).fetchone()
-            count = row[0] if row and row[1] > now else 0
+
+        def take(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM slots WHERE key = ? AND expires <= ?", (key, now))
+            (count,) = db.execute("SELECT COUNT(*) FROM slots WHERE key = ?", (key,)).fetchone()
             if count >= limit:
                 return False
-            db.execute("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", (f"slot:{key}", count + 1, now + ttl))
+            db.execute("INSERT OR REPLACE INTO slots VALUES (?, ?, ?)", (key, member, now + ttl))
             return True
-        finally:
-            db.execute("COMMIT")
 
-    def release(self, key: str) -> None:
-        self._db().execute("UPDATE counters SET count = MAX(0, count - 1) WHERE key = ?", (f"slot:{key}",))
+        return self._write(take)
+
+    def refresh(self, slots: list[tuple[str, str]], ttl: float) -> None:
+        rows = [(time.time() + ttl, key, member) for key, member in slots]
+        self._write(lambda db: db.executemany("UPDATE slots SET expires = ? WHERE key = ? AND member = ?", rows))
+
+    def release(self, key: str, member: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM slots WHERE key = ? AND member = ?", (key, member)))
 
     # -- conversations
     def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:
-        db = self._db()
-        expires = time.time() + ttl
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)",
-                   (conversation_id, json.dumps(message), expires))
-        db.execute("UPDATE messages SET expires = ? WHERE conversation_id = ?", (expires, conversation_id))
-        db.execute("COMMIT")
+        row = (conversation_id, json.dumps(message), time.time() + ttl)
+        self._write(lambda db: db.execute(
+            "INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)", row))
 
     def messages(self, conversation_id: str) -> list[dict[str, Any]]:
-        rows = self._db().execute("SELECT message FROM messages WHERE conversation_id = ? AND expires >= ? ORDER BY n",
-                                  (conversation_id, time.time())).fetchall()
+        rows = self._query("SELECT message, expires FROM messages WHERE conversation_id = ? ORDER BY n",
+                                  (conversation_id,))
+        if not rows or rows[-1][1] < time.time():  # expired as a whole (the sweep will drop it)
+            return []
         return [json.loads(r[0]) for r in rows]
 
     def delete_conversation(self, conversation_id: str) -> bool:
-        return self._db().execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)).rowcount > 0
+        return self._write(lambda db: db.execute("DELETE FROM messages WHERE conversation_id = ?",
+                                                 (conversation_id,)).rowcount) > 0
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

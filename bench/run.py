@@ -1,0 +1,330 @@
+"""The benchmark: added latency, CPU per token, memory and open streams, side by side.
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python bench/run.py            # full run (~15 min on 2 cores)
+    .venv/bin/python bench/run.py --quick    # about a minute: a smoke test
+
+Targets, all against the same fake upstream (bench/upstream.py), interleaved per
+repeat so machine noise hits each alike, medians over repeats:
+  upstream  the fake upstream read directly: the floor
+  relay     this project under gunicorn.conf.py (gevent), POST-SSE (stream log on, SQLite)
+  apache    this project under Apache + mod_wsgi via apache/serve-local.sh, POST-SSE
+  peer      FastAPI + sse-starlette + httpx (bench/peers/fastapi_peer.py) under uvicorn
+Heartbeats stay on everywhere (15 s). Results: printed, and bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.load import Result, run_load  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------ /proc
+
+
+def process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / TICK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+class RssPeak:
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        pids = process_tree(self.root)
+        n = 0
+        while not self._stop.wait(0.25):
+            n += 1
+            if n % 8 == 0:
+                pids = process_tree(self.root)
+            self.peak = max(self.peak, rss_bytes(pids))
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ------------------------------------------------------------------ targets
+
+
+class Target:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], url: str, mode: str) -> None:
+        self.name, self.url, self.mode = name, url, mode
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        health = url + ("/stats" if mode == "openai" else "/healthz")
+        for _ in range(900):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if requests.get(health, timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError(f"{name} did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start_targets(names: list[str], upstream_url: str, workdir: str) -> dict[str, Target]:
+    relay_env = {"OPENAI_API_KEY": "bench", "OPENAI_BASE_URL": upstream_url, "LOG_LEVEL": "WARNING",
+                 "UPSTREAM_POOL_SIZE": "4096", "MAX_STREAMS_PER_CLIENT": "0", "STREAM_GRACE_SECONDS": "0"}
+    targets = {}
+    for name in names:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        if name == "upstream":
+            targets[name] = None  # filled by main: the upstream itself
+        elif name == "relay":
+            env = {**relay_env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2", "ACCESS_LOG": "",
+                   "WORKER_CONNECTIONS": "4000", "STORE_URL": f"sqlite:///{workdir}/relay.sqlite3"}
+            targets[name] = Target(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                                   env, url, "postsse")
+        elif name == "relay-direct":  # the same, GET /api/chat/stream: no stream log
+            env = {**relay_env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2", "ACCESS_LOG": "",
+                   "WORKER_CONNECTIONS": "4000", "STORE_URL": f"sqlite:///{workdir}/relay-direct.sqlite3"}
+            targets[name] = Target(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                                   env, url, "get")
+        elif name == "apache":
+            env = {**relay_env, "RELAY_SSE_PROCESSES": "2", "RELAY_SSE_THREADS": "300", "RELAY_MAX_WORKERS": "1500"}
+            targets[name] = Target(name, ["bash", "apache/serve-local.sh", str(port)], env, url, "postsse")
+        elif name == "peer":
+            env = {"OPENAI_BASE_URL": upstream_url}
+            targets[name] = Target(name, [sys.executable, "-m", "uvicorn", "bench.peers.fastapi_peer:app",
+                                          "--port", str(port), "--workers", "2", "--log-level", "warning",
+                                          "--no-access-log", "--backlog", "4096"], env, url, "get")
+    return targets
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def measure(target: Target, streams: int, tokens: int, ramp: float, probe_health: bool) -> dict:
+    tree = process_tree(target.proc.pid)
+    cpu0 = cpu_seconds(tree)
+    health: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.wait(0.5):
+            t = time.monotonic()
+            try:
+                requests.get(target.url + "/healthz", timeout=10)
+                health.append((time.monotonic() - t) * 1000)
+            except requests.RequestException:
+                health.append(10_000.0)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    if probe_health:
+        prober.start()
+    with RssPeak(target.proc.pid) as rss:
+        result: Result = asyncio.run(run_load(target.url, target.mode, streams, tokens, ramp=ramp,
+                                              timeout=max(60, tokens / 5)))
+    stop.set()
+    cpu = cpu_seconds(process_tree(target.proc.pid)) - cpu0
+    return {
+        "completed": result.completed, "failed": streams - result.completed, "failures": result.failures,
+        "latency_p50_ms": pct(result.latencies_ms, 0.5), "latency_p99_ms": pct(result.latencies_ms, 0.99),
+        "ttft_p50_ms": pct(result.ttft_ms, 0.5), "tokens": result.tokens,
+        "cpu_us_per_token": cpu / result.tokens * 1e6 if result.tokens else None,
+        "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+        "peak_rss_mb": rss.peak / 2**20,
+        "health_p50_ms": pct(health, 0.5), "health_max_ms": max(health) if health else None,
+    }
+
+
+def median_of(runs: list[dict]) -> dict:
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
+        out[key] = statistics.median(values) if values else runs[-1][key]
+    out["failures"] = runs[-1]["failures"]
+    return out
+
+
+def idle_rss(target: Target) -> int:
+    return rss_bytes(process_tree(target.proc.pid))
+
+
+def start_upstream(rate: float, tokens: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "upstream.py"), "--port", str(port),
+                             "--rate", str(rate), "--tokens", str(tokens)], start_new_session=True,
+                            stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(url + "/stats", timeout=1)
+            return proc, url
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError("upstream did not start")
+
+
+def fmt(value, digits=1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small N, one repeat: about a minute")
+    parser.add_argument("--targets", default="upstream,relay,peer,apache")
+    parser.add_argument("--n", default="200,1000,2000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=20)
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--apache-max", type=int, default=500, help="largest N sent to Apache (its SSE capacity)")
+    parser.add_argument("--fast-tokens", type=int, default=20000, help="tokens of the one-stream speed run")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.repeats, args.fast_tokens = "50,200", 1, 5000
+    names = args.targets.split(",")
+    sizes = [int(n) for n in args.n.split(",")]
+    workdir = tempfile.mkdtemp(prefix="relay-bench-")
+    upstream, upstream_url = start_upstream(args.rate, args.tokens)
+    targets = start_targets(names, upstream_url, workdir)
+    if "upstream" in names:
+        targets["upstream"] = Target.__new__(Target)
+        targets["upstream"].name, targets["upstream"].url, targets["upstream"].mode = "upstream", upstream_url, "openai"
+        targets["upstream"].proc = upstream
+    idle = {name: idle_rss(t) for name, t in targets.items()}
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                     "rate": args.rate, "tokens": args.tokens, "runs": []}
+    try:
+        for n in sizes:
+            runs: dict[str, list[dict]] = {name: [] for name in names}
+            for repeat in range(args.repeats):
+                order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotate: noise hits all alike
+                for name in order:
+                    if name == "apache" and n > args.apache_max:
+                        continue
+                    print(f"N={n} repeat {repeat + 1}/{args.repeats}: {name}", file=sys.stderr, flush=True)
+                    runs[name].append(measure(targets[name], n, args.tokens, ramp=min(2.0, n / 500),
+                                              probe_health=name != "upstream"))
+                    time.sleep(1)
+            for name, measured in runs.items():
+                if measured:
+                    row = {"target": name, "n": n, **median_of(measured)}
+                    row["rss_kb_per_stream"] = max(0.0, (row["peak_rss_mb"] * 2**20 - idle[name]) / 1024 / n)
+                    results["runs"].append(row)
+        upstream.terminate()
+        upstream, upstream_url = start_upstream(0, args.fast_tokens)
+        fast_targets = start_targets([t for t in names if t in ("relay", "peer")], upstream_url, workdir)
+        for name, target in fast_targets.items():
+            print(f"one stream, {args.fast_tokens} tokens as fast as possible: {name}", file=sys.stderr, flush=True)
+            row = measure(target, 1, args.fast_tokens, ramp=0, probe_health=False)
+            results["runs"].append({"target": f"{name} (1 stream, R=max)", "n": 1, **row})
+            target.stop()
+    finally:
+        for target in targets.values():
+            if target is not None and target.name != "upstream":
+                target.stop()
+        upstream.terminate()
+
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{results['date']} · {results['machine']} · K={args.tokens} tokens at R={args.rate:g}/s\n")
+    print("| target | N | completed/failed | added p50 ms | added p99 ms | TTFT p50 ms | CPU µs/token | "
+          "peak RSS MB | kB/stream | /healthz max ms | tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        print(f"| {r['target']} | {r['n']} | {r['completed']:.0f}/{r['failed']:.0f} | {fmt(r['latency_p50_ms'], 2)} | "
+              f"{fmt(r['latency_p99_ms'], 2)} | {fmt(r['ttft_p50_ms'])} | {fmt(r['cpu_us_per_token'])} | "
+              f"{fmt(r['peak_rss_mb'])} | {fmt(r.get('rss_kb_per_stream'))} | {fmt(r.get('health_max_ms'))} | "
+              f"{fmt(r['tokens_per_s'], 0)} |")
+        if r["failures"]:
+            print(f"|   failures: {r['failures']} |")
+
+
+if __name__ == "__main__":
+    main()
