@@ -46,6 +46,23 @@ def register_error_handlers(app: Flask) -> None:
             message = f"request body is larger than {app.config.get('MAX_CONTENT_LENGTH')} bytes"
         return error_response(status, HTTP_TYPES.get(status, "http_error"), message)
 
+    from app.store import StoreError
+
+    @app.errorhandler(StoreError)
+    def store_unavailable(err: StoreError):
+        log.warning("store unavailable: %s", err)
+        return error_response(503, "store_unavailable", "the server's store is busy; try again shortly",
+                              {"Retry-After": "2"})
+
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:
+        pass
+    else:
+        app.register_error_handler(RedisConnectionError, store_unavailable)
+        app.register_error_handler(RedisTimeoutError, store_unavailable)
+
     @app.errorhandler(Exception)
     def unexpected(err: Exception):
         # Logged with its traceback here; the caller only learns that it failed.

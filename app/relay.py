@@ -46,6 +46,16 @@ class Answer:
     def text(self) -> str:
         return "".join(self.parts)
 
+    def note(self, delta: Any) -> None:
+        """Keep what a non-text delta says (text is appended by the caller, on its hot path)."""
+        kind = delta.__class__
+        if kind is Usage:
+            self.usage = delta.usage
+        elif kind is Finish:
+            self.finish_reason = delta.reason
+        elif kind is ToolCall:
+            self.tool_calls.append(delta)
+
 
 @dataclass
 class Resumable:
@@ -162,15 +172,11 @@ class Generation:
                     parts.append(delta.text)
                     append(b"id: %d\nevent: token\ndata: %s\n\n" % (next_id, encode_json({"text": delta.text})))
                     next_id += 1
-                elif kind is Usage:
-                    answer.usage = delta.usage
-                elif kind is Finish:
-                    answer.finish_reason = delta.reason
-                elif kind is ToolCall:
-                    answer.tool_calls.append(delta)
                 elif kind is Meta:
                     append(encode_event(next_id, "meta", delta.data))
                     next_id += 1
+                else:
+                    answer.note(delta)
             if self.abort_error is not None:
                 answer.outcome, answer.error = "error", self.abort_error
                 append(encode_event(next_id, "error", self.abort_error))
@@ -295,10 +301,9 @@ class LogFlusher:
                 entry[1] = count
             if closed:
                 finished.append(sid)
-        if batch:
-            self.store.append_many(batch)
+        if batch or finished:
+            self.store.append_many(batch, closing=tuple(finished), ttl=self.ttl)
         for sid in finished:
-            self.store.close_log(sid, self.ttl)
             with self._lock:
                 generation = self.active.pop(sid)[0]
             self.on_closed(generation)
@@ -361,15 +366,10 @@ def collect(provider: Provider, task: Task, cancel: Cancellation | None = None, 
     answer = answer if answer is not None else Answer()
     cancel = cancel or Cancellation()
     for delta in answer_deltas(provider, task, cancel, tools, max_rounds, answer.tool_records):
-        kind = delta.__class__
-        if kind is Text:
+        if delta.__class__ is Text:
             answer.parts.append(delta.text)
-        elif kind is Usage:
-            answer.usage = delta.usage
-        elif kind is Finish:
-            answer.finish_reason = delta.reason
-        elif kind is ToolCall:
-            answer.tool_calls.append(delta)
+        else:
+            answer.note(delta)
     answer.outcome = "done"
     answer.finish_reason = answer.finish_reason or "stop"
     return answer

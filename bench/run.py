@@ -8,6 +8,7 @@ Targets, all against the same fake upstream (bench/upstream.py), interleaved per
 repeat so machine noise hits each alike, medians over repeats:
   upstream  the fake upstream read directly: the floor
   relay     this project under gunicorn.conf.py (gevent), POST-SSE (stream log on, SQLite)
+  relay-direct  the same, GET /api/chat/stream (no stream log: what EventSource users run)
   apache    this project under Apache + mod_wsgi via apache/serve-local.sh, POST-SSE
   peer      FastAPI + sse-starlette + httpx (bench/peers/fastapi_peer.py) under uvicorn
 Heartbeats stay on everywhere (15 s). Results: printed, and bench/results/latest.json.
@@ -256,7 +257,7 @@ def fmt(value, digits=1) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small N, one repeat: about a minute")
-    parser.add_argument("--targets", default="upstream,relay,peer,apache")
+    parser.add_argument("--targets", default="upstream,relay,relay-direct,peer,apache")
     parser.add_argument("--n", default="200,1000,2000")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rate", type=float, default=20)

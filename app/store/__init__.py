@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from app.store.base import Frame, MemoryStore, Store
+from app.store.base import Frame, MemoryStore, Store, StoreError
 
 
 def open_store(url: str, instance_path: str) -> Store:
@@ -28,4 +28,4 @@ def _sqlite(path: str) -> Store:
     return SqliteStore(path)
 
 
-__all__ = ["Frame", "MemoryStore", "Store", "open_store"]
+__all__ = ["Frame", "MemoryStore", "Store", "StoreError", "open_store"]

@@ -20,6 +20,10 @@ from typing import Any
 Frame = tuple[int, bytes]
 
 
+class StoreError(RuntimeError):
+    """The store cannot answer now (locked too long, unreachable): a 503, not a 500."""
+
+
 class Store:
     """Interface; every method is safe to call from any thread."""
 
@@ -54,9 +58,12 @@ class Store:
         raise NotImplementedError
 
     # -- batches: one round trip for every stream a process produces (see relay.LogFlusher)
-    def append_many(self, batch: dict[str, list[Frame]]) -> None:
+    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0) -> None:
+        """Append frames of many streams; then mark `closing` streams closed (kept `ttl` s)."""
         for stream_id, frames in batch.items():
             self.append_frames(stream_id, frames)
+        for stream_id in closing:
+            self.close_log(stream_id, ttl)
 
     def stopped_among(self, stream_ids: list[str]) -> set[str]:
         return {s for s in stream_ids if self.stop_requested(s)}

@@ -50,12 +50,17 @@ class RedisStore(Store):
                 pipe.xadd(key, {"f": frame}, id=f"{n}-1")
             pipe.execute()
 
-    def append_many(self, batch: dict[str, list[Frame]]) -> None:
+    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0) -> None:
+        ms = int(ttl * 1000)
         with self.redis.pipeline(transaction=False) as pipe:
             for stream_id, frames in batch.items():
                 key = self._key("log", stream_id)
                 for n, frame in frames:
                     pipe.xadd(key, {"f": frame}, id=f"{n}-1")
+            for stream_id in closing:  # after its frames, in the same round trip
+                pipe.hset(self._key("stream", stream_id), "state", "closed")
+                pipe.pexpire(self._key("stream", stream_id), ms)
+                pipe.pexpire(self._key("log", stream_id), ms)
             pipe.execute()
 
     def stopped_among(self, stream_ids: list[str]) -> set[str]:

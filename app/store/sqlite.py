@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from app.store.base import Frame, Store
+from app.store.base import Frame, Store, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tickets (id TEXT PRIMARY KEY, payload TEXT NOT NULL, expires REAL NOT NULL);
@@ -51,6 +51,18 @@ def _find_gevent_pool() -> Callable[[], Any] | None:
 _gevent_pool = _find_gevent_pool()
 
 
+def _native_lock() -> Any:
+    """A lock of the OS, also under gevent (the writers are native threads there too)."""
+    try:
+        from gevent.monkey import get_original, is_module_patched
+
+        if is_module_patched("threading"):
+            return get_original("threading", "Lock")()
+    except ImportError:
+        pass
+    return threading.Lock()
+
+
 class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         self.path = path
@@ -58,6 +70,10 @@ class SqliteStore(Store):
         os.makedirs(directory, exist_ok=True)
         self._local = threading.local()
         self._last_sweep = 0.0
+        # Writers of this process queue here, in order, so only one of them at a time
+        # competes for SQLite's file lock with the other processes (hundreds of mod_wsgi
+        # threads polling that lock starve each other).
+        self._write_lock = _native_lock()
         self._write(lambda db: [db.execute(statement) for statement in SCHEMA.split(";") if statement.strip()])
 
     def _db(self) -> sqlite3.Connection:
@@ -83,6 +99,14 @@ class SqliteStore(Store):
         return self._off_loop(lambda: self._write_here(work))
 
     def _write_here(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._write_lock.acquire(timeout=LOCK_WAIT_SECONDS):
+            raise StoreError(f"SQLite store busy for {LOCK_WAIT_SECONDS:g} s (writers of this process)")
+        try:
+            return self._write_locked(work)
+        finally:
+            self._write_lock.release()
+
+    def _write_locked(self, work: Callable[[sqlite3.Connection], T]) -> T:
         db = self._db()
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         delay = 0.001
@@ -90,8 +114,10 @@ class SqliteStore(Store):
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
+                if time.monotonic() > deadline:
+                    raise StoreError(f"SQLite store locked by another process for {LOCK_WAIT_SECONDS:g} s") from exc
                 time.sleep(delay)  # gevent-aware when patched: other streams run meanwhile
                 delay = min(delay * 2, 0.02)
                 continue
@@ -113,8 +139,10 @@ class SqliteStore(Store):
             try:
                 return self._db().execute(sql, params).fetchall()
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
+                if time.monotonic() > deadline:
+                    raise StoreError(f"SQLite store locked for {LOCK_WAIT_SECONDS:g} s") from exc
                 time.sleep(0.002)
 
     def _sweep(self) -> None:
@@ -162,9 +190,17 @@ class SqliteStore(Store):
     def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
         self.append_many({stream_id: frames})
 
-    def append_many(self, batch: dict[str, list[Frame]]) -> None:
+    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0) -> None:
         rows = [(s, n, f) for s, frames in batch.items() for n, f in frames]
-        self._write(lambda db: db.executemany("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", rows))
+        expires = time.time() + ttl
+        closed = [(s, expires) for s in closing]
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", rows)
+            db.executemany("INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
+                           "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires", closed)
+
+        self._write(write)
 
     def stopped_among(self, stream_ids: list[str]) -> set[str]:
         found: set[str] = set()
