@@ -31,6 +31,10 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
         store = open_store(settings.STORE_URL, app.instance_path)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    except Exception as exc:  # e.g. www-data cannot write the default SQLite file under mod_wsgi
+        where = settings.STORE_URL or f"sqlite in {app.instance_path}"
+        raise ConfigError(f"cannot open the store ({where}): {exc}. Set STORE_URL to a SQLite path this "
+                          "process can write (sqlite:////var/lib/llm-sse-relay/relay.sqlite3) or to redis://…") from exc
     relay = Relay(settings, build_providers(env, settings), store)
     relay.access = Access(settings, store)
     app.extensions["llm_sse_relay"] = relay

@@ -63,7 +63,6 @@ class Resumable:
 
     store: Store
     grace: float
-    owner: str = ""
 
 
 class Generation:
@@ -77,8 +76,9 @@ class Generation:
     def __init__(self, provider: Provider, task: Task, conversation_id: str,
                  on_end: Callable[[Generation], None] | None = None, stream_id: str | None = None,
                  resumable: Resumable | None = None, tools: list[Tool] | None = None, max_rounds: int = 4,
-                 record: Callable[[Generation], None] | None = None) -> None:
+                 record: Callable[[Generation], None] | None = None, owner: str = "") -> None:
         self.id = stream_id or new_id()
+        self.owner = owner  # the caller the stream is bound to (see app.access)
         self.tools = tools or []
         self.max_rounds = max_rounds
         self.record = record
@@ -250,7 +250,7 @@ class LogFlusher:
         self._thread: threading.Thread | None = None
 
     def add(self, generation: Generation) -> None:
-        self.store.open_log(generation.id, self.ttl, generation.resumable.owner if generation.resumable else "")
+        self.store.open_log(generation.id, self.ttl, generation.owner)
         with self._lock:
             self.active[generation.id] = [generation, 0]
             if self._thread is None or not self._thread.is_alive():
@@ -397,12 +397,11 @@ class Relay:
         share = None
         s = self.settings
         if resumable:
-            share = Resumable(self.store, s.STREAM_GRACE_SECONDS, owner)
+            share = Resumable(self.store, s.STREAM_GRACE_SECONDS)
         # A resumable generation stays findable here until its log is complete in the store.
         generation = Generation(provider, task, conversation_id or new_id(), on_end=None if share else self._ended,
                                 stream_id=stream_id, resumable=share, tools=tools,
-                                max_rounds=s.TOOL_MAX_ROUNDS, record=record)
-        generation.owner = owner
+                                max_rounds=s.TOOL_MAX_ROUNDS, record=record, owner=owner)
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start(self.flusher)

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flask import Response
+from flask import Response, request
 
 # Sent once at the start: how long EventSource waits before reconnecting (ms).
 RETRY_MS = 3000
@@ -252,8 +252,6 @@ def sse_response(
             stream._reader_left(completed)
             if user_close is not None:
                 user_close(completed)
-
-    from flask import request
 
     sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
     body = SseBody(log, heartbeat, position, on_close, sock)

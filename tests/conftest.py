@@ -158,6 +158,22 @@ class SseReader:
             return None
         return Event(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]), time.monotonic())
 
+    def take(self, count: int) -> list[Event]:
+        """The next `count` events (fewer if the stream ends); the rest can be read later."""
+        got = []
+        for event in self:
+            got.append(event)
+            if len(got) == count:
+                break
+        return got
+
+    def until(self, name: str) -> Event:
+        """Read up to and including the next event called `name`."""
+        for event in self:
+            if event.event == name:
+                return event
+        raise AssertionError(f"the stream ended without a {name!r} event")
+
     def read_all(self, timeout: float = 30) -> list[Event]:
         deadline = time.monotonic() + timeout
         for _ in self:

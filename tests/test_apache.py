@@ -85,9 +85,7 @@ def test_env_file_reaches_the_app_and_bad_input_is_json(apache_url, upstream):
 def test_client_disconnect_closes_the_upstream(apache_url, upstream):
     upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(300)]), delay=0.05))
     reader = open_stream(f"{apache_url}/api/chat/stream?provider=openai&prompt=hi")
-    for event in reader:
-        if event.event == "token":
-            break
+    reader.until("token")
     left = time.monotonic()
     reader.close()
     seen = upstream.wait_for_request()

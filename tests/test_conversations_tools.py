@@ -58,9 +58,7 @@ def test_failed_and_abandoned_answers_are_stored_and_marked(upstream, live):
 
     upstream.reset(Reply(chunks=BODIES["openai"]([f"{i} " for i in range(300)]), delay=0.02))
     reader = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=q2&conversation_id={conversation_id}")
-    for event in reader:
-        if event.event == "token":
-            break
+    reader.until("token")
     reader.close()
     assert upstream.last().closed.wait(3)
     for _ in range(50):

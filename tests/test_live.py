@@ -68,9 +68,7 @@ def test_client_disconnect_closes_the_upstream_within_a_heartbeat(stall, upstrea
     reply = Reply(chunks=BODIES["openai"](pieces), delay=0.05, stall_after=5 if stall else None)
     upstream.reset(reply)
     reader = open_stream(f"{live(SSE_HEARTBEAT_SECONDS=1)}/api/chat/stream?provider=openai&prompt=hi")
-    for event in reader:
-        if event.event == "token":
-            break
+    reader.until("token")
     left_at = time.monotonic()
     reader.close()
     seen = upstream.wait_for_request()

@@ -32,15 +32,6 @@ def create(url, body):
     return response.json()
 
 
-def read_some(reader, count):
-    got = []
-    for event in reader:
-        got.append(event)
-        if len(got) == count:
-            break
-    return got
-
-
 def test_redis_store_contract(redis_url):
     store = open_store(redis_url, "")
     store.put_ticket("t", {"a": 1}, 60)
@@ -71,7 +62,7 @@ def test_resume_on_another_app_gets_exactly_the_rest(redis_url, upstream, make_a
     upstream.reset(Reply(chunks=BODIES["openai"](PIECES), delay=0.02))
     ticket = create(one, {"provider": "openai", "prompt": "hi"})
     reader = open_stream(one + ticket["stream_url"])
-    got = read_some(reader, 7)
+    got = reader.take(7)
     reader.close()
     rest = open_stream(two + ticket["stream_url"], headers={"Last-Event-ID": got[-1].id}).read_all()
     events = got + rest
@@ -97,10 +88,10 @@ def test_reader_process_killed_mid_stream_resumes_elsewhere_intact(two_processes
     upstream.reset(Reply(chunks=BODIES["openai"](PIECES), delay=0.05))
     ticket = create(producer.url, {"provider": "openai", "prompt": "hi"})
     first = open_stream(producer.url + ticket["stream_url"])
-    events = read_some(first, 4)
+    events = first.take(4)
     first.close()  # the producer keeps going through the grace period
     second = open_stream(middle.url + ticket["stream_url"], headers={"Last-Event-ID": events[-1].id})
-    events += read_some(second, 6)
+    events += second.take(6)
     middle.proc.send_signal(signal.SIGKILL)  # the process serving this reader dies
     try:
         for event in second:
@@ -119,10 +110,10 @@ def test_dead_producer_ends_remote_readers_with_an_error(two_processes, upstream
     upstream.reset(Reply(chunks=BODIES["openai"](PIECES), delay=0.2))
     ticket = create(producer.url, {"provider": "openai", "prompt": "hi"})
     first = open_stream(producer.url + ticket["stream_url"])
-    events = read_some(first, 3)
+    events = first.take(3)
     first.close()
     remote = open_stream(reader_host.url + ticket["stream_url"], headers={"Last-Event-ID": events[-1].id})
-    read_some(remote, 1)
+    remote.take(1)
     producer.proc.send_signal(signal.SIGKILL)
     started = time.monotonic()
     events = remote.read_all(timeout=20)
@@ -152,7 +143,7 @@ def test_redis_restart_during_a_stream_ends_it_with_an_error(redis_server, redis
     upstream.reset(Reply(chunks=BODIES["openai"]([f"{i} " for i in range(300)]), delay=0.02))
     ticket = create(url, {"provider": "openai", "prompt": "hi"})
     reader = open_stream(url + ticket["stream_url"])
-    read_some(reader, 3)
+    reader.take(3)
     redis_server.stop()
     try:
         time.sleep(1.0)

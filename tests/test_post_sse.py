@@ -49,11 +49,7 @@ def test_resume_with_last_event_id_gets_the_rest_once(store_url, upstream, live,
     url = live(STORE_URL=store_url, STREAM_GRACE_SECONDS=5)
     ticket = create(url, {"provider": "openai", "prompt": "hi"})
     first = open_stream(url + ticket["stream_url"])
-    got = []
-    for event in first:
-        got.append(event)
-        if len(got) == 6:
-            break
+    got = first.take(6)
     first.close()
     rest = open_stream(url + ticket["stream_url"], headers={"Last-Event-ID": got[-1].id}).read_all()
     events = got + rest
@@ -73,11 +69,7 @@ def test_a_second_app_on_the_same_sqlite_file_resumes_from_the_store(upstream, m
     upstream.reset(Reply(chunks=BODIES["openai"](PIECES), delay=0.03))
     ticket = create(one, {"provider": "openai", "prompt": "hi"})
     reader = open_stream(one + ticket["stream_url"])
-    got = []
-    for event in reader:
-        got.append(event)
-        if len(got) == 4:
-            break
+    got = reader.take(4)
     reader.close()
     rest = open_stream(two + ticket["stream_url"], headers={"Last-Event-ID": got[-1].id}).read_all()
     assert text_of(got + rest) == "".join(PIECES)

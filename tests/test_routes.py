@@ -97,3 +97,9 @@ def test_bad_configuration_fails_at_startup(upstream):
         create_app(app_config(upstream.url, SSE_HEARTBEAT_SECONDS="soon"))
     with pytest.raises(ConfigError):
         create_app(app_config(upstream.url, UPSTREAM_READ_TIMEOUT="0"))
+
+
+def test_unwritable_store_is_a_clear_startup_error(upstream):
+    # What www-data meets under mod_wsgi when STORE_URL points where it cannot write.
+    with pytest.raises(ConfigError, match="cannot open the store.*STORE_URL"):
+        create_app(app_config(upstream.url, STORE_URL="sqlite:////proc/llm-sse-relay/relay.sqlite3"))
