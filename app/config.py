@@ -6,6 +6,7 @@ named by `LLM_RELAY_ENV_FILE`) fills in what the environment does not set.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -92,7 +93,7 @@ def read_env_file(path: str) -> dict[str, str]:
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
-    except FileNotFoundError:
+    except OSError:  # absent or unreadable: environment() warns when it was named explicitly
         return values
     for line in lines:
         line = line.strip()
@@ -109,7 +110,13 @@ def read_env_file(path: str) -> dict[str, str]:
 
 def environment(config: Mapping[str, Any] | None = None, env_file: str | None = None) -> dict[str, Any]:
     """The effective environment: env file < process environment < explicit config."""
-    path = env_file or os.environ.get("LLM_RELAY_ENV_FILE") or ".env"
+    named = env_file or os.environ.get("LLM_RELAY_ENV_FILE")
+    path = named or ".env"
+    if named and not os.access(named, os.R_OK):
+        # Under mod_wsgi this is the only way keys arrive: say so instead of "no API key".
+        logging.getLogger("llm_sse_relay").warning(
+            "env file %s (LLM_RELAY_ENV_FILE) is missing or not readable by this process; "
+            "provider keys and settings in it are not loaded", named)
     merged: dict[str, Any] = dict(read_env_file(path))
     merged.update(os.environ)
     merged.update(config or {})

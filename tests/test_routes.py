@@ -103,3 +103,11 @@ def test_unwritable_store_is_a_clear_startup_error(upstream):
     # What www-data meets under mod_wsgi when STORE_URL points where it cannot write.
     with pytest.raises(ConfigError, match="cannot open the store.*STORE_URL"):
         create_app(app_config(upstream.url, STORE_URL="sqlite:////proc/llm-sse-relay/relay.sqlite3"))
+
+
+def test_missing_env_file_named_by_the_vhost_is_logged(upstream, caplog, tmp_path):
+    create_app(app_config(upstream.url), env_file=str(tmp_path / "relay.env"))
+    assert "relay.env (LLM_RELAY_ENV_FILE) is missing or not readable" in caplog.text
+    (tmp_path / "relay.env").write_text("export LLM_MODEL='demo-fast'\n# comment\n")
+    app = create_app({**app_config(upstream.url)}, env_file=str(tmp_path / "relay.env"))
+    assert app.extensions["llm_sse_relay"].settings.LLM_MODEL == "demo-fast"
