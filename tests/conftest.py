@@ -276,3 +276,12 @@ def redis_server():
     server = RedisServer()
     yield server
     server.stop()
+
+
+def wait_until(predicate, timeout: float = 5.0, what: str = "the condition", interval: float = 0.02) -> None:
+    """Poll `predicate` until it is true; fail after `timeout` seconds (instead of a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
