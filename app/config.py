@@ -1,16 +1,21 @@
 """Configuration: environment variables (12-factor), read once into a frozen `Settings`.
 
 `create_app(config)` layers `config` over `os.environ`; a `.env` file (or the file
-named by `LLM_RELAY_ENV_FILE`) fills in what the environment does not set.
+named by `LLM_RELAY_ENV_FILE`) fills in what the environment does not set. Every
+setting, its default and its reason are listed in docs/configuration.md.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+from dotenv import dotenv_values
 
 
 class ConfigError(ValueError):
@@ -21,6 +26,9 @@ class ConfigError(ValueError):
 class Settings:
     LLM_PROVIDER: str = "demo"
     LLM_MODEL: str = ""
+    # The offline demo answers from this server's CPU: offered when it is the default
+    # provider, otherwise only when switched on (None = "when LLM_PROVIDER is demo").
+    DEMO_ENABLED: bool | None = None
     # Heartbeat comment cadence: below every common idle timeout (nginx/Apache proxies
     # default to 60 s, many load balancers to 30-60 s) and how fast a departed reader is noticed.
     SSE_HEARTBEAT_SECONDS: float = 15.0
@@ -52,16 +60,33 @@ class Settings:
     HISTORY_MAX_CHARS: int = 24_000
     # A conversation untouched this long is forgotten (30 days).
     CONVERSATION_TTL: float = 2_592_000.0
+    # One conversation's size: past either cap a request must start a new conversation
+    # (a chat of 500 records is far longer than any history budget replays anyway).
+    MAX_CONVERSATION_MESSAGES: int = 500
+    MAX_CONVERSATION_BYTES: int = 4_194_304
     # Tool-calling rounds per request before the model must answer without tools.
     TOOL_MAX_ROUNDS: int = 4
     API_TOKENS: str = ""
     JWT_SECRET: str = ""
+    # RS256/ES256: a PEM public key (a file path or the PEM text) or a JWKS file.
+    JWT_PUBLIC_KEY: str = ""
+    JWT_JWKS_FILE: str = ""
+    # Comma-separated; empty = HS256 with a secret, RS256 and ES256 with a key.
+    JWT_ALGORITHMS: str = ""
     JWT_AUDIENCE: str = ""
+    JWT_ISSUER: str = ""
+    # Clock skew allowed between the issuer and this server, in seconds.
+    JWT_LEEWAY: float = 30.0
+    # A token valid for longer than this (exp - iat, or exp - now) is refused: a leaked
+    # token must not be a permanent credential.
+    JWT_MAX_LIFETIME: float = 86_400.0
     CORS_ORIGINS: str = ""
     RATE_LIMIT: str = ""
-    # Answers in progress at once per caller (0 = no cap, the default: behind a reverse
-    # proxy every client has the proxy's address unless TRUSTED_PROXIES is set).
-    MAX_STREAMS_PER_CLIENT: int = 0
+    # Answers in progress at once per caller (token identity, else client address).
+    # Behind a reverse proxy set TRUSTED_PROXIES, or every client shares one address.
+    MAX_STREAMS_PER_CLIENT: int = 8
+    # POST-SSE payloads stored but not yet opened, per caller: what step 1 can pile up.
+    MAX_TICKETS_PER_CLIENT: int = 16
     # Proxies in front of the app whose X-Forwarded-* headers are trusted (gunicorn
     # behind Apache/nginx: 1); 0 under mod_wsgi, where REMOTE_ADDR is the client.
     TRUSTED_PROXIES: int = 0
@@ -69,43 +94,60 @@ class Settings:
 
     @classmethod
     def load(cls, env: Mapping[str, Any]) -> Settings:
+        hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f.name)
             if raw is None or raw == "":
                 continue
-            kind = type(f.default)
-            try:
-                values[f.name] = kind(raw)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{f.name}={raw!r} is not a valid {kind.__name__}") from exc
+            values[f.name] = coerce(f.name, raw, hints[f.name])
         settings = cls(**values)
         for name in ("SSE_HEARTBEAT_SECONDS", "UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_READ_TIMEOUT",
-                     "MAX_PROMPT_CHARS", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_OUTPUT_TOKENS"):
+                     "MAX_PROMPT_CHARS", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_OUTPUT_TOKENS",
+                     "MAX_CONVERSATION_MESSAGES", "MAX_CONVERSATION_BYTES", "JWT_MAX_LIFETIME"):
             if getattr(settings, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        for name in ("MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "TRUSTED_PROXIES", "JWT_LEEWAY",
+                     "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES"):
+            if getattr(settings, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
         return settings
+
+    @property
+    def demo_enabled(self) -> bool:
+        return self.LLM_PROVIDER == "demo" if self.DEMO_ENABLED is None else self.DEMO_ENABLED
+
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+def coerce(name: str, raw: Any, kind: Any) -> Any:
+    """`raw` (a string from the environment, or a value from `config`) as the field's type."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))  # Optional[X]: X
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    if kind is bool:
+        if text.lower() in TRUE:
+            return True
+        if text.lower() in FALSE:
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """`KEY=value` lines (optional `export`, quotes, `#` comments), as .env files have them."""
-    values: dict[str, str] = {}
+    """The `KEY=value` lines of a .env file, as python-dotenv reads them (quotes, escapes,
+    `export`, inline comments); an absent or unreadable file gives nothing."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError:  # absent or unreadable: environment() warns when it was named explicitly
-        return values
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        key = key.removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key] = value
-    return values
+        return {k: v for k, v in dotenv_values(path, encoding="utf-8").items() if v is not None}
+    except (OSError, UnicodeDecodeError):  # environment() warns when it was named explicitly
+        return {}
 
 
 def environment(config: Mapping[str, Any] | None = None, env_file: str | None = None) -> dict[str, Any]:
@@ -117,7 +159,7 @@ def environment(config: Mapping[str, Any] | None = None, env_file: str | None = 
         logging.getLogger("llm_sse_relay").warning(
             "env file %s (LLM_RELAY_ENV_FILE) is missing or not readable by this process; "
             "provider keys and settings in it are not loaded", named)
-    merged: dict[str, Any] = dict(read_env_file(path))
+    merged: dict[str, Any] = dict(read_env_file(path)) if os.path.isfile(path) else {}
     merged.update(os.environ)
     merged.update(config or {})
     return merged
