@@ -3,7 +3,11 @@
 - tickets: a POST-SSE payload, kept until its stream is opened (taken once);
 - stream logs: the encoded events of a resumable stream, readable from any process;
 - stream control: "stop" requests and when a reader was last seen;
-- conversations: the messages of a chat, in order.
+- conversations: the messages of a chat, in order, with the caller that owns it and its size.
+
+Everything a store keeps expires by itself (tickets, logs, conversations, counters,
+slots), whichever routes a deployment uses: SQLite and memory sweep on their writes,
+Redis has key expiry.
 
 `MemoryStore` is the single-process version (tests, `STORE_URL=memory://`); SQLite is
 the default for one host, Redis for several.
@@ -15,13 +19,39 @@ import json
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 Frame = tuple[int, bytes]
+# How often a store without key expiry drops what expired (on its next write).
+SWEEP_SECONDS = 60.0
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def to_json(data: Any) -> str:
+    """Compact JSON for storage: UTF-8 text as is (CJK stays 3 bytes a character, not a
+    6-byte escape); only a lone surrogate, which UTF-8 cannot carry, forces escapes."""
+    text = _dumps(data)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _dumps_ascii(data)
+    return text
 
 
 class StoreError(RuntimeError):
-    """The store cannot answer now (locked too long, unreachable): a 503, not a 500."""
+    """The store cannot answer now (locked too long, unreachable, full): a 503, not a 500."""
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    """Who a conversation belongs to and how big it is (for ownership and the size caps)."""
+
+    owner: str
+    messages: int
+    bytes: int
 
 
 class Store:
@@ -107,10 +137,22 @@ class Store:
         raise NotImplementedError
 
     # -- conversations
-    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:
+    def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
+                        owner: str = "") -> ConversationInfo:
+        """Append records in one step; a new conversation is bound to `owner`. Returns its
+        size after. The conversation expires `ttl` seconds after its last append."""
         raise NotImplementedError
 
-    def messages(self, conversation_id: str) -> list[dict[str, Any]]:
+    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float,
+                       owner: str = "") -> ConversationInfo:
+        return self.append_messages(conversation_id, [message], ttl, owner)
+
+    def conversation(self, conversation_id: str) -> ConversationInfo | None:
+        """Owner and size of a conversation; None when unknown or expired."""
+        raise NotImplementedError
+
+    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        """Records `start` to `stop` (not included; None: to the end), oldest first."""
         raise NotImplementedError
 
     def delete_conversation(self, conversation_id: str) -> bool:
@@ -128,13 +170,37 @@ class MemoryStore(Store):
         self._tickets: dict[str, tuple[float, str]] = {}
         self._logs: dict[str, list[Frame]] = defaultdict(list)
         self._state: dict[str, dict[str, Any]] = {}
-        self._conversations: dict[str, list[str]] = defaultdict(list)
+        self._conversations: dict[str, dict[str, Any]] = {}
         self._windows: dict[str, tuple[float, int]] = {}
         self._slots: dict[str, dict[str, float]] = defaultdict(dict)
+        self._last_sweep = time.time()
+
+    def _sweep(self) -> None:
+        """Drop what expired (called with the lock held, at most every SWEEP_SECONDS)."""
+        now = time.time()
+        if now - self._last_sweep < SWEEP_SECONDS:
+            return
+        self._last_sweep = now
+        for ticket_id in [t for t, (expires, _) in self._tickets.items() if expires < now]:
+            del self._tickets[ticket_id]
+        for stream_id in [s for s, state in self._state.items() if state["expires"] < now]:
+            del self._state[stream_id]
+            self._logs.pop(stream_id, None)
+        for cid in [c for c, conv in self._conversations.items() if conv["expires"] < now]:
+            del self._conversations[cid]
+        for key in [k for k, (start, _) in self._windows.items() if start < now - 86_400]:
+            del self._windows[key]
+        for key in list(self._slots):
+            live = {m: e for m, e in self._slots[key].items() if e > now}
+            if live:
+                self._slots[key] = live
+            else:
+                del self._slots[key]
 
     def put_ticket(self, ticket_id, payload, ttl):
         with self._lock:
-            self._tickets[ticket_id] = (time.time() + ttl, json.dumps(payload))
+            self._sweep()
+            self._tickets[ticket_id] = (time.time() + ttl, to_json(payload))
 
     def take_ticket(self, ticket_id):
         with self._lock:
@@ -143,6 +209,7 @@ class MemoryStore(Store):
 
     def open_log(self, stream_id, ttl, owner=""):
         with self._lock:
+            self._sweep()
             self._state[stream_id] = {"state": "open", "stop": False, "expires": time.time() + ttl, "owner": owner}
 
     def log_owner(self, stream_id):
@@ -191,6 +258,7 @@ class MemoryStore(Store):
     def hit(self, key, window):
         now = time.time()
         with self._lock:
+            self._sweep()
             start, count = self._windows.get(key, (0.0, 0))
             if now - start >= window:
                 start, count = now - (now % window), 0
@@ -212,20 +280,38 @@ class MemoryStore(Store):
         expires = time.time() + ttl
         with self._lock:
             for key, member in slots:
-                if member in self._slots[key]:
+                if member in self._slots.get(key, {}):
                     self._slots[key][member] = expires
 
     def release(self, key, member):
         with self._lock:
-            self._slots[key].pop(member, None)
+            self._slots.get(key, {}).pop(member, None)
 
-    def append_message(self, conversation_id, message, ttl):
+    def append_messages(self, conversation_id, messages, ttl, owner=""):
+        texts = [to_json(m) for m in messages]
+        now = time.time()
         with self._lock:
-            self._conversations[conversation_id].append(json.dumps(message))
+            self._sweep()
+            conv = self._conversations.get(conversation_id)
+            if conv is None or conv["expires"] < now:
+                conv = self._conversations[conversation_id] = {"owner": owner, "records": [], "bytes": 0}
+            conv["records"].extend(texts)
+            conv["bytes"] += sum(len(t.encode()) for t in texts)
+            conv["expires"] = now + ttl
+            return ConversationInfo(conv["owner"], len(conv["records"]), conv["bytes"])
 
-    def messages(self, conversation_id):
+    def conversation(self, conversation_id):
+        conv = self._conversations.get(conversation_id)
+        if conv is None or conv["expires"] < time.time():
+            return None
+        return ConversationInfo(conv["owner"], len(conv["records"]), conv["bytes"])
+
+    def messages(self, conversation_id, start=0, stop=None):
         with self._lock:
-            return [json.loads(m) for m in self._conversations.get(conversation_id, ())]
+            conv = self._conversations.get(conversation_id)
+            if conv is None or conv["expires"] < time.time():
+                return []
+            return [json.loads(m) for m in conv["records"][start:stop]]
 
     def delete_conversation(self, conversation_id):
         with self._lock:

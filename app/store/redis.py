@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from app.store.base import Frame, Store
+from app.store.base import ConversationInfo, Frame, Store, to_json
 
 PREFIX = "llm-sse-relay:"
 
@@ -22,6 +22,8 @@ class RedisStore(Store):
         # health_check_interval: notice a restarted Redis on the next call, not after a hang.
         self.redis = redis.Redis.from_url(url, health_check_interval=10, socket_connect_timeout=5)
         self.redis.ping()
+        # A log lives as long as its stream record, also when its producer died before closing it.
+        self._log_ms = 3_600_000
 
     @staticmethod
     def _key(kind: str, name: str) -> str:
@@ -29,7 +31,7 @@ class RedisStore(Store):
 
     # -- tickets
     def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
-        self.redis.set(self._key("ticket", ticket_id), json.dumps(payload), px=int(ttl * 1000))
+        self.redis.set(self._key("ticket", ticket_id), to_json(payload), px=int(ttl * 1000))
 
     def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
         raw = self.redis.getdel(self._key("ticket", ticket_id))
@@ -37,6 +39,7 @@ class RedisStore(Store):
 
     # -- stream logs
     def open_log(self, stream_id: str, ttl: float, owner: str = "") -> None:
+        self._log_ms = int(ttl * 1000)
         key = self._key("stream", stream_id)
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping={"state": "open", "stop": 0, "owner": owner})
@@ -48,6 +51,7 @@ class RedisStore(Store):
         with self.redis.pipeline(transaction=False) as pipe:
             for n, frame in frames:
                 pipe.xadd(key, {"f": frame}, id=f"{n}-1")
+            pipe.pexpire(key, self._log_ms)
             pipe.execute()
 
     def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0) -> None:
@@ -57,6 +61,7 @@ class RedisStore(Store):
                 key = self._key("log", stream_id)
                 for n, frame in frames:
                     pipe.xadd(key, {"f": frame}, id=f"{n}-1")
+                pipe.pexpire(key, self._log_ms)
             for stream_id in closing:  # after its frames, in the same round trip
                 pipe.hset(self._key("stream", stream_id), "state", "closed")
                 pipe.pexpire(self._key("stream", stream_id), ms)
@@ -151,19 +156,41 @@ class RedisStore(Store):
     def release(self, key: str, member: str) -> None:
         self.redis.zrem(self._key("slots", key), member)
 
-    # -- conversations
-    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:
-        key = self._key("conversation", conversation_id)
-        with self.redis.pipeline() as pipe:
-            pipe.rpush(key, json.dumps(message))
-            pipe.pexpire(key, int(ttl * 1000))
-            pipe.execute()
+    # -- conversations: a list of records, and a hash with its owner and size
+    def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
+                        owner: str = "") -> ConversationInfo:
+        texts = [to_json(m) for m in messages]
+        records, meta = self._key("conversation", conversation_id), self._key("conversation-info", conversation_id)
+        ms = int(ttl * 1000)
+        with self.redis.pipeline() as pipe:  # MULTI/EXEC: records and size change together
+            pipe.rpush(records, *texts)
+            pipe.hsetnx(meta, "owner", owner)
+            pipe.hincrby(meta, "bytes", sum(len(t.encode()) for t in texts))
+            pipe.pexpire(records, ms)
+            pipe.pexpire(meta, ms)
+            pipe.hget(meta, "owner")
+            count, _, size, _, _, stored_owner = pipe.execute()
+        return ConversationInfo(stored_owner.decode(), int(count), int(size))
 
-    def messages(self, conversation_id: str) -> list[dict[str, Any]]:
-        return [json.loads(m) for m in self.redis.lrange(self._key("conversation", conversation_id), 0, -1)]
+    def conversation(self, conversation_id: str) -> ConversationInfo | None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self._key("conversation-info", conversation_id), "owner", "bytes")
+            pipe.llen(self._key("conversation", conversation_id))
+            (owner, size), count = pipe.execute()
+        if owner is None or not count:
+            return None
+        return ConversationInfo(owner.decode(), int(count), int(size or 0))
+
+    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        end = -1 if stop is None else stop - 1
+        if stop is not None and stop <= start:
+            return []
+        return [json.loads(m) for m in self.redis.lrange(self._key("conversation", conversation_id), start, end)]
 
     def delete_conversation(self, conversation_id: str) -> bool:
-        return bool(self.redis.delete(self._key("conversation", conversation_id)))
+        removed = self.redis.delete(self._key("conversation", conversation_id),
+                                    self._key("conversation-info", conversation_id))
+        return bool(removed)
 
     def close(self) -> None:
         self.redis.close()

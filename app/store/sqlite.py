@@ -8,6 +8,7 @@ per-token path never waits for the disk; readers in other processes poll.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -15,7 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from app.store.base import Frame, Store, StoreError
+from app.store import base
+from app.store.base import ConversationInfo, Frame, Store, StoreError, to_json
+
+log = logging.getLogger("llm_sse_relay.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tickets (id TEXT PRIMARY KEY, payload TEXT NOT NULL, expires REAL NOT NULL);
@@ -31,12 +35,28 @@ CREATE TABLE IF NOT EXISTS messages (
     n INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL, message TEXT NOT NULL,
     expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, n);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, count INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    expires REAL NOT NULL);
 """
 # How often a reader in another process looks for new frames.
 POLL_SECONDS = 0.05
 # Longest wait for another process's write lock before giving up.
 LOCK_WAIT_SECONDS = 10.0
+SWEEP_SECONDS = base.SWEEP_SECONDS
 T = TypeVar("T")
+
+
+def _is_lock_wait(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    """Any other SQLite failure (disk full, read-only file, corruption) is the store being
+    unavailable: a 503 for the caller, the details for the log."""
+    log.warning("SQLite store failed: %s", exc)
+    return StoreError(f"SQLite store failed: {exc}")
 
 
 def _find_gevent_pool() -> Callable[[], Any] | None:
@@ -69,12 +89,25 @@ class SqliteStore(Store):
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         self._local = threading.local()
-        self._last_sweep = 0.0
+        self._last_sweep = time.time()
         # Writers of this process queue here, in order, so only one of them at a time
         # competes for SQLite's file lock with the other processes (hundreds of mod_wsgi
         # threads polling that lock starve each other).
         self._write_lock = _native_lock()
-        self._write(lambda db: [db.execute(statement) for statement in SCHEMA.split(";") if statement.strip()])
+        self._off_loop(self._create_schema)
+
+    def _create_schema(self) -> None:
+        with self._write_lock:
+            db = self._db()
+            self._retry_locked(lambda: db.execute("BEGIN IMMEDIATE"))
+            try:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                db.execute("ROLLBACK")
+                raise _store_error(exc) from exc
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -82,10 +115,27 @@ class SqliteStore(Store):
             # Autocommit, and no busy timeout: SQLite's own busy handler sleeps inside C,
             # which would stall every stream of a gevent worker; _write waits politely.
             db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            # Switching a fresh file to WAL takes its lock: several workers starting at once
+            # meet "database is locked" here, so this waits like every other write.
+            self._retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
         return db
+
+    @staticmethod
+    def _retry_locked(call: Callable[[], T]) -> T:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                return call()
+            except sqlite3.OperationalError as exc:
+                if not _is_lock_wait(exc):
+                    raise _store_error(exc) from exc
+                if time.monotonic() > deadline:
+                    raise StoreError(f"SQLite store locked by another process for {LOCK_WAIT_SECONDS:g} s") from exc
+                time.sleep(delay)  # gevent-aware when patched: other streams run meanwhile
+                delay = min(delay * 2, 0.02)
 
     def _off_loop(self, call: Callable[[], T]) -> T:
         """Under gevent, run a blocking SQLite call on a native thread: disk I/O and lock waits
@@ -108,66 +158,53 @@ class SqliteStore(Store):
 
     def _write_locked(self, work: Callable[[sqlite3.Connection], T]) -> T:
         db = self._db()
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        delay = 0.001
-        while True:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise StoreError(f"SQLite store locked by another process for {LOCK_WAIT_SECONDS:g} s") from exc
-                time.sleep(delay)  # gevent-aware when patched: other streams run meanwhile
-                delay = min(delay * 2, 0.02)
-                continue
-            try:
-                result = work(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        self._retry_locked(lambda: db.execute("BEGIN IMMEDIATE"))
+        try:
+            if time.time() - self._last_sweep >= SWEEP_SECONDS:
+                self._sweep(db)  # whatever routes run, expiry runs with them
+            result = work(db)
             db.execute("COMMIT")
             return result
+        except BaseException as exc:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc) from exc
+            raise
 
     def _query(self, sql: str, params: Any = ()) -> list[Any]:
         """A read; WAL readers rarely wait, but a checkpoint can make them (then: politely)."""
         return self._off_loop(lambda: self._query_here(sql, params))
 
     def _query_here(self, sql: str, params: Any) -> list[Any]:
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while True:
-            try:
-                return self._db().execute(sql, params).fetchall()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise StoreError(f"SQLite store locked for {LOCK_WAIT_SECONDS:g} s") from exc
-                time.sleep(0.002)
+        try:
+            db = self._db()
+            return self._retry_locked(lambda: db.execute(sql, params).fetchall())
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from exc
 
-    def _sweep(self) -> None:
-        """Drop what expired, at most once a minute per process."""
-        now = time.time()
-        if now - self._last_sweep < 60:
-            return
-        self._last_sweep = now
-
-        def sweep(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM tickets WHERE expires < ?", (now,))
-            db.execute("DELETE FROM frames WHERE stream_id IN (SELECT id FROM streams WHERE expires < ?)", (now,))
-            db.execute("DELETE FROM streams WHERE expires < ?", (now,))
-            # A conversation expires as a whole, CONVERSATION_TTL after its last message.
-            db.execute("DELETE FROM messages WHERE conversation_id IN (SELECT conversation_id FROM messages "
-                       "GROUP BY conversation_id HAVING MAX(expires) < ?)", (now,))
-            db.execute("DELETE FROM counters WHERE expires < ?", (now,))
-            db.execute("DELETE FROM slots WHERE expires < ?", (now,))
-
-        self._write(sweep)
+    def _sweep(self, db: sqlite3.Connection) -> None:
+        """Drop what expired (inside a write transaction, at most every SWEEP_SECONDS per process)."""
+        now = self._last_sweep = time.time()
+        db.execute("DELETE FROM tickets WHERE expires < ?", (now,))
+        db.execute("DELETE FROM frames WHERE stream_id IN (SELECT id FROM streams WHERE expires < ?)", (now,))
+        db.execute("DELETE FROM streams WHERE expires < ?", (now,))
+        # A conversation expires as a whole, CONVERSATION_TTL after its last message.
+        db.execute("DELETE FROM messages WHERE conversation_id IN (SELECT id FROM conversations WHERE expires < ?)",
+                   (now,))
+        db.execute("DELETE FROM conversations WHERE expires < ?", (now,))
+        # Records written before conversations had owners (no row there) expire by their own date.
+        db.execute("DELETE FROM messages WHERE expires < ? AND conversation_id NOT IN (SELECT id FROM conversations)",
+                   (now,))
+        db.execute("DELETE FROM counters WHERE expires < ?", (now,))
+        db.execute("DELETE FROM slots WHERE expires < ?", (now,))
 
     # -- tickets
     def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
-        self._sweep()
-        row = (ticket_id, json.dumps(payload), time.time() + ttl)
+        row = (ticket_id, to_json(payload), time.time() + ttl)
         self._write(lambda db: db.execute("INSERT INTO tickets VALUES (?, ?, ?)", row))
 
     def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
@@ -285,21 +322,49 @@ class SqliteStore(Store):
         self._write(lambda db: db.execute("DELETE FROM slots WHERE key = ? AND member = ?", (key, member)))
 
     # -- conversations
-    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float) -> None:
-        row = (conversation_id, json.dumps(message), time.time() + ttl)
-        self._write(lambda db: db.execute(
-            "INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)", row))
+    def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
+                        owner: str = "") -> ConversationInfo:
+        texts = [to_json(m) for m in messages]
+        size = sum(len(t.encode()) for t in texts)
+        now = time.time()
+        expires = now + ttl
 
-    def messages(self, conversation_id: str) -> list[dict[str, Any]]:
-        rows = self._query("SELECT message, expires FROM messages WHERE conversation_id = ? ORDER BY n",
-                                  (conversation_id,))
-        if not rows or rows[-1][1] < time.time():  # expired as a whole (the sweep will drop it)
-            return []
+        def append(db: sqlite3.Connection) -> ConversationInfo:
+            # An expired conversation that the sweep has not dropped yet starts over.
+            db.execute("DELETE FROM messages WHERE conversation_id = ? AND EXISTS "
+                       "(SELECT 1 FROM conversations WHERE id = ? AND expires < ?)", (conversation_id,
+                                                                                      conversation_id, now))
+            db.execute("DELETE FROM conversations WHERE id = ? AND expires < ?", (conversation_id, now))
+            db.executemany("INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)",
+                           [(conversation_id, t, expires) for t in texts])
+            row = db.execute(
+                "INSERT INTO conversations VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "count = count + excluded.count, bytes = bytes + excluded.bytes, expires = excluded.expires "
+                "RETURNING owner, count, bytes", (conversation_id, owner, len(texts), size, expires)).fetchone()
+            return ConversationInfo(*row)
+
+        return self._write(append)
+
+    def conversation(self, conversation_id: str) -> ConversationInfo | None:
+        row = next(iter(self._query("SELECT owner, count, bytes, expires FROM conversations WHERE id = ?",
+                                    (conversation_id,))), None)
+        if row is None or row[3] < time.time():
+            return None
+        return ConversationInfo(row[0], row[1], row[2])
+
+    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        limit = -1 if stop is None else max(0, stop - start)
+        rows = self._query("SELECT m.message FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                           "WHERE m.conversation_id = ? AND c.expires >= ? ORDER BY m.n LIMIT ? OFFSET ?",
+                           (conversation_id, time.time(), limit, start))
         return [json.loads(r[0]) for r in rows]
 
     def delete_conversation(self, conversation_id: str) -> bool:
-        return self._write(lambda db: db.execute("DELETE FROM messages WHERE conversation_id = ?",
-                                                 (conversation_id,)).rowcount) > 0
+        def delete(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            return db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount > 0
+
+        return self._write(delete)
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
