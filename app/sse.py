@@ -9,6 +9,7 @@ either into a Flask response with the headers every proxy in between needs.
 from __future__ import annotations
 
 import json
+import logging
 import select
 import socket
 import threading
@@ -16,6 +17,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Response, request
+
+log = logging.getLogger("llm_sse_relay")
 
 # Sent once at the start: how long EventSource waits before reconnecting (ms).
 RETRY_MS = 3000
@@ -41,15 +44,36 @@ def encode_json(data: Any) -> bytes:
         return _dumps_ascii(data).encode()
 
 
+_event_names: set[bytes] = set()  # names already checked (a handful per app)
+
+
+def event_name(event: str) -> bytes:
+    """The `event:` field's value; a line break or NUL in it would start a forged field."""
+    name = event.encode() if isinstance(event, str) else b""
+    if name in _event_names:
+        return name
+    if not name or any(c in name for c in b"\r\n\x00") or len(name) > 200:
+        raise ValueError(f"not a usable SSE event name: {event!r}")
+    if len(_event_names) < 1024:
+        _event_names.add(name)
+    return name
+
+
 def encode_event(event_id: int | None, event: str, data: Any) -> bytes:
     """One SSE event: `id:`, `event:` and a single `data:` line of JSON.
 
     JSON never contains a raw line break, so text with newlines or `data:` inside
-    it cannot break the framing.
+    it cannot break the framing; the name is checked, the id is an integer.
     """
+    name = event_name(event)
     if event_id is None:
-        return b"event: %s\ndata: %s\n\n" % (event.encode(), encode_json(data))
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, event.encode(), encode_json(data))
+        return b"event: %s\ndata: %s\n\n" % (name, encode_json(data))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, name, encode_json(data))
+
+
+def encode_token(event_id: int, text: str) -> bytes:
+    """The `token` event, the one sent thousands of times a second: formatted in one step."""
+    return b"id: %d\nevent: token\ndata: %s\n\n" % (event_id, encode_json({"text": text}))
 
 
 def encode_comment(text: str) -> bytes:
@@ -96,11 +120,29 @@ class StreamLog:
         frames = self.frames
         if len(frames) > position or self.closed:
             return frames[position:]
+        # Nothing new (or a position beyond the log, which only a forged Last-Event-ID
+        # can name): wait like any reader. Returning at once would make the caller spin.
         event = threading.Event()
         self._waiters.append(event)
-        if len(frames) == position and not self.closed:
+        if len(frames) <= position and not self.closed:
             event.wait(timeout)
         return frames[position:]
+
+
+def _native_poll() -> Callable[[], Any]:
+    """`select.poll` of the OS, also under gevent: a zero-timeout poll never blocks the loop,
+    and unlike select() it works for descriptors above FD_SETSIZE (1024)."""
+    try:
+        from gevent.monkey import get_original, is_module_patched
+
+        if is_module_patched("select"):
+            return get_original("select", "poll")
+    except ImportError:
+        pass
+    return select.poll
+
+
+_poll = _native_poll()
 
 
 def peer_closed(sock: socket.socket | None) -> bool:
@@ -113,9 +155,14 @@ def peer_closed(sock: socket.socket | None) -> bool:
     if sock is None:
         return False
     try:
-        # select() with a zero timeout first: a gevent socket would wait inside recv().
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        poller = _poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        ready = poller.poll(0)
+        if not ready:
+            return False
+        if ready[0][1] & (select.POLLHUP | select.POLLERR):
+            return True
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError, ValueError):
         return False
     except OSError:
@@ -188,15 +235,20 @@ class EventStream:
         self.log = StreamLog()
         self.is_disconnected = False
         self._next_id = 1
+        # Taking an id and appending its frame is one step: ids reach the reader in order.
+        self._lock = threading.Lock()
 
     def push(self, event: str, data: Any) -> int:
-        event_id = self._next_id
-        self._next_id += 1
-        self.log.append(encode_event(event_id, event, data))
+        with self._lock:
+            event_id = self._next_id
+            frame = encode_event(event_id, event, data)  # a bad name raises before the id is used
+            self._next_id += 1
+            self.log.append(frame)
         return event_id
 
     def comment(self, text: str) -> None:
-        self.log.append(encode_comment(text))
+        with self._lock:
+            self.log.append(encode_comment(text))
 
     def finish(self, data: Any = None, event: str = "done") -> None:
         """Send the final event (`done` by default) and end the stream."""
@@ -215,8 +267,9 @@ def _log_from_events(events: Iterable[tuple[str, Any]], stream: EventStream) -> 
             if stream.is_disconnected:
                 break
             stream.push(event, data)
-    except Exception as exc:  # the reader must get an `error` event, not a cut stream
-        stream.push("error", {"type": "internal_error", "message": str(exc) or type(exc).__name__})
+    except Exception:  # the reader must get an `error` event, not a cut stream; details go to the log
+        log.exception("events for an SSE response failed")
+        stream.push("error", {"type": "internal_error", "message": "the server failed while streaming"})
     finally:
         close = getattr(events, "close", None)
         if close is not None:
