@@ -41,12 +41,18 @@ SPECS: dict[str, ProviderSpec] = {
                            "https://generativelanguage.googleapis.com/v1beta", "gemini-2.5-flash"),
     # Local servers: OPENAI_COMPATIBLE_BASE_URL, or Ollama's /v1 under OLLAMA_BASE_URL.
     "openai-compatible": ProviderSpec(CompatibleProvider, "OPENAI_COMPATIBLE_API_KEY", "OPENAI_COMPATIBLE_BASE_URL",
-                                      "http://127.0.0.1:11434/v1", "llama3.2"),
+                                      "", "llama3.2"),
 }
 
 
 def build_providers(env: Mapping[str, Any], settings: Any) -> dict[str, Provider]:
-    """Every known provider, built from the environment; `configured` says which can run."""
+    """The providers this server has, built from the environment; `configured` says which can run.
+
+    Hosted providers are always known (a request for one without its key is told so);
+    `openai-compatible` exists only when a base URL points it at a server, and `demo`
+    only while it is the default or DEMO_ENABLED says so: it answers from this
+    server's CPU, which nobody should be able to spend beside a paid provider.
+    """
     policy = UpstreamPolicy(
         connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
         read_timeout=settings.UPSTREAM_READ_TIMEOUT,
@@ -55,28 +61,27 @@ def build_providers(env: Mapping[str, Any], settings: Any) -> dict[str, Provider
         retry_max_wait=settings.UPSTREAM_RETRY_MAX_WAIT,
         pool_size=settings.UPSTREAM_POOL_SIZE,
     )
-    providers: dict[str, Provider] = {
-        "demo": DemoProvider(settings.DEMO_TOKENS_PER_SECOND, settings.DEMO_FIRST_TOKEN_DELAY),
-    }
+    providers: dict[str, Provider] = {}
+    if settings.demo_enabled:
+        providers["demo"] = DemoProvider(settings.DEMO_TOKENS_PER_SECOND, settings.DEMO_FIRST_TOKEN_DELAY)
+        if settings.LLM_PROVIDER == "demo" and settings.LLM_MODEL:
+            providers["demo"].default_model = settings.LLM_MODEL
     for name, spec in SPECS.items():
         base = env.get(spec.base_env) or ""
         if name == "openai-compatible" and not base and env.get("OLLAMA_BASE_URL"):
             base = str(env["OLLAMA_BASE_URL"]).rstrip("/") + "/v1"
+        if name == "openai-compatible" and not base:
+            continue  # a local server nobody named: there is nothing to call
         model = spec.model
         if settings.LLM_PROVIDER == name and settings.LLM_MODEL:
             model = settings.LLM_MODEL
-        provider = spec.adapter(name, base or spec.base_url, env.get(spec.key_env), model, policy, spec.models)
-        if name == "openai-compatible":
-            provider.explicit = bool(base)  # only offered when someone pointed it at a server
-        providers[name] = provider
-    if settings.LLM_PROVIDER == "demo" and settings.LLM_MODEL:
-        providers["demo"].default_model = settings.LLM_MODEL
+        providers[name] = spec.adapter(name, base or spec.base_url, env.get(spec.key_env), model, policy, spec.models)
     return providers
 
 
 def offered(provider: Provider) -> bool:
     """Whether the page and `auto` choices should list this provider."""
-    return provider.configured and getattr(provider, "explicit", True)
+    return provider.configured
 
 
 __all__ = ["SPECS", "Provider", "ProviderError", "Task", "build_providers", "offered"]

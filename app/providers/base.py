@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import random
 import socket
 import threading
@@ -23,6 +24,8 @@ import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from app.decoders import ChunkedDecoder, DecodeError, NdjsonDecoder, SseDecoder
+
+log = logging.getLogger("llm_sse_relay.upstream")
 
 # ---------------------------------------------------------------- normalized deltas
 
@@ -362,9 +365,12 @@ class HttpProvider(Provider):
                 timeout=(self.policy.connect_timeout, self.policy.read_timeout),
             )
         except requests.Timeout as exc:
-            raise ProviderError("upstream_timeout", f"{self.name} did not answer: {exc}", retryable=True) from exc
+            log.warning("%s: no answer from %s: %s", self.name, url, exc)
+            raise ProviderError("upstream_timeout", f"{self.name} did not answer in time", retryable=True) from exc
         except requests.RequestException as exc:
-            raise ProviderError("upstream_unreachable", f"cannot reach {self.name}: {exc}", retryable=True) from exc
+            # The exception names hosts, ports and urllib3's classes: for the log only.
+            log.warning("%s: cannot reach %s: %s", self.name, url, exc)
+            raise ProviderError("upstream_unreachable", f"cannot reach {self.name}", retryable=True) from exc
         unregister = cancel.on_cancel(lambda: abort_response(response))
         try:
             if response.status_code >= 400:
@@ -392,9 +398,11 @@ class HttpProvider(Provider):
             except (ProtocolError, HTTPException, OSError, requests.RequestException) as exc:
                 if cancel.is_set():
                     return
-                raise ProviderError("upstream_disconnected", f"{self.name} closed the stream: {exc}") from exc
+                log.warning("%s: stream from %s broke: %s", self.name, url, exc)
+                raise ProviderError("upstream_disconnected", f"{self.name} closed the stream before its end") from exc
             except DecodeError as exc:
-                raise ProviderError("upstream_protocol_error", str(exc)) from exc
+                log.warning("%s: malformed stream from %s: %s", self.name, url, exc)
+                raise ProviderError("upstream_protocol_error", f"{self.name} sent a malformed stream") from exc
             if cancel.is_set():
                 return
             yield from parser.finish()
@@ -415,9 +423,12 @@ class HttpProvider(Provider):
         message, body_delay = self.error_message(body)
         if retry_after is None:
             retry_after = body_delay
-        text = raw.decode("utf-8", "replace").strip()[:500]
-        message = message or text or response.reason or "error"
         status = response.status_code
+        if not message:
+            # Not the provider's JSON error: an HTML page from a gateway or proxy in between,
+            # which may name internal hosts. The caller gets the status; the log gets the body.
+            log.warning("%s answered %s with a non-JSON body: %r", self.name, status, raw[:500])
+            message = f"HTTP {status}"
         should_retry = response.headers.get("x-should-retry")
         retryable = status in RETRYABLE_STATUS if should_retry is None else should_retry == "true"
         kind = {401: "upstream_auth", 403: "upstream_auth", 429: "upstream_rate_limited"}.get(status, "upstream_error")

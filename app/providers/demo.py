@@ -52,15 +52,31 @@ GENERAL = (
     "- set `OPENAI_API_KEY` (or another provider's key) and pick that provider.\n"
 )
 PIECE = re.compile(r"\s*[^\s]{1,5}|\s+")
-ARITHMETIC = re.compile(r"[-+(]*\d[\d.\s]*(?:[-+*/%]{1,2}[\s(]*\d[\d.\s)]*)+")
+# Arithmetic is found in two linear steps, never by one pattern with nested repeats
+# (that kind backtracks for seconds on "1" * 32000): maximal runs of the characters an
+# expression is made of, then whether a run has an operator between two numbers.
+EXPRESSION_RUN = re.compile(r"[0-9.\s()*/%+-]+")
+OPERATION = re.compile(r"[0-9.]\)*(?:\*\*|//|[-+*/%])\(*[-+]?[0-9.(]")
+MAX_EXPRESSION_CHARS = 200  # the calculate tool's own limit
+
+
+def find_expression(prompt: str) -> str | None:
+    """The first arithmetic expression in `prompt` ("6 * 7", "(2 + 3) * 4"), in linear time."""
+    for run in EXPRESSION_RUN.finditer(prompt):
+        text = run.group().strip()
+        if len(text) < 3 or len(text) > MAX_EXPRESSION_CHARS:
+            continue
+        if OPERATION.search("".join(text.split())):
+            return text
+    return None
 
 
 def demo_tool_call(prompt: str, tools: list[dict[str, Any]]) -> ToolCall | None:
     """Which tool the demo "model" wants for `prompt`, if any (offline tool calling)."""
     names = {t["name"] for t in tools}
-    expression = ARITHMETIC.search(prompt)
-    if "calculate" in names and expression:
-        return ToolCall("demo_call_1", "calculate", json.dumps({"expression": expression.group().strip()}))
+    expression = find_expression(prompt) if "calculate" in names else None
+    if expression:
+        return ToolCall("demo_call_1", "calculate", json.dumps({"expression": expression}))
     if "current_time" in names and re.search(r"\b(time|date|today|clock)\b", prompt, re.I):
         return ToolCall("demo_call_1", "current_time", json.dumps({"timezone": "UTC"}))
     return None
