@@ -1,38 +1,51 @@
-"""Who is calling and what they may do: bearer tokens and JWT, rate limits, open-stream
-caps, and CORS. Limits are counted in the store, so every process and host shares them.
+"""Who is calling and what they may do: bearer tokens and JWTs, the origin of browser
+requests, rate limits, per-client caps, and CORS. Limits are counted in the store, so
+every process and host shares them. docs/security.md says what each rule protects.
 
-- `API_TOKENS` (comma-separated) and/or `JWT_SECRET` (HS256, `exp` required) turn auth on
-  for every API route. `EventSource` cannot send headers: POST-SSE step 1 is
-  authenticated and its unguessable stream id is bound to the caller (only the creator
-  may stop it, and a reader who does present credentials must be the creator).
-- `RATE_LIMIT` ("60/minute", "5/second", "1000/hour") counts requests that start an
-  answer, per caller (token identity, else client address); over it: 429 + Retry-After.
-- `MAX_STREAMS_PER_CLIENT` caps answers in progress at once per caller.
-- `CORS_ORIGINS` ("https://a.example,https://b.example" or "*") for browsers on other
-  origins; credentials are never allowed together with "*".
+- `API_TOKENS` (comma-separated) and/or JWTs turn auth on for every API route. JWTs are
+  verified by PyJWT: HS256 with `JWT_SECRET`, RS256/ES256 with `JWT_PUBLIC_KEY` or a
+  `JWT_JWKS_FILE`; `exp` and a non-empty `sub` are required, `aud`/`iss` checked when
+  set, and a token may not live longer than `JWT_MAX_LIFETIME`.
+- A request from a browser page of another origin (its `Origin`, or `Sec-Fetch-Site`)
+  is refused unless that origin is in `CORS_ORIGINS`: without it, any web page could
+  make its visitors' browsers spend the operator's provider credit.
+- `RATE_LIMIT` counts requests that start an answer, per caller; `MAX_STREAMS_PER_CLIENT`
+  caps answers in progress and `MAX_TICKETS_PER_CLIENT` unopened POST-SSE payloads.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import json
+import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import Flask, Request, Response, g, request
 
+from app.config import ConfigError
 from app.errors import ApiError
+
+log = logging.getLogger("llm_sse_relay.access")
 
 WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 # A stream slot lives this long unless its process refreshes it: a killed process's
 # slots free themselves within a minute.
 SLOT_TTL = 60.0
-JWT_LEEWAY = 30
+# Far above any real JWT (a few hundred bytes to a few kB); bounds the work a token costs.
+MAX_TOKEN_CHARS = 8192
+# base64url without padding, as RFC 7515 requires: a lenient decoder would let "=" or
+# "!!" appended to a signature still verify, so the shape is checked before PyJWT.
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+ASYMMETRIC = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
 
 
 @dataclass(frozen=True)
@@ -52,71 +65,150 @@ def parse_rate(text: str) -> tuple[int, float] | None:
     return int(count), float(WINDOWS[unit])
 
 
-def _b64(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+class TokenVerifier:
+    """JWT verification by PyJWT, with the keys and rules of the settings."""
+
+    def __init__(self, settings: Any) -> None:
+        self.secret = settings.JWT_SECRET
+        self.public_key = _load_public_key(settings.JWT_PUBLIC_KEY) if settings.JWT_PUBLIC_KEY else None
+        self.jwks = _load_jwks(settings.JWT_JWKS_FILE) if settings.JWT_JWKS_FILE else None
+        self.audience = settings.JWT_AUDIENCE or None
+        self.issuer = settings.JWT_ISSUER or None
+        self.leeway = settings.JWT_LEEWAY
+        self.max_lifetime = settings.JWT_MAX_LIFETIME
+        allowed = {a.strip() for a in settings.JWT_ALGORITHMS.split(",") if a.strip()}
+        if not allowed:
+            allowed = {"HS256"} if self.secret else set()
+            if self.public_key is not None or self.jwks is not None:
+                allowed |= {"RS256", "ES256"}
+        unknown = allowed - ASYMMETRIC - {"HS256", "HS384", "HS512"}
+        if unknown:
+            raise ConfigError(f"JWT_ALGORITHMS: unknown algorithm(s) {', '.join(sorted(unknown))}")
+        self.algorithms = allowed
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret or self.public_key is not None or self.jwks is not None)
+
+    def identity(self, token: str) -> str | None:
+        """The caller id of a valid token, or None (every failure looks the same to the caller)."""
+        if len(token) > MAX_TOKEN_CHARS or not TOKEN_SHAPE.fullmatch(token):
+            return None
+        try:
+            claims = self._claims(token)
+        except Exception as exc:  # PyJWT's errors, and what hostile JSON makes it raise (RecursionError, …)
+            log.info("JWT refused: %s", type(exc).__name__ if not isinstance(exc, jwt.PyJWTError) else exc)
+            return None
+        if claims is None:
+            return None
+        subject = f"{claims.get('iss', '')}\0{claims['sub']}"
+        return "jwt:" + hashlib.sha256(subject.encode()).hexdigest()[:32]
+
+    def _claims(self, token: str) -> dict[str, Any] | None:
+        header = jwt.get_unverified_header(token)
+        algorithm = header.get("alg")
+        if algorithm not in self.algorithms:
+            return None
+        key = self._key_for(algorithm, header.get("kid"))
+        if key is None:
+            return None
+        required = ["exp", "sub"] + (["iss"] if self.issuer else []) + (["aud"] if self.audience else [])
+        claims = jwt.decode(token, key, algorithms=[algorithm], audience=self.audience, issuer=self.issuer,
+                            leeway=self.leeway, options={"require": required})
+        exp, iat, sub = claims.get("exp"), claims.get("iat"), claims.get("sub")
+        if not isinstance(sub, str) or not sub.strip():
+            return None  # tokens without a subject would all share one identity
+        if not _finite(exp):
+            return None
+        now = time.time()
+        start = iat if _finite(iat) and iat <= now + self.leeway else now
+        if exp - start > self.max_lifetime or exp - now > self.max_lifetime:
+            return None
+        return claims
+
+    def _key_for(self, algorithm: str, kid: Any) -> Any:
+        if algorithm.startswith("HS"):
+            return self.secret or None
+        if self.jwks is not None:
+            keys = self.jwks.keys
+            if kid is None:
+                candidates = keys if len(keys) == 1 else []
+            else:
+                candidates = [k for k in keys if k.key_id == kid]
+            for jwk in candidates:
+                if jwk.algorithm_name == algorithm or (jwk.algorithm_name is None and _fits(jwk.key, algorithm)):
+                    return jwk.key
+            return None
+        if self.public_key is not None and _fits(self.public_key, algorithm):
+            return self.public_key
+        return None
 
 
-def verify_jwt(token: str, secret: str, audience: str = "") -> dict[str, Any]:
-    """Claims of a valid HS256 JWT; raises ValueError otherwise (expired, forged, …)."""
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fits(key: Any, algorithm: str) -> bool:
+    if algorithm.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey)
+    if algorithm.startswith("ES"):
+        return isinstance(key, ec.EllipticCurvePublicKey)
+    return False
+
+
+def _load_public_key(value: str) -> Any:
+    """A PEM public key given inline or as a file path."""
     try:
-        head, body, signature = token.split(".")
-        header = json.loads(_b64(head))
-        claims = json.loads(_b64(body))
-        given = _b64(signature)
-    except (ValueError, TypeError) as exc:
-        raise ValueError("malformed token") from exc
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        raise ValueError("only HS256 tokens are accepted")
-    expected = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(given, expected):
-        raise ValueError("bad signature")
-    if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int | float):
-        raise ValueError("the token has no expiry (exp)")
-    now = time.time()
-    if claims["exp"] < now - JWT_LEEWAY:
-        raise ValueError("the token has expired")
-    if isinstance(claims.get("nbf"), int | float) and claims["nbf"] > now + JWT_LEEWAY:
-        raise ValueError("the token is not valid yet")
-    if audience:
-        aud = claims.get("aud")
-        if audience != aud and not (isinstance(aud, list) and audience in aud):
-            raise ValueError("the token is for another audience")
-    return claims
+        if "-----BEGIN" in value:
+            pem = value.encode()
+        else:
+            with open(value, "rb") as handle:
+                pem = handle.read()
+        key = load_pem_public_key(pem)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"JWT_PUBLIC_KEY: cannot load a PEM public key ({exc})") from exc
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ConfigError("JWT_PUBLIC_KEY: only RSA and EC public keys are supported")
+    return key
 
 
-def make_jwt(claims: dict[str, Any], secret: str) -> str:
-    """An HS256 JWT (for tests and for issuing tokens from your own login route)."""
-    def enc(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    head = enc(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = enc(json.dumps(claims).encode())
-    signature = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{enc(signature)}"
+def _load_jwks(path: str) -> jwt.PyJWKSet:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return jwt.PyJWKSet.from_json(handle.read())
+    except (OSError, ValueError, jwt.PyJWTError) as exc:
+        raise ConfigError(f"JWT_JWKS_FILE: cannot load a JWKS from {path} ({exc})") from exc
 
 
 class Access:
+    """Identity, ownership, origins, rate limits and slots, for every way into the app."""
+
     def __init__(self, settings: Any, store: Any) -> None:
         self.tokens = [t.strip() for t in settings.API_TOKENS.split(",") if t.strip()]
-        self.jwt_secret = settings.JWT_SECRET
-        self.jwt_audience = settings.JWT_AUDIENCE
+        self.verifier = TokenVerifier(settings)
         self.rate = parse_rate(settings.RATE_LIMIT)
         self.max_streams = settings.MAX_STREAMS_PER_CLIENT
+        self.max_tickets = settings.MAX_TICKETS_PER_CLIENT
+        self.trusted_proxies = settings.TRUSTED_PROXIES
         origins = [o.strip().rstrip("/") for o in settings.CORS_ORIGINS.split(",") if o.strip()]
         self.any_origin = "*" in origins
         self.origins = set(origins) - {"*"}
         self.store = store
-        self.held: set[tuple[str, str]] = set()  # this process's live slots, refreshed together
+        self.held: set[tuple[str, str]] = set()  # this process's live stream slots, refreshed together
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
+        self._warned_proxy = False
 
     @property
     def enabled(self) -> bool:
-        return bool(self.tokens or self.jwt_secret)
+        return bool(self.tokens or self.verifier.enabled)
 
     # -- identity
-    def caller(self, req: Request, token: str | None = None) -> Caller:
-        """Who is calling; raises 401 when auth is on and the credentials are missing or bad."""
+    def caller(self, req: Request, token: Any = None) -> Caller:
+        """Who is calling; raises 401 when auth is on and the credentials are missing or bad.
+
+        `token` is what a transport without headers carried (the WebSocket's first message).
+        """
         if token is None:
             header = req.headers.get("Authorization", "")
             if header[:7].lower() == "bearer ":
@@ -124,6 +216,8 @@ class Access:
             elif req.method == "GET":
                 # EventSource cannot send headers; this lands in access logs, prefer POST-SSE.
                 token = req.args.get("access_token") or None
+        if token is not None and not isinstance(token, str):
+            raise ApiError(401, "unauthorized", "the access token must be a string", {"WWW-Authenticate": "Bearer"})
         if token:
             identity = self.identify(token)
             if identity is None:
@@ -132,19 +226,39 @@ class Access:
         if self.enabled:
             raise ApiError(401, "unauthorized", "this API needs an access token (Authorization: Bearer …)",
                            {"WWW-Authenticate": "Bearer"})
+        if not self.trusted_proxies and not self._warned_proxy and req.headers.get("X-Forwarded-For"):
+            self._warned_proxy = True
+            log.warning("requests carry X-Forwarded-For but TRUSTED_PROXIES=0: behind a proxy every client "
+                        "shares the proxy's address, so per-client limits count them together")
         return Caller(f"ip:{req.remote_addr}", False)
 
     def identify(self, token: str) -> str | None:
         for known in self.tokens:
             if hmac.compare_digest(token.encode(), known.encode()):
                 return "token:" + hashlib.sha256(known.encode()).hexdigest()[:16]
-        if self.jwt_secret and token.count(".") == 2:
-            try:
-                claims = verify_jwt(token, self.jwt_secret, self.jwt_audience)
-            except ValueError:
-                return None
-            return f"jwt:{claims.get('sub', '')}"
+        if self.verifier.enabled and token.count(".") == 2:
+            return self.verifier.identity(token)
         return None
+
+    def owns(self, caller: Caller | None, owner: str | None) -> bool:
+        """Whether `caller` may use what `owner` created. With auth off there are no identities
+        to tell apart: ids (128 random bits, issued by the server) are the capability."""
+        if not self.enabled:
+            return True
+        return caller is not None and owner is not None and hmac.compare_digest(caller.id, owner)
+
+    # -- origins
+    def check_origin(self, req: Request) -> None:
+        """Refuse a browser request made by a page of another origin that CORS_ORIGINS does not list."""
+        origin = req.headers.get("Origin")
+        if origin is not None:
+            if origin.rstrip("/") in self.origins or self.any_origin or _same_origin(origin, req):
+                return
+            raise ApiError(403, "forbidden_origin", "requests from this origin are not allowed (CORS_ORIGINS)")
+        # No Origin: a server-side client, or a browser's no-cors GET (<img>, <script>), which
+        # modern browsers mark with Sec-Fetch-Site.
+        if req.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site") and not self.any_origin:
+            raise ApiError(403, "forbidden_origin", "cross-site requests are not allowed (CORS_ORIGINS)")
 
     # -- limits
     def count_request(self, caller: Caller) -> None:
@@ -179,6 +293,17 @@ class Access:
             self.held.discard(slot)
         self.store.release(*slot)
 
+    def hold_ticket(self, caller_id: str, ticket_id: str, ttl: float) -> None:
+        """An unopened POST-SSE payload counts against its creator until opened or expired."""
+        if self.max_tickets and not self.store.acquire(f"tickets:{caller_id}", ticket_id, self.max_tickets, ttl):
+            raise ApiError(429, "too_many_tickets",
+                           f"{self.max_tickets} streams are already waiting to be opened for this client",
+                           {"Retry-After": "5"})
+
+    def release_ticket(self, caller_id: str, ticket_id: str) -> None:
+        if self.max_tickets:
+            self.store.release(f"tickets:{caller_id}", ticket_id)
+
     def _keep(self) -> None:
         """Refresh every live slot of this process in one store call, a few times per TTL."""
         while True:
@@ -196,7 +321,7 @@ class Access:
     # -- CORS
     def cors(self, response: Response) -> Response:
         origin = request.headers.get("Origin")
-        if not origin or not request.path.startswith("/api/"):
+        if not origin or not request.path.startswith(API_PREFIXES):
             return response
         if self.any_origin:
             # "*" never goes with credentials (browsers refuse it, and it would be unsafe).
@@ -213,15 +338,31 @@ class Access:
         return response
 
 
-# Routes open to everyone: health, the page, what the server offers. The WebSocket checks
-# its first message instead (browsers cannot set headers on it); stream URLs are capabilities.
+def _same_origin(origin: str, req: Request) -> bool:
+    """The page that sent the request is this server's own (the demo page, an app on the same host)."""
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:
+        return False
+    return bool(netloc) and netloc.lower() == req.host.lower()
+
+
+API_PREFIXES = ("/api/", "/v1/")
+# Open to everyone: health, the page, what the server offers. The WebSocket checks its
+# first message instead (browsers cannot set headers on it); stream URLs are capabilities.
 PUBLIC = {"/healthz", "/", "/api/capabilities", "/api/chat/ws"}
 
 
 def install(app: Flask, access: Access) -> None:
+    """Every request passes here first: origin, then identity (the front door's outer wall)."""
+
     @app.before_request
     def authenticate() -> None:
-        if request.method == "OPTIONS" or request.path in PUBLIC or request.path.startswith("/static/"):
+        if request.method == "OPTIONS":
+            return
+        if request.path.startswith(API_PREFIXES) and request.path != "/api/capabilities":
+            access.check_origin(request)
+        if request.path in PUBLIC or not request.path.startswith(API_PREFIXES):
             return
         if request.path.startswith("/api/chat/streams/") and request.method == "GET":
             # The unguessable id is the credential; one who sends a token must be its creator.

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
+
+from app.store.base import StoreError
 
 log = logging.getLogger("llm_sse_relay")
 
 HTTP_TYPES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
-              429: "rate_limited"}
+              429: "rate_limited", 414: "uri_too_long", 431: "headers_too_large"}
 
 
 class ApiError(Exception):
@@ -46,22 +49,14 @@ def register_error_handlers(app: Flask) -> None:
             message = f"request body is larger than {app.config.get('MAX_CONTENT_LENGTH')} bytes"
         return error_response(status, HTTP_TYPES.get(status, "http_error"), message)
 
-    from app.store import StoreError
-
     @app.errorhandler(StoreError)
     def store_unavailable(err: StoreError):
         log.warning("store unavailable: %s", err)
         return error_response(503, "store_unavailable", "the server's store is busy; try again shortly",
                               {"Retry-After": "2"})
 
-    try:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-    except ImportError:
-        pass
-    else:
-        app.register_error_handler(RedisConnectionError, store_unavailable)
-        app.register_error_handler(RedisTimeoutError, store_unavailable)
+    # Redis down, restarting, out of memory or read-only (a replica): all "the store cannot answer".
+    app.register_error_handler(RedisError, store_unavailable)
 
     @app.errorhandler(Exception)
     def unexpected(err: Exception):
