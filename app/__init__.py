@@ -6,13 +6,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app.access import Access, install, parse_rate
+from app import websocket
+from app.access import install, parse_rate
 from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
 from app.providers import build_providers
-from app.relay import Relay
+from app.routes import bp
+from app.service import ChatService
 from app.store import open_store
 
 
@@ -35,21 +38,27 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
         where = settings.STORE_URL or f"sqlite in {app.instance_path}"
         raise ConfigError(f"cannot open the store ({where}): {exc}. Set STORE_URL to a SQLite path this "
                           "process can write (sqlite:////var/lib/llm-sse-relay/relay.sqlite3) or to redis://…") from exc
-    relay = Relay(settings, build_providers(env, settings), store)
-    relay.access = Access(settings, store)
-    app.extensions["llm_sse_relay"] = relay
-    install(app, relay.access)
+    providers = build_providers(env, settings)
+    if settings.LLM_PROVIDER not in providers:
+        raise ConfigError(f"LLM_PROVIDER={settings.LLM_PROVIDER!r} is not available here; known: "
+                          f"{', '.join(sorted(providers))} (openai-compatible needs OPENAI_COMPATIBLE_BASE_URL "
+                          "or OLLAMA_BASE_URL)")
+    service = ChatService.build(settings, providers, store)
+    app.extensions["llm_sse_relay"] = service
+    install(app, service.access)
+    app.after_request(_nosniff)
     if settings.TRUSTED_PROXIES:
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
         n = settings.TRUSTED_PROXIES
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
-
-    from app import websocket
-    from app.routes import bp
 
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.MAX_BODY_BYTES}
     app.register_blueprint(bp)
     app.register_blueprint(websocket.bp)
     register_error_handlers(app)
     return app
+
+
+def _nosniff(response: Response) -> Response:
+    # Browsers must take every body as the type it is served with (JSON stays JSON).
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response

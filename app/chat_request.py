@@ -21,8 +21,9 @@ from app.tools import Tool, toolbox
 OPTIONS = {"prompt", "messages", "system", "provider", "model", "temperature", "max_tokens", "conversation_id",
            "tools"}
 ROLES = {"system", "user", "assistant"}
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-MODEL_PATTERN = re.compile(r"^[\w.:/@+-]{1,200}$")
+# fullmatch, never match() with "$": "$" also matches before a trailing newline.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MODEL_PATTERN = re.compile(r"[A-Za-z0-9_.:/@+-]{1,200}")
 
 
 @dataclass
@@ -122,7 +123,7 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
         raise ApiError(413, "prompt_too_large", f"the prompt is {total} characters; the limit is {limit}")
 
     model = data.get("model") or provider.default_model
-    if not isinstance(model, str) or not MODEL_PATTERN.match(model):
+    if not isinstance(model, str) or not MODEL_PATTERN.fullmatch(model):
         raise invalid("'model' must be a model name (letters, digits and ._:/@+-)")
     temperature = data.get("temperature")
     if temperature is not None and temperature != "":
@@ -135,7 +136,7 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     else:
         max_tokens = None
     conversation_id = data.get("conversation_id") or None
-    if conversation_id is not None and (not isinstance(conversation_id, str) or not ID_PATTERN.match(conversation_id)):
+    if conversation_id is not None and not (isinstance(conversation_id, str) and ID_PATTERN.fullmatch(conversation_id)):
         raise invalid("'conversation_id' must be 1-64 characters of letters, digits, '_' or '-'")
 
     tools = parse_tools(data.get("tools"))

@@ -20,21 +20,24 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app, has_app_context
+from flask import Response, current_app, g, has_app_context, has_request_context, request
 
-from app.chat_request import ChatRequest, parse_chat_request
+from app.access import Caller
+from app.chat_request import ChatRequest
 from app.config import Settings, environment
 from app.providers import build_providers
-from app.providers.base import Cancellation, Text
-from app.relay import Relay, collect
+from app.service import ChatService
+from app.sse import sse_response
 from app.store import open_store
 
-_default: Relay | None = None
+# Outside any request (a script, a worker job): the application itself is the caller.
+LOCAL = Caller("local:python-api", True)
+_default: ChatService | None = None
 _default_lock = threading.Lock()
 
 
-def current_relay() -> Relay:
-    """The relay of the current Flask app, or one built from the environment."""
+def current_service() -> ChatService:
+    """The front door of the current Flask app, or one built from the environment (once)."""
     global _default
     if has_app_context() and "llm_sse_relay" in current_app.extensions:
         return current_app.extensions["llm_sse_relay"]
@@ -42,14 +45,23 @@ def current_relay() -> Relay:
         if _default is None:
             env = environment()
             settings = Settings.load(env)
-            _default = Relay(settings, build_providers(env, settings), open_store(settings.STORE_URL, "instance"))
+            _default = ChatService.build(settings, build_providers(env, settings),
+                                         open_store(settings.STORE_URL, "instance"))
         return _default
 
 
-def _chat(options: dict[str, Any]) -> ChatRequest:
-    relay = current_relay()
+def current_caller() -> Caller:
+    """Who the limits count: the authenticated caller of this request, else its client address."""
+    if not has_request_context():
+        return LOCAL
+    caller = g.get("caller")
+    return caller if caller is not None else Caller(f"ip:{request.remote_addr}", False)
+
+
+def _chat(options: dict[str, Any]) -> tuple[ChatService, Caller, ChatRequest]:
+    service, caller = current_service(), current_caller()
     options = {k: v for k, v in options.items() if v is not None}
-    return parse_chat_request(options, relay.settings, relay.providers)
+    return service, caller, service.accept(caller, options)
 
 
 class ProviderClient:
@@ -61,23 +73,13 @@ class ProviderClient:
 
     def ask_stream(self, prompt: str, **options: Any) -> Iterator[str]:
         """The answer's text pieces as they arrive; closing the iterator stops the call."""
-        chat = _chat({"provider": self.provider, "model": self.model, "prompt": prompt, **options})
-        return stream_text(chat)
+        service, caller, chat = _chat({"provider": self.provider, "model": self.model, "prompt": prompt, **options})
+        return service.text_stream(caller, chat)
 
     def ask(self, prompt: str, **options: Any) -> str:
         """The whole answer's text."""
-        chat = _chat({"provider": self.provider, "model": self.model, "prompt": prompt, **options})
-        return collect(chat.provider, chat.task).text
-
-
-def stream_text(chat: ChatRequest) -> Iterator[str]:
-    cancel = Cancellation()
-    try:
-        for delta in chat.provider.stream(chat.task, cancel):
-            if delta.__class__ is Text:
-                yield delta.text
-    finally:
-        cancel.cancel("closed")
+        service, caller, chat = _chat({"provider": self.provider, "model": self.model, "prompt": prompt, **options})
+        return service.answer(caller, chat)[2].text
 
 
 def ask_stream(prompt: str, provider: str | None = None, model: str | None = None, **options: Any) -> Iterator[str]:
@@ -124,23 +126,24 @@ class TaskBuilder:
         self._options["max_tokens"] = value
         return self
 
-    def _chat(self) -> ChatRequest:
+    def _chat(self) -> tuple[ChatService, Caller, ChatRequest]:
         return _chat({**self._options, "messages": list(self._messages)})
 
     def stream(self) -> Response:
-        """A Flask SSE response with the full event protocol (msgid, token, …, done)."""
-        from app.routes import stream_generation
-
-        chat = self._chat()
-        generation = current_relay().start(chat.provider, chat.task, chat.conversation_id)
-        return stream_generation(generation)
+        """A Flask SSE response with the full event protocol (msgid, token, …, done), through
+        the front door: the caller's rate limit and stream cap, and a recorded conversation."""
+        service, caller, chat = self._chat()
+        reading = service.stream(caller, chat)
+        return sse_response(reading.log, heartbeat=service.settings.SSE_HEARTBEAT_SECONDS,
+                            position=reading.position, on_close=reading.on_close)
 
     def ask(self) -> str:
-        chat = self._chat()
-        return collect(chat.provider, chat.task).text
+        service, caller, chat = self._chat()
+        return service.answer(caller, chat)[2].text
 
     def ask_stream(self) -> Iterator[str]:
-        return stream_text(self._chat())
+        service, caller, chat = self._chat()
+        return service.text_stream(caller, chat)
 
 
 def task(provider: str | None = None) -> TaskBuilder:

@@ -3,8 +3,13 @@
 Every request goes through `begin` (history loaded, the new messages stored at once) and
 `finish` (the assistant's record: done, stopped or failed, with its tool calls), whether
 it streamed or not, so streamed and REST turns are stored the same way and mix freely.
-Records are only ever appended, one by one, which keeps concurrent requests on one
-conversation from corrupting it: their records interleave, each tagged with its request.
+Records are only ever appended, which keeps concurrent requests on one conversation from
+corrupting it: their records interleave, each tagged with its request.
+
+A conversation belongs to the caller that started it: its id is issued here, never
+chosen by a client, and under auth nobody else can read, continue or delete it (they
+get the same 404 as for an id that does not exist). Its size is capped, and a turn
+loads only the recent records it may replay, never the whole conversation.
 """
 
 from __future__ import annotations
@@ -13,45 +18,92 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from app.access import Access, Caller
 from app.chat_request import ChatRequest
+from app.errors import ApiError
 from app.providers.base import Task
 from app.relay import Answer, new_id
 from app.store import Store
+from app.store.base import to_json
+
+NOT_FOUND = "no such conversation"
 
 
 class Conversations:
-    def __init__(self, store: Store, settings: Any) -> None:
+    def __init__(self, store: Store, settings: Any, access: Access) -> None:
         self.store = store
+        self.access = access
         self.max_messages = settings.HISTORY_MAX_MESSAGES
         self.max_chars = settings.HISTORY_MAX_CHARS
         self.ttl = settings.CONVERSATION_TTL
+        self.cap_messages = settings.MAX_CONVERSATION_MESSAGES
+        self.cap_bytes = settings.MAX_CONVERSATION_BYTES
 
-    def begin(self, chat: ChatRequest, request_id: str) -> tuple[str, Task]:
-        """Store the request's messages; return the conversation id and the task to send."""
-        conversation_id = chat.conversation_id or new_id()
-        history = self.replayable(conversation_id) if chat.conversation_id else []
+    def begin(self, caller: Caller, chat: ChatRequest, request_id: str) -> tuple[str, Task, int]:
+        """Store the request's messages; return the conversation id, the task to send, and the
+        conversation's length after them (where a POST-SSE ticket's history ends)."""
         now = time.time()
-        for message in chat.task.messages:
-            self.store.append_message(conversation_id, {**message, "request_id": request_id, "created": now}, self.ttl)
-        return conversation_id, replace(chat.task, messages=self.bounded(history + chat.task.messages))
+        records = [{**message, "request_id": request_id, "created": now} for message in chat.task.messages]
+        history: list[dict[str, Any]] = []
+        if chat.conversation_id is None:
+            conversation_id = new_id()
+        else:
+            conversation_id = chat.conversation_id
+            info = self.owned(caller, conversation_id)
+            size = sum(len(to_json(r).encode()) for r in records)
+            if info.messages + len(records) > self.cap_messages or info.bytes + size > self.cap_bytes:
+                raise ApiError(413, "conversation_too_large",
+                               f"this conversation reached its size limit ({self.cap_messages} messages or "
+                               f"{self.cap_bytes} bytes); start a new conversation")
+            history = self.replayable(self.store.messages(conversation_id, max(0, info.messages - self.max_messages)))
+        info = self.store.append_messages(conversation_id, records, self.ttl, owner=caller.id)
+        return conversation_id, replace(chat.task, messages=self.bounded(history + chat.task.messages)), info.messages
 
-    def finish(self, conversation_id: str, request_id: str, answer: Answer, tools: list[dict[str, Any]]) -> None:
+    def history_at(self, conversation_id: str, position: int, request_id: str) -> list[dict[str, Any]]:
+        """The messages to send for a request accepted earlier (a POST-SSE ticket opened now):
+        the conversation up to where that request's own messages end."""
+        records = self.store.messages(conversation_id, max(0, position - self.max_messages), position)
+        messages = self.bounded(self.replayable(records, request_id))
+        if not messages or messages[-1].get("role") != "user":
+            raise ApiError(404, "not_found", "the conversation of this stream was deleted")
+        return messages
+
+    def finish(self, conversation_id: str, request_id: str, answer: Answer, owner: str) -> None:
         """Store the assistant's turn, however it ended."""
         record: dict[str, Any] = {
             "role": "assistant", "content": answer.text, "status": answer.outcome,
             "finish_reason": answer.finish_reason, "usage": answer.usage,
             "request_id": request_id, "created": time.time(),
         }
-        if tools:
-            record["tools"] = tools
+        if answer.tool_records:
+            record["tools"] = answer.tool_records
         if answer.error:
             record["error"] = answer.error
-        self.store.append_message(conversation_id, record, self.ttl)
+        self.store.append_message(conversation_id, record, self.ttl, owner=owner)
 
-    def replayable(self, conversation_id: str) -> list[dict[str, str]]:
-        """The stored turns as model messages (tool activity is summed up in the answers)."""
-        return [{"role": r["role"], "content": r["content"]} for r in self.store.messages(conversation_id)
-                if r.get("role") in ("user", "assistant") and r.get("content")]
+    def owned(self, caller: Caller | None, conversation_id: str):
+        """The conversation's info, if it exists and `caller` may use it; else the same 404."""
+        info = self.store.conversation(conversation_id)
+        if info is None or not self.access.owns(caller, info.owner):
+            raise ApiError(404, "not_found", NOT_FOUND)
+        return info
+
+    def read(self, caller: Caller | None, conversation_id: str) -> list[dict[str, Any]]:
+        self.owned(caller, conversation_id)
+        return self.store.messages(conversation_id)
+
+    def forget(self, caller: Caller | None, conversation_id: str) -> None:
+        self.owned(caller, conversation_id)
+        if not self.store.delete_conversation(conversation_id):
+            raise ApiError(404, "not_found", NOT_FOUND)
+
+    @staticmethod
+    def replayable(records: list[dict[str, Any]], request_id: str | None = None) -> list[dict[str, str]]:
+        """Stored records as model messages: user and assistant turns (tool activity is summed up
+        in the answers), plus any system message of the request being answered."""
+        return [{"role": r["role"], "content": r["content"]} for r in records
+                if r.get("content") and (r.get("role") in ("user", "assistant")
+                                         or (r.get("role") == "system" and r.get("request_id") == request_id))]
 
     def bounded(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The most recent messages within the budget, starting with a user message."""

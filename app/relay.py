@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.providers.base import Cancellation, Finish, Meta, Provider, ProviderError, Task, Text, ToolCall, Usage
-from app.sse import StreamLog, encode_event, encode_json
+from app.sse import StreamLog, encode_event, encode_token
 from app.store import Store
 from app.tools import Tool, answer_deltas
 
@@ -71,17 +71,24 @@ class Generation:
     A direct stream stops as soon as its reader leaves. A resumable one also copies its
     log to the store (for readers in other processes), obeys stop requests made there,
     and outlives its last reader by a grace period.
+
+    `record` keeps the answer (conversation memory) before the last event is sent, so a
+    reader is never told `done` about an answer that was not kept; `release` runs after
+    the end, however it ended (the caller's stream slot).
     """
 
-    def __init__(self, provider: Provider, task: Task, conversation_id: str,
-                 on_end: Callable[[Generation], None] | None = None, stream_id: str | None = None,
-                 resumable: Resumable | None = None, tools: list[Tool] | None = None, max_rounds: int = 4,
-                 record: Callable[[Generation], None] | None = None, owner: str = "") -> None:
+    def __init__(self, provider: Provider, task: Task, conversation_id: str, *, stream_id: str | None = None,
+                 owner: str = "", resumable: Resumable | None = None, tools: list[Tool] | None = None,
+                 max_rounds: int = 4, record: Callable[[Generation], None] | None = None,
+                 release: Callable[[Generation], None] | None = None,
+                 on_end: Callable[[Generation], None] | None = None) -> None:
         self.id = stream_id or new_id()
         self.owner = owner  # the caller the stream is bound to (see app.access)
         self.tools = tools or []
         self.max_rounds = max_rounds
         self.record = record
+        self.release = release
+        self.on_end = on_end
         self.resumable = resumable
         self.abort_error: dict[str, Any] | None = None
         self._watching = False
@@ -91,7 +98,6 @@ class Generation:
         self.log = StreamLog()
         self.cancel = Cancellation()
         self.answer = Answer()
-        self.on_end = on_end
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.token_events = 0
@@ -162,6 +168,7 @@ class Generation:
         append(encode_event(1, "msgid", {"id": self.id, "conversation_id": self.conversation_id,
                                           "provider": provider.name, "model": self.task.model}))
         next_id = 2
+        ending: list[tuple[str, dict[str, Any]]] = []
         try:
             deltas = answer_deltas(provider, self.task, self.cancel, self.tools, self.max_rounds, answer.tool_records)
             for delta in deltas:
@@ -170,45 +177,69 @@ class Generation:
                     if self.first_token_at is None:
                         self.first_token_at = time.monotonic()
                     parts.append(delta.text)
-                    append(b"id: %d\nevent: token\ndata: %s\n\n" % (next_id, encode_json({"text": delta.text})))
+                    append(encode_token(next_id, delta.text))
                     next_id += 1
                 elif kind is Meta:
                     append(encode_event(next_id, "meta", delta.data))
                     next_id += 1
                 else:
                     answer.note(delta)
-            if self.abort_error is not None:
-                answer.outcome, answer.error = "error", self.abort_error
-                append(encode_event(next_id, "error", self.abort_error))
-            elif self.cancel.is_set():
-                answer.outcome = self.cancel.reason or "stopped"
-                answer.finish_reason = "stopped"
-                append(encode_event(next_id, "done", {"finish_reason": "stopped", "usage": answer.usage}))
-            else:
-                answer.outcome = "done"
-                finish = answer.finish_reason or "stop"
-                if answer.usage is not None or answer.finish_reason is not None:
-                    append(encode_event(next_id, "meta", {"usage": answer.usage, "finish_reason": finish}))
-                    next_id += 1
-                append(encode_event(next_id, "done", {"finish_reason": finish, "usage": answer.usage}))
+            ending = self._ending()
         except ProviderError as err:
             answer.outcome, answer.error = "error", err.as_event()
-            append(encode_event(next_id, "error", answer.error))
+            ending = [("error", answer.error)]
         except Exception:
             logger.exception("stream %s failed", self.id)
-            answer.outcome = "error"
-            answer.error = {"type": "internal_error", "message": "the relay failed while streaming this answer"}
-            append(encode_event(next_id, "error", answer.error))
+            ending = []
         finally:
+            if not ending:  # an exception above, or the thread itself being killed: readers still get an end
+                answer.outcome = "error"
+                answer.error = {"type": "internal_error", "message": "the relay failed while streaming this answer"}
+                ending = [("error", answer.error)]
             self.token_events = len(parts)
+            ending = self._recorded(ending)
+            for event, data in ending:
+                append(encode_event(next_id, event, data))
+                next_id += 1
             self.log.close()
             self._log_line()
-            for hook in (self.record, self.on_end):
+            for hook in (self.release, self.on_end):
                 if hook is not None:
                     try:
                         hook(self)
                     except Exception:
                         logger.exception("stream %s: end hook failed", self.id)
+
+    def _ending(self) -> list[tuple[str, dict[str, Any]]]:
+        """The last events of an answer that was not interrupted by an error."""
+        answer = self.answer
+        if self.abort_error is not None:
+            answer.outcome, answer.error = "error", self.abort_error
+            return [("error", self.abort_error)]
+        if self.cancel.is_set():
+            answer.outcome = self.cancel.reason or "stopped"
+            answer.finish_reason = "stopped"
+            return [("done", {"finish_reason": "stopped", "usage": answer.usage})]
+        answer.outcome = "done"
+        finish = answer.finish_reason or "stop"
+        events: list[tuple[str, dict[str, Any]]] = []
+        if answer.usage is not None or answer.finish_reason is not None:
+            events.append(("meta", {"usage": answer.usage, "finish_reason": finish}))
+        return events + [("done", {"finish_reason": finish, "usage": answer.usage})]
+
+    def _recorded(self, ending: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+        """Keep the answer; when that fails the reader is told so instead of `done`."""
+        if self.record is None:
+            return ending
+        try:
+            self.record(self)
+        except Exception as exc:
+            logger.warning("stream %s: the answer could not be recorded: %s", self.id, exc)
+            self.answer.outcome = "error"
+            self.answer.error = {"type": "store_unavailable",
+                                 "message": "the answer could not be saved to the conversation; try again shortly"}
+            return [e for e in ending if e[0] == "meta"] + [("error", self.answer.error)]
+        return ending
 
     def _log_line(self) -> None:
         now = time.monotonic()
@@ -268,8 +299,18 @@ class LogFlusher:
                     return
             try:
                 self._flush(entries)
-                now = time.monotonic()
-                running = [sid for sid, (gen, _) in entries if not gen.log.closed]
+            except Exception as exc:
+                # One stream's rows may be what the store refuses: write each alone, so a
+                # failure stays with the stream it belongs to.
+                logger.warning("stream store batch failed (%s); writing streams one by one", exc)
+                for entry in entries:
+                    try:
+                        self._flush([entry])
+                    except Exception as own:
+                        self._abort(entry[0], entry[1][0], own)
+            running = [sid for sid, (gen, _) in entries if not gen.log.closed and sid in self.active]
+            now = time.monotonic()
+            try:  # control, not data: a failure here is retried on the next tick
                 if running and now >= next_stop_check:
                     next_stop_check = now + self.STOP_CHECK_SECONDS
                     for sid in self.store.stopped_among(running):
@@ -278,35 +319,42 @@ class LogFlusher:
                     next_alive = now + PRODUCER_ALIVE_SECONDS
                     self.store.touch_many(running, "producer")
             except Exception as exc:
-                logger.warning("stream store failed: %s", exc)
-                error = {"type": "store_unavailable",
-                         "message": f"the stream store failed ({type(exc).__name__}); the answer was stopped"}
-                with self._lock:
-                    for sid, (generation, _) in entries:
-                        generation.abort(error)
-                        self.active.pop(sid, None)
-                        self.on_closed(generation)
+                logger.warning("stream store control check failed: %s", exc)
+
+    def _abort(self, stream_id: str, generation: Generation, exc: Exception) -> None:
+        logger.warning("stream %s: its log cannot be stored (%s); stopping it", stream_id, exc)
+        generation.abort({"type": "store_unavailable",
+                          "message": "the stream could not be saved for resuming; the answer was stopped"})
+        with self._lock:
+            self.active.pop(stream_id, None)
+        self.on_closed(generation)
 
     def _flush(self, entries: list[tuple[str, list[Any]]]) -> None:
         batch: dict[str, list[tuple[int, bytes]]] = {}
+        written: dict[str, int] = {}
         finished = []
         for sid, entry in entries:
-            generation, written = entry
+            generation, done = entry
             log = generation.log
             closed = log.closed  # read before the frames: a closed log has all of them
             frames = log.frames
             count = len(frames)
-            if count > written:
-                batch[sid] = [(written + i + 1, f) for i, f in enumerate(frames[written:count])]
-                entry[1] = count
+            if count > done:
+                batch[sid] = [(done + i + 1, f) for i, f in enumerate(frames[done:count])]
+                written[sid] = count
             if closed:
                 finished.append(sid)
         if batch or finished:
             self.store.append_many(batch, closing=tuple(finished), ttl=self.ttl)
+        # Only now that the store has them: a failed batch is written again next time.
+        for sid, entry in entries:
+            if sid in written:
+                entry[1] = written[sid]
         for sid in finished:
             with self._lock:
-                generation = self.active.pop(sid)[0]
-            self.on_closed(generation)
+                entry = self.active.pop(sid, None)
+            if entry is not None:
+                self.on_closed(entry[0])
 
 
 class StoreLogView:
@@ -349,7 +397,8 @@ class StoreLogView:
                 return self._fail("stream_lost", "the process generating this answer stopped")
             return []
         except Exception as exc:
-            return self._fail("store_unavailable", f"the stream store failed ({type(exc).__name__})")
+            logger.warning("stream %s: reading its log from the store failed: %s", stream_id, exc)
+            return self._fail("store_unavailable", "the stream store is unavailable; try again shortly")
 
     def _fail(self, kind: str, message: str) -> list[bytes]:
         self._failed = True
@@ -376,32 +425,25 @@ def collect(provider: Provider, task: Task, cancel: Cancellation | None = None, 
 
 
 class Relay:
-    """The app's relay service: settings, providers and the generations in this process."""
+    """The generations of this process: started here, found here by id, flushed to the store."""
 
-    def __init__(self, settings: Any, providers: dict[str, Provider], store: Store) -> None:
+    def __init__(self, settings: Any, store: Store) -> None:
         self.settings = settings
-        self.providers = providers
         self.store = store
         self.generations: dict[str, Generation] = {}
         self.flusher = LogFlusher(store, settings.STREAM_LOG_TTL, on_closed=self._ended)
-        self.access: Any = None  # app.access.Access, set by create_app
         self._lock = threading.Lock()
 
-    def start(self, provider: Provider, task: Task, conversation_id: str | None,
-              stream_id: str | None = None, resumable: bool = False, tools: list[Tool] | None = None,
-              record: Callable[[Generation], None] | None = None, owner: str = "") -> Generation:
-        """Start producing an answer now; readers attach to `generation.log`.
-
-        `record` runs when the answer ended, however it ended (conversation memory).
-        """
-        share = None
-        s = self.settings
-        if resumable:
-            share = Resumable(self.store, s.STREAM_GRACE_SECONDS)
+    def start(self, provider: Provider, task: Task, conversation_id: str, *, stream_id: str, owner: str,
+              resumable: bool = False, tools: list[Tool] | None = None,
+              record: Callable[[Generation], None] | None = None,
+              release: Callable[[Generation], None] | None = None) -> Generation:
+        """Start producing an answer now; readers attach to `generation.log`."""
+        share = Resumable(self.store, self.settings.STREAM_GRACE_SECONDS) if resumable else None
         # A resumable generation stays findable here until its log is complete in the store.
-        generation = Generation(provider, task, conversation_id or new_id(), on_end=None if share else self._ended,
-                                stream_id=stream_id, resumable=share, tools=tools,
-                                max_rounds=s.TOOL_MAX_ROUNDS, record=record, owner=owner)
+        generation = Generation(provider, task, conversation_id, stream_id=stream_id, owner=owner, resumable=share,
+                                tools=tools, max_rounds=self.settings.TOOL_MAX_ROUNDS, record=record,
+                                release=release, on_end=None if share else self._ended)
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start(self.flusher)

@@ -4,19 +4,24 @@ Offered under gunicorn, which hands the socket to the app and lets flask-sock en
 response cleanly. mod_wsgi gives no socket, and werkzeug's development server writes an
 HTTP response after the WebSocket closes (browsers then drop the last frames), so there
 `/api/capabilities` leaves it out and the JS client falls back.
+
+Protocol: the first message is the JSON payload (with `access_token` when auth is on:
+browsers cannot set headers on a WebSocket); then the server sends frames until `done`
+or `error`. A message `{"type": "stop"}` from the client stops the answer at once.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
-from app.chat_request import parse_chat_request
 from app.errors import ApiError
-from app.sse import HEARTBEAT, encode_event
+from app.request_body import parse_json_object
+from app.sse import SseBody, encode_event
 
 bp = Blueprint("websocket", __name__)
 sock = Sock()
@@ -30,49 +35,48 @@ def _error_frame(type: str, message: str) -> str:
     return encode_event(None, "error", {"type": type, "message": message}).decode()
 
 
+def _is_stop(message: str | bytes | None) -> bool:
+    try:
+        data = json.loads(message) if message else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("type") == "stop"
+
+
+def _watch_for_stop(ws, stop) -> None:
+    """Read the client's messages while the answer streams: a stop acts at once, even while
+    the upstream is silent (the sending loop may be waiting a whole heartbeat)."""
+    try:
+        while ws.connected:
+            message = ws.receive(timeout=None)
+            if _is_stop(message):
+                stop()
+                return
+    except ConnectionClosed:
+        pass
+
+
 @sock.route("/api/chat/ws", bp=bp)
 def chat_ws(ws) -> None:
-    """First message: the JSON payload. Then frames until `done`/`error`; `{"type": "stop"}` stops."""
     service = current_app.extensions["llm_sse_relay"]
     heartbeat = service.settings.SSE_HEARTBEAT_SECONDS
     raw = ws.receive(timeout=max(heartbeat, 10))
     if raw is None:
         return
-    from app.routes import start_generation
-
     try:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ApiError(400, "invalid_request", "the first message must be a JSON object")
-        # Browsers cannot set headers on a WebSocket: the token may come in the first message.
+        data = parse_json_object(raw, "the first message")
         caller = service.access.caller(request, token=data.pop("access_token", None))
-        service.access.count_request(caller)
-        chat = parse_chat_request(data, service.settings, service.providers)
-        generation = start_generation(chat, owner=caller.id)
-    except ValueError:
-        ws.send(_error_frame("invalid_json", "the first message is not valid JSON"))
-        return
+        reading = service.stream(caller, service.accept(caller, data))
     except ApiError as err:
         ws.send(_error_frame(err.type, err.message))
         return
-    generation.reader_joined()
-    log = generation.log
-    position, completed = 0, False
+    threading.Thread(target=_watch_for_stop, args=(ws, reading.stop), daemon=True).start()
+    # The same iterator as every SSE response: frames as they come, heartbeats between.
+    body = SseBody(reading.log, heartbeat, reading.position, reading.on_close)
     try:
-        while True:
-            frames = log.wait(position, heartbeat)
-            if frames:
-                position += len(frames)
-                ws.send(b"".join(frames).decode())
-            elif log.closed and position == len(log.frames):
-                completed = True
-                break
-            else:
-                ws.send(HEARTBEAT.decode())
-            message = ws.receive(timeout=0)
-            if message and '"stop"' in message:
-                generation.stop("stopped")
+        for chunk in body:
+            ws.send(chunk.decode())
     except ConnectionClosed:
         pass
     finally:
-        generation.reader_left(completed)
+        body.close()

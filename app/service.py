@@ -1,0 +1,270 @@
+"""The front door: the one service every way in goes through.
+
+HTTP routes, the WebSocket, the Python API (and every transport added later) parse
+their input, resolve the caller, and call `ChatService`. It owns what must hold
+whichever way a request came: validation, rate limits, per-client caps (answers in
+progress, unopened tickets), ownership of streams and conversations, and the records
+of every answer. Transports only shape what it returns into their wire format.
+
+Built whole by `ChatService.build` (in `create_app`); nothing is wired in afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from app.access import Access, Caller
+from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
+from app.conversations import Conversations
+from app.errors import ApiError
+from app.providers import Provider, ProviderError
+from app.providers.base import Cancellation, Task, Text
+from app.relay import Answer, Generation, Relay, StoreLogView, collect, new_id
+from app.sse import StreamLog
+from app.store import Store
+from app.tools import toolbox
+
+# Last-Event-ID as the protocol writes it: ASCII digits only ("²".isdigit() is true).
+EVENT_ID = re.compile(r"[0-9]{1,12}")
+
+
+@dataclass
+class Reading:
+    """What a transport serves: a log to read from `position` on, and what to call when the
+    reader leaves (`on_close(completed)`) or asks to stop (`stop()`)."""
+
+    log: StreamLog | StoreLogView
+    position: int = 0
+    on_close: Callable[[bool], None] | None = None
+    stop: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A POST-SSE request accepted at step 1. The prompt is not in it: it is stored once, in
+    the conversation, and the history is read from there when the stream opens."""
+
+    owner: str
+    provider: str
+    model: str
+    conversation_id: str
+    position: int
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    tools: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "tools": list(self.tools)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ticket:
+        return cls(**{**data, "tools": tuple(data.get("tools") or ())})
+
+
+class ChatService:
+    def __init__(self, settings: Any, providers: dict[str, Provider], store: Store, access: Access,
+                 relay: Relay, conversations: Conversations) -> None:
+        self.settings = settings
+        self.providers = providers
+        self.store = store
+        self.access = access
+        self.relay = relay
+        self.conversations = conversations
+
+    @classmethod
+    def build(cls, settings: Any, providers: dict[str, Provider], store: Store) -> ChatService:
+        access = Access(settings, store)
+        return cls(settings, providers, store, access, Relay(settings, store), Conversations(store, settings, access))
+
+    # -- accepting a request
+    def accept(self, caller: Caller, data: dict[str, Any], from_query: bool = False) -> ChatRequest:
+        """Validate a request that starts an answer; it counts against the caller's rate limit."""
+        self.access.count_request(caller)
+        return parse_chat_request(data, self.settings, self.providers, from_query=from_query)
+
+    # -- direct streams (SSE GET/POST, WebSocket, the Python API's task().stream())
+    def stream(self, caller: Caller, chat: ChatRequest) -> Reading:
+        """Start an answer now; it stops as soon as its one reader leaves."""
+        stream_id = new_id()
+        self.access.open_stream(caller.id, stream_id)
+        try:
+            conversation_id, task, _ = self.conversations.begin(caller, chat, stream_id)
+        except BaseException:
+            self.access.close_stream(caller.id, stream_id)
+            raise
+        generation = self._start(chat.provider, task, conversation_id, stream_id, caller.id, chat, resumable=False)
+        return self._reading(generation, 0)
+
+    # -- POST-SSE
+    def create_ticket(self, caller: Caller, chat: ChatRequest) -> dict[str, str]:
+        """Step 1: accept the request and keep it until its stream is opened (the user's message
+        is stored now). Unopened tickets count against the caller."""
+        ticket_id = new_id()
+        ttl = self.settings.STREAM_TICKET_TTL
+        self.access.hold_ticket(caller.id, ticket_id, ttl)
+        try:
+            conversation_id, task, position = self.conversations.begin(caller, chat, ticket_id)
+            ticket = Ticket(caller.id, chat.provider.name, task.model, conversation_id, position, task.system,
+                            task.temperature, task.max_tokens, tuple(t.name for t in chat.tools))
+            self.store.put_ticket(ticket_id, ticket.to_dict(), ttl)
+        except BaseException:
+            self.access.release_ticket(caller.id, ticket_id)
+            raise
+        return {"id": ticket_id, "stream_url": f"/api/chat/streams/{ticket_id}", "conversation_id": conversation_id}
+
+    def open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None) -> Reading | None:
+        """Step 2, from any worker or host: the stream after `last_event_id`, or None when the
+        reader already has all of a finished stream (then EventSource must stop: 204).
+
+        The id is the credential (EventSource sends no headers); a caller who does present
+        credentials must be the creator.
+        """
+        self._valid_id(stream_id, "stream")
+        position = self.event_position(last_event_id)
+        generation = self.relay.generations.get(stream_id)
+        if generation is not None:  # produced in this process: read its log directly
+            self._owner_check(caller, generation.owner)
+            if generation.log.closed and position >= len(generation.log.frames):
+                return None
+            return self._reading(generation, position)
+        ticket = self.store.take_ticket(stream_id)
+        if ticket is not None:  # first open: this process becomes the producer
+            return self._produce(caller, stream_id, ticket, position)
+        state = self.store.log_state(stream_id)
+        if state is None:
+            raise ApiError(404, "not_found", "no such stream (unknown, or expired)")
+        self._owner_check(caller, self.store.log_owner(stream_id))
+        if state == "closed" and not self.store.read_frames(stream_id, position, 0):
+            return None
+        return Reading(StoreLogView(self.store, stream_id), position)
+
+    def _produce(self, caller: Caller | None, stream_id: str, data: dict[str, Any], position: int) -> Reading:
+        """Start the generation of a ticket just taken. A ticket whose opening is refused (not the
+        creator, a cap, a store error) is put back, so the creator can still open it."""
+        ticket = Ticket.from_dict(data)
+        try:
+            self._owner_check(caller, ticket.owner)
+            provider = self.providers.get(ticket.provider)
+            if provider is None or not provider.configured:
+                raise ApiError(400, "provider_not_configured", f"provider '{ticket.provider}' is not available")
+            messages = self.conversations.history_at(ticket.conversation_id, ticket.position, stream_id)
+            self.access.open_stream(ticket.owner, stream_id)
+        except BaseException:
+            self.store.put_ticket(stream_id, data, self.settings.STREAM_TICKET_TTL)
+            raise
+        self.access.release_ticket(ticket.owner, stream_id)
+        task = Task(messages=messages, model=ticket.model, system=ticket.system, temperature=ticket.temperature,
+                    max_tokens=ticket.max_tokens)
+        chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
+        generation = self._start(provider, task, ticket.conversation_id, stream_id, ticket.owner, chat,
+                                 resumable=True)
+        return self._reading(generation, position)
+
+    def stop_stream(self, caller: Caller, stream_id: str) -> None:
+        """Stop a generation now, wherever it runs (its producer checks the store)."""
+        self._valid_id(stream_id, "stream")
+        generation = self.relay.generations.get(stream_id)
+        if generation is not None:
+            self._owner_check(caller, generation.owner)
+            generation.stop("stopped")
+            return
+        data = self.store.take_ticket(stream_id)
+        if data is not None:  # never opened: forgetting the payload is stopping it
+            owner = data.get("owner")
+            if not self.access.owns(caller, owner):
+                self.store.put_ticket(stream_id, data, self.settings.STREAM_TICKET_TTL)
+                self._owner_check(caller, owner)
+            self.access.release_ticket(owner, stream_id)
+            return
+        state = self.store.log_state(stream_id)
+        if state is None:
+            raise ApiError(404, "not_found", "no such stream")
+        self._owner_check(caller, self.store.log_owner(stream_id))
+        if state == "open":
+            self.store.request_stop(stream_id)
+
+    # -- REST and the Python API's ask()
+    def answer(self, caller: Caller, chat: ChatRequest) -> tuple[str, str, Answer]:
+        """The whole answer at once: (request id, conversation id, answer), recorded like a stream.
+        Raises ProviderError (after recording it) when the provider failed."""
+        request_id = new_id()
+        self.access.open_stream(caller.id, request_id)
+        try:
+            conversation_id, task, _ = self.conversations.begin(caller, chat, request_id)
+            answer = Answer()
+            try:
+                collect(chat.provider, task, tools=chat.tools, max_rounds=self.settings.TOOL_MAX_ROUNDS,
+                        answer=answer)
+            except ProviderError as err:
+                answer.outcome, answer.error = "error", err.as_event()
+                self.conversations.finish(conversation_id, request_id, answer, caller.id)
+                raise
+            self.conversations.finish(conversation_id, request_id, answer, caller.id)
+            return request_id, conversation_id, answer
+        finally:
+            self.access.close_stream(caller.id, request_id)
+
+    def text_stream(self, caller: Caller, chat: ChatRequest) -> Iterator[str]:
+        """The answer's text pieces (the Python API's ask_stream); holds a stream slot while open."""
+        request_id = new_id()
+        self.access.open_stream(caller.id, request_id)
+        cancel = Cancellation()
+        try:
+            for delta in chat.provider.stream(chat.task, cancel):
+                if delta.__class__ is Text:
+                    yield delta.text
+        finally:
+            cancel.cancel("closed")
+            self.access.close_stream(caller.id, request_id)
+
+    # -- conversations
+    def conversation(self, caller: Caller, conversation_id: str) -> list[dict[str, Any]]:
+        self._valid_id(conversation_id, "conversation")
+        return self.conversations.read(caller, conversation_id)
+
+    def forget_conversation(self, caller: Caller, conversation_id: str) -> None:
+        self._valid_id(conversation_id, "conversation")
+        self.conversations.forget(caller, conversation_id)
+
+    # -- shared steps
+    def _start(self, provider: Provider, task: Any, conversation_id: str, stream_id: str, owner: str,
+               chat: ChatRequest, resumable: bool) -> Generation:
+        conversations, access = self.conversations, self.access
+
+        def record(generation: Generation) -> None:
+            conversations.finish(generation.conversation_id, generation.id, generation.answer, owner)
+
+        def release(generation: Generation) -> None:
+            access.close_stream(owner, generation.id)
+
+        return self.relay.start(provider, task, conversation_id, stream_id=stream_id, owner=owner,
+                                resumable=resumable, tools=chat.tools, record=record, release=release)
+
+    @staticmethod
+    def _reading(generation: Generation, position: int) -> Reading:
+        generation.reader_joined()
+        return Reading(generation.log, position, generation.reader_left, lambda: generation.stop("stopped"))
+
+    def _owner_check(self, caller: Caller | None, owner: str | None) -> None:
+        """A stream is bound to its creator: with auth on, a caller with credentials must be them."""
+        if caller is not None and not self.access.owns(caller, owner):
+            raise ApiError(403, "forbidden", "this stream belongs to another client")
+
+    @staticmethod
+    def event_position(raw: str | None) -> int:
+        """Where a reconnecting reader left off: `Last-Event-ID`, plain ASCII digits."""
+        if raw is None or raw == "":
+            return 0
+        if not EVENT_ID.fullmatch(raw):
+            raise ApiError(400, "invalid_request", "Last-Event-ID must be a whole number of at most 12 digits")
+        return int(raw)
+
+    @staticmethod
+    def _valid_id(value: str, what: str) -> None:
+        if not ID_PATTERN.fullmatch(value):
+            raise ApiError(404, "not_found", f"no such {what}")
+
