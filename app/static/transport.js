@@ -74,8 +74,12 @@ async function errorFromResponse(response) {
 }
 
 export class EventTransportClient {
-  constructor({ endpoint = "", transport = "auto", payload = {}, events = null, capabilities = null, token = null } = {}) {
+  // resumeTimeout: how long (ms) a resumable stream may try to reconnect before giving up;
+  // EventSource itself would retry forever, leaving the page waiting on a dead server.
+  constructor({ endpoint = "", transport = "auto", payload = {}, events = null, capabilities = null, token = null,
+                resumeTimeout = 30000 } = {}) {
     this.endpoint = endpoint.replace(/\/$/, "");
+    this.resumeTimeout = resumeTimeout;
     this.token = token; // bearer token when the server has auth on
     this.transport = transport;
     this.payload = payload;
@@ -176,9 +180,15 @@ export class EventTransportClient {
     return new Promise((resolve, reject) => {
       const source = new EventSource(url);
       let finished = false;
+      let giveUp = null; // timer while a resumable stream is trying to reconnect
       const close = () => {
         finished = true;
+        clearTimeout(giveUp);
         source.close();
+      };
+      source.onopen = () => {
+        clearTimeout(giveUp);
+        giveUp = null;
       };
       const handle = this._settle(deliver, resolve, reject, close);
       for (const name of ["msgid", "token", "meta", "done", "error"]) {
@@ -194,6 +204,12 @@ export class EventTransportClient {
         if (!resumable || source.readyState === EventSource.CLOSED) {
           close();
           reject(new TransportError("network_error", "the connection to the server was lost"));
+        } else if (giveUp === null) {
+          giveUp = setTimeout(() => {
+            if (finished) return;
+            close();
+            reject(new TransportError("network_error", "the server could not be reached again to resume the stream"));
+          }, this.resumeTimeout);
         }
       };
       this._abort = () => {
