@@ -61,7 +61,7 @@ EOF
     fi
 
     # The caller's environment, for the app (daemon processes do not inherit a shell's).
-    env | grep -E '^(LLM_|OPENAI_|ANTHROPIC_|GROQ_|MISTRAL_|GEMINI_|OLLAMA_|SSE_|UPSTREAM_|MAX_|DEMO_|STORE_URL|API_TOKENS|CORS_ORIGINS|RATE_LIMIT|STREAM_|LOG_LEVEL|JWT_)' > "$ROOT/relay.env" || true
+    env | grep -E '^(LLM_|OPENAI_|ANTHROPIC_|GROQ_|MISTRAL_|GEMINI_|OLLAMA_|SSE_|UPSTREAM_|MAX_|DEMO_|STORE_URL|API_TOKENS|CORS_ORIGINS|RATE_LIMIT|STREAM_|LOG_LEVEL|JWT_|TRUSTED_PROXIES|HISTORY_|CONVERSATION_|TOOL_)' > "$ROOT/relay.env" || true
     chmod 644 "$ROOT/relay.env"
     SITE_DEFINES="Define RELAY_HOME $ROOT/site
 Define RELAY_VENV $VENV

@@ -156,7 +156,9 @@ def test_serve_local_stops_cleanly_on_sigterm(relay_env):
 @pytest.fixture(scope="module")
 def gunicorn_url(fake_upstream, tmp_path_factory):
     store = tmp_path_factory.mktemp("gunicorn") / "relay.sqlite3"
-    env = {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1", "STORE_URL": f"sqlite:///{store}"}
+    # One test client opens 50 streams at once here: the per-client cap (default 8) is off.
+    env = {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1", "STORE_URL": f"sqlite:///{store}",
+           "MAX_STREAMS_PER_CLIENT": "0"}
     server = gunicorn(free_port(), env)
     yield server.url
     server.stop()

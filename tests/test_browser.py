@@ -40,6 +40,8 @@ def page(browser, request):
     page.problems = []
     page.on("pageerror", lambda err: page.problems.append(str(err)))
     page.on("dialog", lambda dialog: (page.problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+    # The page is served with a Content-Security-Policy: anything it blocks is a bug of ours.
+    page.on("console", lambda message: "Content Security Policy" in message.text and page.problems.append(message.text))
     yield page
     RESULTS.mkdir(exist_ok=True)
     name = request.node.name.replace("/", "_").replace("[", "-").replace("]", "")
@@ -92,7 +94,7 @@ def test_answer_grows_token_by_token_and_ends_exact(transport, page, site, upstr
 def test_stop_button_stops_generation_on_the_server(transport, page, site, upstream):
     upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(400)]), delay=0.03))
     ask(page, site, "go on", transport)
-    page.wait_for_function("document.querySelector('.msg.assistant .body').textContent.length > 20")
+    page.wait_for_function("() => document.querySelector('.msg.assistant .body').textContent.length > 20")
     page.click("#stop")
     seen = upstream.wait_for_request()
     assert seen.closed.wait(3), "the upstream kept generating after Stop"
@@ -217,3 +219,25 @@ def test_page_works_with_auth_on(page, make_app, serve):
     page.reload()  # the conversation comes back from the server, with the stored token
     page.wait_for_selector(".msg.user >> nth=3")
     assert page.locator(".msg.user").count() == 4  # the refused first prompt was never accepted
+
+
+def test_postsse_gives_up_when_the_server_is_gone(page, fake_upstream, upstream, tmp_path):
+    """EventSource retries forever; the client must reject so the page does not hang."""
+    upstream.reset(Reply(chunks=BODIES["openai"](["first"]), stall_after=3))
+    server = gunicorn(free_port(), {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1",
+                                    "STORE_URL": f"sqlite:///{tmp_path}/relay.sqlite3"})
+    try:
+        page.goto(server.url + "/")
+        page.evaluate("""async () => {
+            const { EventTransportClient } = await import("/static/transport.js");
+            const client = new EventTransportClient({transport: "postsse", resumeTimeout: 1500,
+                                                     payload: {provider: "openai", prompt: "hi"}});
+            window.__outcome = null; window.__text = "";
+            client.connect((event, data) => { if (event === "token") window.__text += data.text; })
+                  .then(() => { window.__outcome = "resolved"; }, (err) => { window.__outcome = err.type; });
+        }""")
+        page.wait_for_function("() => window.__text === 'first'", timeout=10_000)
+    finally:
+        server.stop()
+    page.wait_for_function("() => window.__outcome !== null", timeout=15_000)
+    assert page.evaluate("window.__outcome") == "network_error"

@@ -84,7 +84,7 @@ def test_history_budget_bounds_what_is_sent(upstream, live):
 
 
 def test_concurrent_writers_do_not_corrupt_a_conversation(live, tmp_path):
-    url = live(STORE_URL=f"sqlite:///{tmp_path}/c.sqlite3")
+    url = live(STORE_URL=f"sqlite:///{tmp_path}/c.sqlite3", MAX_STREAMS_PER_CLIENT=0)  # 12 at once from one client
     first = requests.post(f"{url}/api/chat", json={"prompt": "start", "model": "demo-fast"}, timeout=10).json()
     conversation_id = first["conversation_id"]
     errors = []

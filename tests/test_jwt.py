@@ -51,7 +51,7 @@ def test_a_valid_token_is_accepted(hs_client):
 @pytest.mark.parametrize("exp", ["NaN", "Infinity", "1e400", "-1e400"])
 def test_non_finite_expiry_is_refused(hs_client, exp):
     head = b64(b'{"alg":"HS256","typ":"JWT"}')
-    body = b64(('{"sub":"ann","exp":%s}' % exp).encode())
+    body = b64(('{"sub":"ann","exp":' + exp + "}").encode())
     import hashlib
     import hmac
 
@@ -59,7 +59,7 @@ def test_non_finite_expiry_is_refused(hs_client, exp):
     assert status(hs_client, f"{head}.{body}.{signature}") == 401
 
 
-@pytest.mark.parametrize("suffix", ["=", "==", "!!", " ", "%"])
+@pytest.mark.parametrize("suffix", ["=", "==", "!!", "%", "\t!"])
 def test_loose_base64_is_refused(hs_client, suffix):
     token = hs256(fresh())
     assert status(hs_client, token + suffix) == 401

@@ -11,7 +11,6 @@ import pytest
 import requests
 from urllib3.exceptions import ProtocolError
 
-from app.store import open_store
 from tests.conftest import free_port, open_stream, provider_env, text_of
 from tests.fake_upstream import BODIES, Reply
 from tests.servers import gunicorn
@@ -30,31 +29,6 @@ def create(url, body):
     response = requests.post(f"{url}/api/chat/streams", json=body, timeout=10)
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def test_redis_store_contract(redis_url):
-    store = open_store(redis_url, "")
-    store.put_ticket("t", {"a": 1}, 60)
-    assert store.take_ticket("t") == {"a": 1} and store.take_ticket("t") is None
-    store.open_log("s", 60, owner="me")
-    store.append_frames("s", [(1, b"x"), (2, b"y")])
-    assert store.read_frames("s", 1, 0.01) == [(2, b"y")] and store.read_frames("s", 2, 0.05) == []
-    assert store.log_owner("s") == "me" and store.log_state("s") == "open"
-    store.request_stop("s")
-    store.touch("s", "producer")
-    assert store.stop_requested("s") and store.seen_at("s", "producer") > time.time() - 5
-    store.close_log("s", 60)
-    assert store.log_state("s") == "closed"
-    assert [store.hit("k", 60)[0] for _ in range(3)] == [1, 2, 3]
-    assert store.acquire("c", "a", 1, 60) and not store.acquire("c", "b", 1, 60)
-    store.release("c", "a")
-    assert store.acquire("c", "b", 1, 60)
-    assert store.acquire("d", "dead", 1, 0.05)
-    time.sleep(0.1)
-    assert store.acquire("d", "live", 1, 60)
-    store.append_message("conv", {"role": "user", "content": "q"}, 60)
-    assert store.messages("conv") == [{"role": "user", "content": "q"}]
-    assert store.delete_conversation("conv")
 
 
 def test_resume_on_another_app_gets_exactly_the_rest(redis_url, upstream, make_app, serve):

@@ -6,7 +6,6 @@ import time
 import pytest
 import requests
 
-from app.store import MemoryStore, open_store
 from tests.conftest import open_stream, text_of
 from tests.fake_upstream import BODIES, Reply
 
@@ -125,38 +124,3 @@ def test_delete_before_open_forgets_the_payload(live):
     ticket = create(url, {"prompt": "hi"})
     assert requests.delete(url + ticket["stream_url"], timeout=10).status_code == 200
     assert requests.get(url + ticket["stream_url"], timeout=10).status_code == 404
-
-
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-def test_store_contract(kind, tmp_path):
-    store = MemoryStore() if kind == "memory" else open_store(f"sqlite:///{tmp_path}/s.sqlite3", str(tmp_path))
-    store.put_ticket("t1", {"prompt": "hi"}, ttl=60)
-    store.put_ticket("t2", {"prompt": "old"}, ttl=-1)
-    assert store.take_ticket("t1") == {"prompt": "hi"} and store.take_ticket("t1") is None
-    assert store.take_ticket("t2") is None  # expired
-    store.open_log("s", ttl=60)
-    store.append_frames("s", [(1, b"a"), (2, b"b")])
-    assert store.read_frames("s", 0, 0) == [(1, b"a"), (2, b"b")]
-    assert store.read_frames("s", 1, 0) == [(2, b"b")]
-    assert store.read_frames("s", 2, 0.05) == []
-    assert store.log_state("s") == "open" and not store.stop_requested("s")
-    store.request_stop("s")
-    assert store.stop_requested("s")
-    store.touch("s", "reader")
-    assert time.time() - store.seen_at("s", "reader") < 5 and store.seen_at("s", "producer") is None
-    assert store.hit("k", 60)[0] == 1 and store.hit("k", 60)[0] == 2 and 0 < store.hit("k", 60)[1] <= 60
-    assert store.acquire("c", "s1", 2, 60) and store.acquire("c", "s2", 2, 60) and not store.acquire("c", "s3", 2, 60)
-    store.release("c", "s1")
-    assert store.acquire("c", "s3", 2, 60)
-    assert store.acquire("d", "dead", 1, 0.05) and not store.acquire("d", "live", 1, 60)
-    time.sleep(0.1)  # a slot its process stopped refreshing frees itself
-    assert store.acquire("d", "live", 1, 0.05)
-    store.refresh([("d", "live")], 60)
-    time.sleep(0.1)
-    assert not store.acquire("d", "other", 1, 60)
-    store.close_log("s", ttl=60)
-    assert store.log_state("s") == "closed" and store.log_state("nope") is None
-    store.append_message("c", {"role": "user", "content": "q"}, ttl=60)
-    store.append_message("c", {"role": "assistant", "content": "a"}, ttl=60)
-    assert [m["role"] for m in store.messages("c")] == ["user", "assistant"]
-    assert store.delete_conversation("c") and store.messages("c") == []

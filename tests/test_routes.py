@@ -111,3 +111,22 @@ def test_missing_env_file_named_by_the_vhost_is_logged(upstream, caplog, tmp_pat
     (tmp_path / "relay.env").write_text("export LLM_MODEL='demo-fast'\n# comment\n")
     app = create_app({**app_config(upstream.url)}, env_file=str(tmp_path / "relay.env"))
     assert app.extensions["llm_sse_relay"].settings.LLM_MODEL == "demo-fast"
+
+
+def test_every_setting_is_documented():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from app.config import Settings
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    missing = [f.name for f in fields(Settings) if f"`{f.name}`" not in doc]
+    assert not missing, f"settings missing from docs/configuration.md: {missing}"
+
+
+def test_page_has_a_content_security_policy_and_nosniff(client):
+    page = client.get("/")
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    for response in (page, client.get("/healthz"), client.post("/api/chat", data="x")):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"

@@ -1,0 +1,135 @@
+"""One contract, three stores: memory, SQLite and a real redis-server behave alike.
+
+Everything the app asks of a store is here (tickets, stream logs and batches, stop flags,
+liveness, counters, slots, conversations with owners and sizes, expiry), so a store change
+made for speed cannot change behaviour unnoticed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from app.store import MemoryStore, open_store
+from app.store import base as store_base
+from app.store import sqlite as sqlite_store
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "memory":
+        yield MemoryStore()
+    elif request.param == "sqlite":
+        yield open_store(f"sqlite:///{tmp_path}/contract.sqlite3", str(tmp_path))
+    else:
+        server = request.getfixturevalue("redis_server")
+        server.flush()
+        store = open_store(server.url, "")
+        yield store
+        store.close()
+
+
+def test_tickets_are_taken_once_and_expire(store):
+    store.put_ticket("t1", {"prompt": "hi", "text": "漢字 🚀"}, ttl=60)
+    store.put_ticket("t2", {"prompt": "old"}, ttl=0.05)
+    assert store.take_ticket("t1") == {"prompt": "hi", "text": "漢字 🚀"}
+    assert store.take_ticket("t1") is None
+    time.sleep(0.1)
+    assert store.take_ticket("t2") is None
+    assert store.take_ticket("never") is None
+
+
+def test_stream_logs_batches_and_states(store):
+    store.open_log("s", ttl=60, owner="me")
+    assert store.log_state("s") == "open" and store.log_owner("s") == "me"
+    store.append_frames("s", [(1, b"a"), (2, b"b")])
+    assert store.read_frames("s", 0, 0) == [(1, b"a"), (2, b"b")]
+    assert store.read_frames("s", 1, 0) == [(2, b"b")]
+    assert store.read_frames("s", 2, 0.05) == []
+    assert store.read_frames("s", 99, 0.05) == []  # beyond the log: nothing, after the wait
+    store.open_log("t", ttl=60)
+    store.append_many({"s": [(3, b"c")], "t": [(1, b"x")]}, closing=("t",), ttl=60)
+    assert store.read_frames("s", 2, 0) == [(3, b"c")]
+    assert store.log_state("t") == "closed" and store.read_frames("t", 0, 0) == [(1, b"x")]
+    store.close_log("s", ttl=60)
+    assert store.log_state("s") == "closed" and store.log_state("nope") is None
+    assert store.log_owner("nope") is None
+
+
+def test_stop_flags_and_liveness(store):
+    store.open_log("s", ttl=60)
+    store.open_log("u", ttl=60)
+    assert not store.stop_requested("s") and store.stopped_among(["s", "u"]) == set()
+    store.request_stop("s")
+    assert store.stop_requested("s") and store.stopped_among(["s", "u"]) == {"s"}
+    store.touch("s", "reader")
+    store.touch_many(["s", "u"], "producer")
+    assert time.time() - store.seen_at("s", "reader") < 5
+    assert time.time() - store.seen_at("u", "producer") < 5 and store.seen_at("u", "reader") is None
+
+
+def test_counters_count_per_window(store):
+    assert [store.hit("k", 60)[0] for _ in range(3)] == [1, 2, 3]
+    assert 0 < store.hit("k", 60)[1] <= 60
+    assert store.hit("other", 60)[0] == 1
+
+
+def test_slots_cap_release_expire_and_refresh(store):
+    assert store.acquire("c", "s1", 2, 60) and store.acquire("c", "s2", 2, 60)
+    assert not store.acquire("c", "s3", 2, 60)
+    store.release("c", "s1")
+    assert store.acquire("c", "s3", 2, 60)
+    assert store.acquire("d", "dead", 1, 0.05) and not store.acquire("d", "live", 1, 60)
+    time.sleep(0.1)  # a slot its process stopped refreshing frees itself
+    assert store.acquire("d", "live", 1, 0.2)
+    store.refresh([("d", "live")], 60)
+    time.sleep(0.3)
+    assert not store.acquire("d", "other", 1, 60)
+
+
+def test_conversations_keep_order_owner_and_size(store):
+    assert store.conversation("c") is None and store.messages("c") == []
+    first = store.append_messages("c", [{"role": "user", "content": "q1"}, {"role": "user", "content": "漢字"}], 60,
+                                  owner="ann")
+    assert first.owner == "ann" and first.messages == 2
+    info = store.append_message("c", {"role": "assistant", "content": "a"}, 60, owner="bob")
+    assert info.owner == "ann" and info.messages == 3  # the creator stays the owner
+    assert info.bytes == sum(len(store_base.to_json(m).encode()) for m in store.messages("c"))
+    assert store.conversation("c") == info
+    assert [m["content"] for m in store.messages("c")] == ["q1", "漢字", "a"]
+    assert [m["content"] for m in store.messages("c", 1)] == ["漢字", "a"]
+    assert [m["content"] for m in store.messages("c", 0, 2)] == ["q1", "漢字"]
+    assert store.messages("c", 2, 2) == [] and store.messages("c", 5) == []
+    assert store.delete_conversation("c") and store.messages("c") == [] and store.conversation("c") is None
+    assert not store.delete_conversation("c")
+
+
+def test_conversations_expire_after_their_last_message(store):
+    store.append_message("old", {"role": "user", "content": "q"}, 0.05, owner="ann")
+    time.sleep(0.1)
+    assert store.conversation("old") is None and store.messages("old") == []
+    again = store.append_message("old", {"role": "user", "content": "new"}, 60, owner="bob")
+    assert again.owner == "bob" and again.messages == 1  # an expired id starts over
+
+
+def test_expired_rows_are_swept_on_later_writes(store, monkeypatch):
+    if isinstance(store, MemoryStore):
+        monkeypatch.setattr(store_base, "SWEEP_SECONDS", 0.0)
+    else:
+        monkeypatch.setattr(sqlite_store, "SWEEP_SECONDS", 0.0)  # Redis expires keys by itself
+    store.put_ticket("t", {"a": 1}, 0.05)
+    store.open_log("s", 0.05)
+    store.append_frames("s", [(1, b"x")])
+    store.append_message("c", {"role": "user", "content": "q"}, 0.05)
+    time.sleep(0.1)
+    store.append_message("other", {"role": "user", "content": "q"}, 60)  # any write sweeps
+    time.sleep(0.05)
+    assert store.take_ticket("t") is None and store.log_state("s") is None and store.read_frames("s", 0, 0) == []
+    assert store.conversation("c") is None
+    if isinstance(store, MemoryStore):
+        assert "t" not in store._tickets and "s" not in store._logs and "c" not in store._conversations
+    elif hasattr(store, "_query"):
+        counts = [store._query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("tickets", "frames", "streams")]
+        assert counts == [0, 0, 0]
+        assert store._query("SELECT COUNT(*) FROM messages WHERE conversation_id = 'c'")[0][0] == 0
