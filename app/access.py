@@ -70,6 +70,9 @@ class TokenVerifier:
 
     def __init__(self, settings: Any) -> None:
         self.secret = settings.JWT_SECRET
+        if self.secret and len(self.secret.encode()) < 32:
+            # RFC 7518 3.2: an HS256 key shorter than the hash can be brute-forced offline.
+            log.warning("JWT_SECRET is shorter than 32 bytes; use a longer random secret")
         self.public_key = _load_public_key(settings.JWT_PUBLIC_KEY) if settings.JWT_PUBLIC_KEY else None
         self.jwks = _load_jwks(settings.JWT_JWKS_FILE) if settings.JWT_JWKS_FILE else None
         self.audience = settings.JWT_AUDIENCE or None
@@ -339,12 +342,18 @@ class Access:
 
 
 def _same_origin(origin: str, req: Request) -> bool:
-    """The page that sent the request is this server's own (the demo page, an app on the same host)."""
+    """The page that sent the request is this server's own (the demo page, an app on the same host).
+
+    Behind a proxy that rewrites Host, the host the browser used arrives as X-Forwarded-Host.
+    Trusting it here is safe: a page cannot add that header to a cross-origin request
+    without a CORS preflight, which fails for origins not listed.
+    """
     try:
-        netloc = urlsplit(origin).netloc
+        netloc = urlsplit(origin).netloc.lower()
     except ValueError:
         return False
-    return bool(netloc) and netloc.lower() == req.host.lower()
+    forwarded = req.headers.get("X-Forwarded-Host", "").split(",")[0].strip().lower()
+    return bool(netloc) and netloc in (req.host.lower(), forwarded)
 
 
 API_PREFIXES = ("/api/", "/v1/")

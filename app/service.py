@@ -96,8 +96,7 @@ class ChatService:
         except BaseException:
             self.access.close_stream(caller.id, stream_id)
             raise
-        generation = self._start(chat.provider, task, conversation_id, stream_id, caller.id, chat, resumable=False)
-        return self._reading(generation, 0)
+        return self._reading(self._start(chat, task, conversation_id, stream_id, caller.id, resumable=False), 0)
 
     # -- POST-SSE
     def create_ticket(self, caller: Caller, chat: ChatRequest) -> dict[str, str]:
@@ -145,7 +144,10 @@ class ChatService:
     def _produce(self, caller: Caller | None, stream_id: str, data: dict[str, Any], position: int) -> Reading:
         """Start the generation of a ticket just taken. A ticket whose opening is refused (not the
         creator, a cap, a store error) is put back, so the creator can still open it."""
-        ticket = Ticket.from_dict(data)
+        try:
+            ticket = Ticket.from_dict(data)
+        except (TypeError, KeyError):  # kept by an older version of the app: it cannot be opened
+            raise ApiError(404, "not_found", "no such stream (unknown, or expired)") from None
         try:
             self._owner_check(caller, ticket.owner)
             provider = self.providers.get(ticket.provider)
@@ -160,9 +162,8 @@ class ChatService:
         task = Task(messages=messages, model=ticket.model, system=ticket.system, temperature=ticket.temperature,
                     max_tokens=ticket.max_tokens)
         chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
-        generation = self._start(provider, task, ticket.conversation_id, stream_id, ticket.owner, chat,
-                                 resumable=True)
-        return self._reading(generation, position)
+        return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True),
+                             position)
 
     def stop_stream(self, caller: Caller, stream_id: str) -> None:
         """Stop a generation now, wherever it runs (its producer checks the store)."""
@@ -231,8 +232,9 @@ class ChatService:
         self.conversations.forget(caller, conversation_id)
 
     # -- shared steps
-    def _start(self, provider: Provider, task: Any, conversation_id: str, stream_id: str, owner: str,
-               chat: ChatRequest, resumable: bool) -> Generation:
+    def _start(self, chat: ChatRequest, task: Task, conversation_id: str, stream_id: str, owner: str,
+               resumable: bool) -> Generation:
+        """Produce `task` (the request with its history) as a generation bound to `owner`."""
         conversations, access = self.conversations, self.access
 
         def record(generation: Generation) -> None:
@@ -241,7 +243,7 @@ class ChatService:
         def release(generation: Generation) -> None:
             access.close_stream(owner, generation.id)
 
-        return self.relay.start(provider, task, conversation_id, stream_id=stream_id, owner=owner,
+        return self.relay.start(chat.provider, task, conversation_id, stream_id=stream_id, owner=owner,
                                 resumable=resumable, tools=chat.tools, record=record, release=release)
 
     @staticmethod

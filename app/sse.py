@@ -18,6 +18,8 @@ from typing import Any
 
 from flask import Response, request
 
+from app.gevent_native import unpatched
+
 log = logging.getLogger("llm_sse_relay")
 
 # Sent once at the start: how long EventSource waits before reconnecting (ms).
@@ -129,20 +131,9 @@ class StreamLog:
         return frames[position:]
 
 
-def _native_poll() -> Callable[[], Any]:
-    """`select.poll` of the OS, also under gevent: a zero-timeout poll never blocks the loop,
-    and unlike select() it works for descriptors above FD_SETSIZE (1024)."""
-    try:
-        from gevent.monkey import get_original, is_module_patched
-
-        if is_module_patched("select"):
-            return get_original("select", "poll")
-    except ImportError:
-        pass
-    return select.poll
-
-
-_poll = _native_poll()
+# The OS's poll even under gevent: a zero-timeout poll never blocks the loop, and unlike
+# select() it works for descriptors above FD_SETSIZE (1024).
+_poll = unpatched("select", "poll")
 
 
 def peer_closed(sock: socket.socket | None) -> bool:

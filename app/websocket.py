@@ -13,15 +13,20 @@ or `error`. A message `{"type": "stop"}` from the client stops the answer at onc
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
+from redis.exceptions import RedisError
 from simple_websocket import ConnectionClosed
 
 from app.errors import ApiError
 from app.request_body import parse_json_object
 from app.sse import SseBody, encode_event
+from app.store import StoreError
+
+log = logging.getLogger("llm_sse_relay")
 
 bp = Blueprint("websocket", __name__)
 sock = Sock()
@@ -69,6 +74,10 @@ def chat_ws(ws) -> None:
         reading = service.stream(caller, service.accept(caller, data))
     except ApiError as err:
         ws.send(_error_frame(err.type, err.message))
+        return
+    except (StoreError, RedisError) as exc:
+        log.warning("store unavailable: %s", exc)
+        ws.send(_error_frame("store_unavailable", "the server's store is busy; try again shortly"))
         return
     threading.Thread(target=_watch_for_stop, args=(ws, reading.stop), daemon=True).start()
     # The same iterator as every SSE response: frames as they come, heartbeats between.

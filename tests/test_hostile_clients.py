@@ -320,6 +320,9 @@ def test_foreign_pages_cannot_spend_the_operators_credit(make_app):
     assert_json_error(client.get("/api/chat/stream?prompt=hi", headers={"Sec-Fetch-Site": "cross-site"}), 403)
     # The page itself (same origin) and listed origins are fine.
     assert client.post("/api/chat", json=DEMO, headers={"Origin": "http://localhost"}).status_code == 200
+    # Behind a proxy that rewrote Host, the browser's host comes as X-Forwarded-Host.
+    proxied = {"Origin": "https://relay.example", "X-Forwarded-Host": "relay.example"}
+    assert client.post("/api/chat", json=DEMO, headers=proxied).status_code == 200
     listed = make_app(CORS_ORIGINS="https://app.example").test_client()
     assert listed.post("/api/chat", json=DEMO, headers={"Origin": "https://app.example"}).status_code == 200
     assert listed.get("/healthz", headers=evil).status_code == 200

@@ -84,7 +84,7 @@ def test_the_none_algorithm_and_other_secrets_are_refused(hs_client):
     head = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
     body = b64(json.dumps(fresh()).encode())
     assert status(hs_client, f"{head}.{body}.") == 401
-    assert status(hs_client, hs256(fresh(), "another-secret-of-enough-length")) == 401
+    assert status(hs_client, hs256(fresh(), "another-secret-that-is-long-enough")) == 401
     assert status(hs_client, "a.b.c") == 401
     assert status(hs_client, "x" * 20_000) == 401
 

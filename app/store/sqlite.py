@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from app.gevent_native import gevent_threadpool, unpatched
 from app.store import base
 from app.store.base import ConversationInfo, Frame, Store, StoreError, to_json
 
@@ -59,28 +60,8 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"SQLite store failed: {exc}")
 
 
-def _find_gevent_pool() -> Callable[[], Any] | None:
-    try:
-        from gevent import get_hub
-        from gevent.monkey import is_module_patched
-    except ImportError:
-        return None
-    return (lambda: get_hub().threadpool) if is_module_patched("threading") else None
-
-
-_gevent_pool = _find_gevent_pool()
-
-
-def _native_lock() -> Any:
-    """A lock of the OS, also under gevent (the writers are native threads there too)."""
-    try:
-        from gevent.monkey import get_original, is_module_patched
-
-        if is_module_patched("threading"):
-            return get_original("threading", "Lock")()
-    except ImportError:
-        pass
-    return threading.Lock()
+# Blocking SQLite calls run on gevent's native thread pool when the worker is gevent's.
+_gevent_pool = gevent_threadpool()
 
 
 class SqliteStore(Store):
@@ -93,7 +74,7 @@ class SqliteStore(Store):
         # Writers of this process queue here, in order, so only one of them at a time
         # competes for SQLite's file lock with the other processes (hundreds of mod_wsgi
         # threads polling that lock starve each other).
-        self._write_lock = _native_lock()
+        self._write_lock = unpatched("threading", "Lock")()  # shared with the pool's native threads
         self._off_loop(self._create_schema)
 
     def _create_schema(self) -> None:
