@@ -2,12 +2,15 @@
 
 Under mod_wsgi the daemon processes do not get your shell's environment, so the vhost
 names an env file with `SetEnv LLM_RELAY_ENV_FILE /path/relay.env`. SetEnv reaches the
-app only in each request's WSGI environ, so there the app is built on the first
-request, from that file; everywhere else it is built at import.
+app only in each request's WSGI environ. When Apache's own environment also names it
+(Debian: `export LLM_RELAY_ENV_FILE=…` in /etc/apache2/envvars), the app is built at
+import, which the vhost makes happen when each daemon process starts; otherwise on the
+first request. Everywhere else it is built at import.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
@@ -37,4 +40,8 @@ try:
 except ImportError:
     app = application = create_app()
 else:
+    for backend in ("app.store.sqlite", "app.store.redis"):  # imported lazily elsewhere; here at process start
+        importlib.import_module(backend)
     app = application = EnvFileApplication()
+    if os.environ.get("LLM_RELAY_ENV_FILE"):
+        application._app = create_app(env_file=os.environ["LLM_RELAY_ENV_FILE"])

@@ -8,7 +8,7 @@
 # The caller's provider keys, base URLs and relay settings (LLM_*, OPENAI_*, SSE_*, …)
 # are written to an env file that the app reads, as a production vhost would.
 # Sizing and timeouts: RELAY_SSE_PROCESSES, RELAY_SSE_THREADS, RELAY_APP_PROCESSES,
-# RELAY_APP_THREADS, RELAY_IO_TIMEOUT, RELAY_MAX_WORKERS (environment).
+# RELAY_APP_THREADS, RELAY_IO_TIMEOUT, RELAY_MAX_WORKERS, RELAY_THREADS_PER_CHILD (environment).
 # A global "AddOutputFilterByType DEFLATE … text/event-stream" is in force, as a
 # distribution's default config might have it: the snippets must switch it off for SSE.
 set -euo pipefail
@@ -81,6 +81,7 @@ fi
 
 define_opt() { [ -n "${!1:-}" ] && echo "Define $1 ${!1}" || true; }
 MAX_WORKERS=${RELAY_MAX_WORKERS:-1000}
+PER_CHILD=${RELAY_THREADS_PER_CHILD:-250}  # as apache/README.md recommends
 
 cat > "$ROOT/httpd.conf" <<EOF
 ServerRoot $ROOT
@@ -139,8 +140,9 @@ Group $RUN_GROUP
 
 # Each open stream holds one Apache worker thread: size above the stream capacity.
 <IfModule mpm_event_module>
-    ServerLimit $(( (MAX_WORKERS + 49) / 50 ))
-    ThreadsPerChild 50
+    ThreadLimit $PER_CHILD
+    ServerLimit $(( (MAX_WORKERS + PER_CHILD - 1) / PER_CHILD ))
+    ThreadsPerChild $PER_CHILD
     MaxRequestWorkers $MAX_WORKERS
     StartServers 2
 </IfModule>
@@ -182,7 +184,10 @@ stop() {
 }
 trap stop INT TERM EXIT
 
-"$APACHE" -f "$ROOT/httpd.conf" -DFOREGROUND &
+# As /etc/apache2/envvars would: the daemons see the env file at start and build the app then.
+START_ENV=()
+[ "$MODE" = wsgi ] && START_ENV=("LLM_RELAY_ENV_FILE=$ROOT/relay.env")
+env "${START_ENV[@]}" "$APACHE" -f "$ROOT/httpd.conf" -DFOREGROUND &
 APACHE_PID=$!
 for _ in $(seq 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi

@@ -127,15 +127,18 @@ class Target:
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        health = url + ("/stats" if mode == "openai" else "/healthz")
+        # Ready means every process group answers: under Apache /healthz is served by the app
+        # group while the stream group may still be loading Python (an unknown stream is its 404).
+        probes = [url + "/stats"] if mode == "openai" else [url + "/healthz", url + "/api/chat/streams/ready-probe"]
         for _ in range(900):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited: {Path(self.log.name).read_text()[-2000:]}")
             try:
-                if requests.get(health, timeout=2).ok:
+                if all(requests.get(probe, timeout=2).status_code in (200, 404) for probe in probes):
                     break
             except requests.RequestException:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         else:
             raise RuntimeError(f"{name} did not start")
 

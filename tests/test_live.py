@@ -157,3 +157,27 @@ def test_upstream_keep_alive_connection_is_reused_cleanly(upstream, live):
         assert text_of(events) == "".join(TRICKY_TEXT) and events[-1].event == "done"
     assert len(upstream.seen) == 3
     assert len({seen.connection for seen in upstream.seen}) == 1  # one TCP (and TLS) handshake for all
+
+
+def test_the_fast_upstream_reader_is_in_use_with_the_installed_urllib3():
+    # If a urllib3 release moves the private attributes, the relay falls back (next test)
+    # and this says so, instead of the speed silently going away.
+    from app.providers import upstream_body
+
+    assert upstream_body.private_reads_available() and upstream_body.FAST_READS
+
+
+@pytest.mark.parametrize("stall", [False, True])
+def test_public_reader_fallback_streams_and_stops_the_same(stall, upstream, live, monkeypatch):
+    from app.providers import upstream_body
+
+    monkeypatch.setattr(upstream_body, "FAST_READS", False)  # what a future urllib3 would bring
+    upstream.reset(Reply(chunks=hostile_chunks(BODIES["openai"](TRICKY_TEXT))))
+    url = live(SSE_HEARTBEAT_SECONDS=1)
+    assert text_of(open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()) == "".join(TRICKY_TEXT)
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(200)]), delay=0.05,
+                         stall_after=5 if stall else None))
+    reader = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi")
+    reader.until("token")
+    reader.close()
+    assert upstream.wait_for_request().closed.wait(3), "upstream connection still open"

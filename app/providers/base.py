@@ -12,7 +12,6 @@ import email.utils
 import json
 import logging
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,8 @@ from typing import Any
 import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from app.decoders import ChunkedDecoder, DecodeError, NdjsonDecoder, SseDecoder
+from app.decoders import DecodeError, NdjsonDecoder, SseDecoder
+from app.providers.upstream_body import iter_body, shut
 
 log = logging.getLogger("llm_sse_relay.upstream")
 
@@ -235,54 +235,6 @@ def retry_after_from_headers(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def abort_response(response: requests.Response) -> None:
-    """Shut the upstream socket so a read blocked in another thread returns now.
-
-    `close()` alone does not wake a thread blocked in recv() on Linux; shutdown does,
-    and the provider sees its connection closed, so it stops generating (and billing).
-    """
-    raw = response.raw
-    for path in (("_connection", "sock"), ("_fp", "fp", "raw", "_sock")):
-        target: Any = raw
-        for attr in path:
-            target = getattr(target, attr, None)
-            if target is None:
-                break
-        if isinstance(target, socket.socket):
-            try:
-                target.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-
-
-def _iter_raw(response: requests.Response) -> Iterator[bytes]:
-    """Body bytes as they arrive, one network read at a time."""
-    raw = response.raw
-    socket_reader = getattr(getattr(raw, "_fp", None), "fp", None)  # http.client's buffered socket reader
-    identity = raw.headers.get("content-encoding", "identity").lower() in ("", "identity")
-    if raw.chunked and identity and hasattr(socket_reader, "read1"):
-        return _iter_chunked(raw, socket_reader)
-    if raw.chunked and raw.supports_chunked_reads():
-        return raw.read_chunked(decode_content=True)
-    return iter(lambda: raw.read1(65536, decode_content=True), b"")
-
-
-def _iter_chunked(raw: Any, socket_reader: Any) -> Iterator[bytes]:
-    """Chunked bodies decoded by `ChunkedDecoder`: one pass per recv(), however many tokens it holds."""
-    decoder = ChunkedDecoder()
-    while not decoder.done:
-        data = socket_reader.read1(65536)
-        if not data:
-            raise ProtocolError("the connection closed in the middle of a chunked body")
-        body = decoder.decode(data)
-        if body:
-            yield body
-    # The body ended exactly: the connection may serve the next request (no new TLS handshake).
-    if raw.headers.get("connection", "").lower() != "close":
-        raw.release_conn()
-
-
 class HttpProvider(Provider):
     """Base of the adapters that call an HTTP API. Subclasses fill in the wire format."""
 
@@ -371,7 +323,7 @@ class HttpProvider(Provider):
             # The exception names hosts, ports and urllib3's classes: for the log only.
             log.warning("%s: cannot reach %s: %s", self.name, url, exc)
             raise ProviderError("upstream_unreachable", f"cannot reach {self.name}", retryable=True) from exc
-        unregister = cancel.on_cancel(lambda: abort_response(response))
+        unregister = cancel.on_cancel(lambda: shut(response))
         try:
             if response.status_code >= 400:
                 raise self._error_from_response(response)
@@ -381,7 +333,7 @@ class HttpProvider(Provider):
             parser = self.stream_parser(task)
             decoder = SseDecoder() if self.framing == "sse" else NdjsonDecoder()
             try:
-                for chunk in _iter_raw(response):
+                for chunk in iter_body(response):
                     for event in decoder.decode(chunk):
                         yield from parser.feed(event)
                     if cancel.is_set():
