@@ -183,7 +183,16 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
             yield Meta({"tool": {"name": call.name, "arguments": call.arguments,
                                  "status": "done" if result.ok else "error",
                                  "result_preview": result.content[:PREVIEW_CHARS]}})
-        task.messages.extend(provider.tool_round_messages("".join(text), results))
+        task.messages.extend(tool_round_messages("".join(text), results))
+
+
+def tool_round_messages(text: str, results: list[ToolResult]) -> list[dict[str, Any]]:
+    """A tool round in the provider-neutral message format (each adapter translates it):
+    the assistant's turn with its calls, then one `tool` message per result."""
+    calls = [{"id": r.call.id, "name": r.call.name, "arguments": r.call.arguments} for r in results]
+    return [{"role": "assistant", "content": text, "tool_calls": calls}] + [
+        {"role": "tool", "tool_call_id": r.call.id, "name": r.call.name, "content": r.content, "is_error": not r.ok}
+        for r in results]
 
 
 # ------------------------------------------------------------------ built-in tools

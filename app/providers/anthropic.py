@@ -18,6 +18,7 @@ from app.providers.base import (
     cut_stream,
     parsed_arguments,
     stream_error,
+    system_text,
 )
 
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -27,8 +28,37 @@ DEFAULT_MAX_TOKENS = 4096
 
 
 def anthropic_messages(task: Task) -> list[dict[str, Any]]:
-    """Anthropic has no system role in `messages`: any such message joins `system`."""
-    return [m for m in task.messages if m.get("role") != "system"]
+    """Messages in Anthropic's shape: no system role (those join `system`), tool calls as
+    `tool_use` blocks, results as `tool_result` blocks of a user turn, and consecutive turns
+    of one role merged (the API wants user and assistant to alternate)."""
+    turns: list[dict[str, Any]] = []
+    for m in task.messages:
+        role = m.get("role")
+        if role == "system":
+            continue
+        if role == "tool":
+            role, blocks = "user", [{"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": m["content"],
+                                     "is_error": bool(m.get("is_error"))}]
+        elif m.get("tool_calls"):
+            blocks = [{"type": "text", "text": m["content"]}] if m.get("content") else []
+            blocks += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": parsed_arguments(c["arguments"])}
+                       for c in m["tool_calls"]]
+        else:
+            blocks = [{"type": "text", "text": m["content"]}]
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += blocks
+        else:
+            turns.append({"role": role, "content": blocks})
+    # Plain text turns stay plain strings, as most clients send them.
+    for turn in turns:
+        if len(turn["content"]) == 1 and turn["content"][0]["type"] == "text":
+            turn["content"] = turn["content"][0]["text"]
+    return turns
+
+
+def anthropic_tool_choice(choice: str) -> dict[str, Any] | None:
+    return {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(
+        choice, {"type": "tool", "name": choice})
 
 
 class AnthropicStreamParser:
@@ -106,34 +136,29 @@ class AnthropicProvider(HttpProvider):
     version = "2023-06-01"
 
     def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
-        system_parts = [task.system] if task.system else []
-        system_parts += [m["content"] for m in task.messages if m.get("role") == "system"]
         body: dict[str, Any] = {
             "model": task.model,
             "messages": anthropic_messages(task),
             "max_tokens": task.max_tokens or DEFAULT_MAX_TOKENS,
             "stream": True,
         }
-        if system_parts:
-            body["system"] = "\n\n".join(system_parts)
+        system = system_text(task)
+        if system:
+            body["system"] = system
         if task.temperature is not None:
             body["temperature"] = task.temperature
         if task.tools:
             body["tools"] = [{"name": t["name"], "description": t.get("description", ""),
                               "input_schema": t.get("parameters", {"type": "object"})} for t in task.tools]
+            if task.tool_choice:
+                body["tool_choice"] = anthropic_tool_choice(task.tool_choice)
+        if task.stop:
+            body["stop_sequences"] = task.stop
         headers = {"x-api-key": self.api_key or "", "anthropic-version": self.version}
         return f"{self.base_url}/v1/messages", headers, body
 
     def stream_parser(self, task: Task) -> AnthropicStreamParser:
         return AnthropicStreamParser(self.name)
-
-    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-        content += [{"type": "tool_use", "id": r.call.id, "name": r.call.name,
-                     "input": parsed_arguments(r.call.arguments)} for r in results]
-        answers = [{"type": "tool_result", "tool_use_id": r.call.id, "content": r.content, "is_error": not r.ok}
-                   for r in results]
-        return [{"role": "assistant", "content": content}, {"role": "user", "content": answers}]
 
     def error_message(self, body: Any) -> tuple[str | None, float | None]:
         message, delay = super().error_message(body)

@@ -112,7 +112,15 @@ class ProviderError(Exception):
 
 @dataclass
 class Task:
-    """One normalized chat request, whatever the provider."""
+    """One normalized chat request, whatever the provider.
+
+    `messages` are `{role, content}` with roles system, user and assistant, plus the
+    provider-neutral form of tool exchanges that each adapter translates to its wire format:
+    an assistant turn `{"role": "assistant", "content", "tool_calls": [{"id", "name",
+    "arguments"}]}` (arguments as JSON text) and its results `{"role": "tool",
+    "tool_call_id", "name", "content", "is_error"?}`. `tools` are `{name, description,
+    parameters}`; `tool_choice` is "auto", "none", "required" or a tool's name.
+    """
 
     messages: list[dict[str, Any]]
     model: str
@@ -120,6 +128,8 @@ class Task:
     temperature: float | None = None
     max_tokens: int | None = None
     tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | None = None
+    stop: list[str] = field(default_factory=list)
 
 
 class Cancellation:
@@ -179,9 +189,13 @@ class Provider:
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         raise NotImplementedError
 
-    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
-        """The messages that tell this provider which tools it called and what they returned."""
-        raise ProviderError("tools_unsupported", f"provider {self.name} does not support tools")
+
+
+def system_text(task: Task) -> str | None:
+    """For APIs with one top-level system prompt (Anthropic, Gemini): the task's system prompt
+    and any system messages, joined."""
+    parts = ([task.system] if task.system else []) + [m["content"] for m in task.messages if m.get("role") == "system"]
+    return "\n\n".join(parts) or None
 
 
 def parsed_arguments(arguments: str) -> dict[str, Any]:

@@ -131,8 +131,3 @@ class DemoProvider(Provider):
         input_tokens = sum(len(split_tokens(str(m.get("content") or ""))) for m in task.messages)
         yield Usage(input_tokens, min(limit, len(pieces)))
         yield Finish("length" if limit < len(pieces) else "stop")
-
-    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
-        calls = [{"id": r.call.id, "name": r.call.name, "arguments": r.call.arguments} for r in results]
-        return [{"role": "assistant", "content": text, "tool_calls": calls}] + [
-            {"role": "tool", "name": r.call.name, "content": r.content} for r in results]

@@ -20,6 +20,7 @@ from app.providers.base import (
     cut_stream,
     parsed_arguments,
     stream_error,
+    system_text,
 )
 
 FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter",
@@ -28,15 +29,32 @@ FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_fil
 
 
 def gemini_contents(task: Task) -> list[dict[str, Any]]:
-    """Chat messages as Gemini contents; entries already in Gemini's shape pass through."""
-    contents = []
+    """Chat messages as Gemini contents: calls as `functionCall` parts of a model turn,
+    results as `functionResponse` parts of a user turn, consecutive turns of one role merged."""
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name (a result must name its function)
     for m in task.messages:
-        if "parts" in m:
-            contents.append(m)
-        elif m.get("role") != "system":
-            role = "model" if m["role"] == "assistant" else "user"
-            contents.append({"role": role, "parts": [{"text": m["content"]}]})
+        role = m.get("role")
+        if role == "system":
+            continue
+        if role == "tool":
+            name = m.get("name") or names.get(m.get("tool_call_id", ""), "")
+            role, parts = "user", [{"functionResponse": {"name": name, "response": {"result": m["content"]}}}]
+        elif role == "assistant":
+            role, parts = "model", ([{"text": m["content"]}] if m.get("content") else [])
+            for call in m.get("tool_calls") or ():
+                names[call["id"]] = call["name"]
+                parts.append({"functionCall": {"name": call["name"], "args": parsed_arguments(call["arguments"])}})
+        else:
+            parts = [{"text": m["content"]}]
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"] += parts
+        else:
+            contents.append({"role": role, "parts": parts})
     return contents
+
+
+GEMINI_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
 
 
 class GeminiStreamParser:
@@ -96,31 +114,31 @@ class GeminiStreamParser:
 class GeminiProvider(HttpProvider):
     def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
         body: dict[str, Any] = {"contents": gemini_contents(task)}
-        system = [task.system] if task.system else []
-        system += [m["content"] for m in task.messages if m.get("role") == "system"]
+        system = system_text(task)
         if system:
-            body["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
+            body["systemInstruction"] = {"parts": [{"text": system}]}
         config: dict[str, Any] = {}
         if task.temperature is not None:
             config["temperature"] = task.temperature
         if task.max_tokens is not None:
             config["maxOutputTokens"] = task.max_tokens
+        if task.stop:
+            config["stopSequences"] = task.stop
         if config:
             body["generationConfig"] = config
         if task.tools:
             body["tools"] = [{"functionDeclarations": task.tools}]
+            if task.tool_choice:
+                calling: dict[str, Any] = {"mode": GEMINI_MODES.get(task.tool_choice, "ANY")}
+                if task.tool_choice not in GEMINI_MODES:  # one named function
+                    calling["allowedFunctionNames"] = [task.tool_choice]
+                body["toolConfig"] = {"functionCallingConfig": calling}
         # alt=sse selects SSE framing; without it the endpoint streams one JSON array.
         url = f"{self.base_url}/models/{quote(task.model, safe='')}:streamGenerateContent?alt=sse"
         return url, {"x-goog-api-key": self.api_key or ""}, body
 
     def stream_parser(self, task: Task) -> GeminiStreamParser:
         return GeminiStreamParser(self.name)
-
-    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
-        parts: list[dict[str, Any]] = [{"text": text}] if text else []
-        parts += [{"functionCall": {"name": r.call.name, "args": parsed_arguments(r.call.arguments)}} for r in results]
-        answers = [{"functionResponse": {"name": r.call.name, "response": {"result": r.content}}} for r in results]
-        return [{"role": "model", "parts": parts}, {"role": "user", "parts": answers}]
 
     def error_message(self, body: Any) -> tuple[str | None, float | None]:
         message, _ = super().error_message(body)

@@ -28,9 +28,22 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"
 
 
 def openai_messages(task: Task) -> list[dict[str, Any]]:
-    """The system prompt goes first as a `system` message; the rest as given."""
+    """The system prompt goes first as a `system` message; tool exchanges in OpenAI's shape."""
     messages = [{"role": "system", "content": task.system}] if task.system else []
-    return messages + task.messages
+    for m in task.messages:
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                     for c in m["tool_calls"]]
+            messages.append({"role": "assistant", "content": m.get("content") or None, "tool_calls": calls})
+        elif m.get("role") == "tool":
+            messages.append({"role": "tool", "tool_call_id": m["tool_call_id"], "content": m["content"]})
+        else:
+            messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+def openai_tool_choice(choice: str) -> Any:
+    return choice if choice in ("auto", "none", "required") else {"type": "function", "function": {"name": choice}}
 
 
 def _usage(data: Any) -> Usage | None:
@@ -144,17 +157,16 @@ class OpenAIProvider(HttpProvider):
             body[self.max_tokens_field] = task.max_tokens
         if task.tools:
             body["tools"] = [{"type": "function", "function": tool} for tool in task.tools]
+            if task.tool_choice:
+                body["tool_choice"] = openai_tool_choice(task.tool_choice)
+        if task.stop:
+            body["stop"] = task.stop
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return f"{self.base_url}/chat/completions", headers, body
 
     def stream_parser(self, task: Task) -> OpenAIStreamParser:
         return OpenAIStreamParser(self.name)
 
-    def tool_round_messages(self, text: str, results: list[Any]) -> list[dict[str, Any]]:
-        calls = [{"id": r.call.id, "type": "function", "function": {"name": r.call.name, "arguments": r.call.arguments}}
-                 for r in results]
-        return [{"role": "assistant", "content": text or None, "tool_calls": calls}] + [
-            {"role": "tool", "tool_call_id": r.call.id, "content": r.content} for r in results]
 
 
 class GroqProvider(OpenAIProvider):
