@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask, Response
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import websocket
+from app import openai_api, websocket
 from app.access import install, parse_rate
 from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
@@ -31,6 +31,7 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     app.json.ensure_ascii = False
     try:
         parse_rate(settings.RATE_LIMIT)
+        openai_api.parse_aliases(settings.MODEL_ALIASES)
         store = open_store(settings.STORE_URL, app.instance_path)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
@@ -54,6 +55,7 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.MAX_BODY_BYTES}
     app.register_blueprint(bp)
     app.register_blueprint(websocket.bp)
+    app.register_blueprint(openai_api.bp)
     register_error_handlers(app)
     return app
 

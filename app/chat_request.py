@@ -31,7 +31,10 @@ class ChatRequest:
     provider: Provider
     task: Task
     conversation_id: str | None
-    tools: list[Tool]
+    tools: list[Tool]  # server-side tools to run (app.tools); client-defined tools live in task.tools
+    # What the conversation record keeps of this request (default: all of task.messages). A
+    # client that resends the whole history each turn (the OpenAI API) stores only its new turn.
+    records: list[dict[str, Any]] | None = None
 
 
 def invalid(message: str) -> ApiError:
@@ -46,7 +49,7 @@ def _text(value: Any, name: str, limit: int) -> str:
     return value
 
 
-def _number(value: Any, name: str, low: float, high: float, integer: bool, from_query: bool) -> float | int:
+def number_option(value: Any, name: str, low: float, high: float, integer: bool, from_query: bool) -> float | int:
     if from_query and isinstance(value, str):
         try:
             value = int(value) if integer else float(value)
@@ -127,12 +130,12 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
         raise invalid("'model' must be a model name (letters, digits and ._:/@+-)")
     temperature = data.get("temperature")
     if temperature is not None and temperature != "":
-        temperature = float(_number(temperature, "temperature", 0, 2, False, from_query))
+        temperature = float(number_option(temperature, "temperature", 0, 2, False, from_query))
     else:
         temperature = None
     max_tokens = data.get("max_tokens")
     if max_tokens is not None and max_tokens != "":
-        max_tokens = int(_number(max_tokens, "max_tokens", 1, settings.MAX_OUTPUT_TOKENS, True, from_query))
+        max_tokens = int(number_option(max_tokens, "max_tokens", 1, settings.MAX_OUTPUT_TOKENS, True, from_query))
     else:
         max_tokens = None
     conversation_id = data.get("conversation_id") or None

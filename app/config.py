@@ -26,6 +26,9 @@ class ConfigError(ValueError):
 class Settings:
     LLM_PROVIDER: str = "demo"
     LLM_MODEL: str = ""
+    # OpenAI-compatible API: names clients may use for provider/model pairs,
+    # "fast=groq/llama-3.1-8b-instant,smart=anthropic/claude-sonnet-4-5".
+    MODEL_ALIASES: str = ""
     # The offline demo answers from this server's CPU: offered when it is the default
     # provider, otherwise only when switched on (None = "when LLM_PROVIDER is demo").
     DEMO_ENABLED: bool | None = None

@@ -43,7 +43,8 @@ class Conversations:
         """Store the request's messages; return the conversation id, the task to send, and the
         conversation's length after them (where a POST-SSE ticket's history ends)."""
         now = time.time()
-        records = [{**message, "request_id": request_id, "created": now} for message in chat.task.messages]
+        new = chat.records if chat.records is not None else chat.task.messages
+        records = [{**message, "request_id": request_id, "created": now} for message in new]
         history: list[dict[str, Any]] = []
         if chat.conversation_id is None:
             conversation_id = new_id()
@@ -57,7 +58,9 @@ class Conversations:
                                f"{self.cap_bytes} bytes); start a new conversation")
             history = self.replayable(self.store.messages(conversation_id, max(0, info.messages - self.max_messages)))
         info = self.store.append_messages(conversation_id, records, self.ttl, owner=caller.id)
-        return conversation_id, replace(chat.task, messages=self.bounded(history + chat.task.messages)), info.messages
+        new = chat.task.messages
+        history = self.bounded(history, reserve=sum(len(m.get("content") or "") for m in new), reserved=len(new))
+        return conversation_id, replace(chat.task, messages=history + new), info.messages
 
     def history_at(self, conversation_id: str, position: int, request_id: str) -> list[dict[str, Any]]:
         """The messages to send for a request accepted earlier (a POST-SSE ticket opened now):
@@ -77,6 +80,8 @@ class Conversations:
         }
         if answer.tool_records:
             record["tools"] = answer.tool_records
+        if answer.tool_calls:  # calls the model made of tools the client defined
+            record["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in answer.tool_calls]
         if answer.error:
             record["error"] = answer.error
         self.store.append_message(conversation_id, record, self.ttl, owner=owner)
@@ -105,13 +110,14 @@ class Conversations:
                 if r.get("content") and (r.get("role") in ("user", "assistant")
                                          or (r.get("role") == "system" and r.get("request_id") == request_id))]
 
-    def bounded(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The most recent messages within the budget, starting with a user message."""
+    def bounded(self, messages: list[dict[str, Any]], reserve: int = 0, reserved: int = 0) -> list[dict[str, Any]]:
+        """The most recent stored messages within the history budget (less what the request's own
+        `reserved` messages of `reserve` characters take), starting with a user message."""
         kept: list[dict[str, Any]] = []
-        chars = 0
+        chars = reserve
         for message in reversed(messages):
             chars += len(message.get("content") or "")
-            if kept and (len(kept) >= self.max_messages or chars > self.max_chars):
+            if (kept or reserved) and (len(kept) + reserved >= self.max_messages or chars > self.max_chars):
                 break
             kept.append(message)
         kept.reverse()

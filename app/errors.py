@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, has_request_context, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
@@ -28,8 +28,19 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+# The OpenAI-compatible routes answer errors in OpenAI's shape, which its SDKs turn into
+# their exception classes (by status) with the message (docs/openai-api.md).
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                429: "rate_limit_error"}
+
+
 def error_response(status: int, type: str, message: str, headers: dict[str, str] | None = None):
-    response = jsonify({"error": {"type": type, "message": message}})
+    if has_request_context() and request.path.startswith("/v1/"):
+        kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        response = jsonify({"error": {"message": message, "type": kind, "param": None, "code": type}})
+    else:
+        response = jsonify({"error": {"type": type, "message": message}})
     response.status_code = status
     for key, value in (headers or {}).items():
         response.headers[key] = value

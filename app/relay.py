@@ -14,11 +14,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from app.protocols import Ending, RelayEvents
 from app.providers.base import Cancellation, Finish, Meta, Provider, ProviderError, Task, Text, ToolCall, Usage
-from app.sse import StreamLog, encode_event, encode_token
+from app.sse import StreamLog, encode_event
 from app.store import Store
 from app.tools import Tool, answer_deltas
 
@@ -81,8 +82,9 @@ class Generation:
                  owner: str = "", resumable: Resumable | None = None, tools: list[Tool] | None = None,
                  max_rounds: int = 4, record: Callable[[Generation], None] | None = None,
                  release: Callable[[Generation], None] | None = None,
-                 on_end: Callable[[Generation], None] | None = None) -> None:
+                 on_end: Callable[[Generation], None] | None = None, wire: Any = None) -> None:
         self.id = stream_id or new_id()
+        self.wire = wire or RelayEvents()  # what the client reads: app/protocols.py
         self.owner = owner  # the caller the stream is bound to (see app.access)
         self.tools = tools or []
         self.max_rounds = max_rounds
@@ -164,43 +166,40 @@ class Generation:
         append = self.log.append
         answer = self.answer
         parts = answer.parts
-        provider = self.provider
-        append(encode_event(1, "msgid", {"id": self.id, "conversation_id": self.conversation_id,
-                                          "provider": provider.name, "model": self.task.model}))
-        next_id = 2
-        ending: list[tuple[str, dict[str, Any]]] = []
+        wire = self.wire
+        text_frame = wire.text
+        for frame in wire.opening(self.id, self.conversation_id, self.provider.name, self.task.model):
+            append(frame)
+        ending: Ending | None = None
         try:
-            deltas = answer_deltas(provider, self.task, self.cancel, self.tools, self.max_rounds, answer.tool_records)
+            deltas = answer_deltas(self.provider, self.task, self.cancel, self.tools, self.max_rounds,
+                                   answer.tool_records)
             for delta in deltas:
                 kind = delta.__class__
                 if kind is Text:  # the hot path: one encode, one append
                     if self.first_token_at is None:
                         self.first_token_at = time.monotonic()
                     parts.append(delta.text)
-                    append(encode_token(next_id, delta.text))
-                    next_id += 1
-                elif kind is Meta:
-                    append(encode_event(next_id, "meta", delta.data))
-                    next_id += 1
-                else:
-                    answer.note(delta)
+                    append(text_frame(delta.text))
+                    continue
+                frame = wire.meta(delta.data) if kind is Meta else wire.tool_call(delta) if kind is ToolCall else None
+                if frame is not None:
+                    append(frame)
+                answer.note(delta)
             ending = self._ending()
         except ProviderError as err:
             answer.outcome, answer.error = "error", err.as_event()
-            ending = [("error", answer.error)]
+            ending = Ending(usage=answer.usage, error=answer.error)
         except Exception:
             logger.exception("stream %s failed", self.id)
-            ending = []
         finally:
-            if not ending:  # an exception above, or the thread itself being killed: readers still get an end
+            if ending is None:  # an exception above, or the thread itself being killed: readers still get an end
                 answer.outcome = "error"
                 answer.error = {"type": "internal_error", "message": "the relay failed while streaming this answer"}
-                ending = [("error", answer.error)]
+                ending = Ending(usage=answer.usage, error=answer.error)
             self.token_events = len(parts)
-            ending = self._recorded(ending)
-            for event, data in ending:
-                append(encode_event(next_id, event, data))
-                next_id += 1
+            for frame in wire.closing(self._recorded(ending)):
+                append(frame)
             self.log.close()
             self._log_line()
             for hook in (self.release, self.on_end):
@@ -210,24 +209,21 @@ class Generation:
                     except Exception:
                         logger.exception("stream %s: end hook failed", self.id)
 
-    def _ending(self) -> list[tuple[str, dict[str, Any]]]:
-        """The last events of an answer that was not interrupted by an error."""
+    def _ending(self) -> Ending:
+        """How an answer that was not interrupted by a provider error ended."""
         answer = self.answer
         if self.abort_error is not None:
             answer.outcome, answer.error = "error", self.abort_error
-            return [("error", self.abort_error)]
+            return Ending(usage=answer.usage, error=self.abort_error)
         if self.cancel.is_set():
             answer.outcome = self.cancel.reason or "stopped"
             answer.finish_reason = "stopped"
-            return [("done", {"finish_reason": "stopped", "usage": answer.usage})]
+            return Ending("stopped", answer.usage)
         answer.outcome = "done"
-        finish = answer.finish_reason or "stop"
-        events: list[tuple[str, dict[str, Any]]] = []
-        if answer.usage is not None or answer.finish_reason is not None:
-            events.append(("meta", {"usage": answer.usage, "finish_reason": finish}))
-        return events + [("done", {"finish_reason": finish, "usage": answer.usage})]
+        return Ending(answer.finish_reason or "stop", answer.usage,
+                      report_usage=answer.usage is not None or answer.finish_reason is not None)
 
-    def _recorded(self, ending: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    def _recorded(self, ending: Ending) -> Ending:
         """Keep the answer; when that fails the reader is told so instead of `done`."""
         if self.record is None:
             return ending
@@ -238,7 +234,7 @@ class Generation:
             self.answer.outcome = "error"
             self.answer.error = {"type": "store_unavailable",
                                  "message": "the answer could not be saved to the conversation; try again shortly"}
-            return [e for e in ending if e[0] == "meta"] + [("error", self.answer.error)]
+            return replace(ending, error=self.answer.error)
         return ending
 
     def _log_line(self) -> None:
@@ -437,13 +433,13 @@ class Relay:
     def start(self, provider: Provider, task: Task, conversation_id: str, *, stream_id: str, owner: str,
               resumable: bool = False, tools: list[Tool] | None = None,
               record: Callable[[Generation], None] | None = None,
-              release: Callable[[Generation], None] | None = None) -> Generation:
+              release: Callable[[Generation], None] | None = None, wire: Any = None) -> Generation:
         """Start producing an answer now; readers attach to `generation.log`."""
         share = Resumable(self.store, self.settings.STREAM_GRACE_SECONDS) if resumable else None
         # A resumable generation stays findable here until its log is complete in the store.
         generation = Generation(provider, task, conversation_id, stream_id=stream_id, owner=owner, resumable=share,
                                 tools=tools, max_rounds=self.settings.TOOL_MAX_ROUNDS, record=record,
-                                release=release, on_end=None if share else self._ended)
+                                release=release, on_end=None if share else self._ended, wire=wire)
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start(self.flusher)

@@ -81,14 +81,19 @@ class ChatService:
         return cls(settings, providers, store, access, Relay(settings, store), Conversations(store, settings, access))
 
     # -- accepting a request
-    def accept(self, caller: Caller, data: dict[str, Any], from_query: bool = False) -> ChatRequest:
-        """Validate a request that starts an answer; it counts against the caller's rate limit."""
+    def admit(self, caller: Caller) -> None:
+        """A request that starts an answer counts against the caller's rate limit (429 beyond it)."""
         self.access.count_request(caller)
+
+    def accept(self, caller: Caller, data: dict[str, Any], from_query: bool = False) -> ChatRequest:
+        """Admit and validate a request in the relay's own options (docs/http-api.md)."""
+        self.admit(caller)
         return parse_chat_request(data, self.settings, self.providers, from_query=from_query)
 
     # -- direct streams (SSE GET/POST, WebSocket, the Python API's task().stream())
-    def stream(self, caller: Caller, chat: ChatRequest) -> Reading:
-        """Start an answer now; it stops as soon as its one reader leaves."""
+    def stream(self, caller: Caller, chat: ChatRequest, wire: Any = None) -> Reading:
+        """Start an answer now; it stops as soon as its one reader leaves. `wire` is what the
+        client reads (app/protocols.py; default the relay's event protocol)."""
         stream_id = new_id()
         self.access.open_stream(caller.id, stream_id)
         try:
@@ -96,7 +101,8 @@ class ChatService:
         except BaseException:
             self.access.close_stream(caller.id, stream_id)
             raise
-        return self._reading(self._start(chat, task, conversation_id, stream_id, caller.id, resumable=False), 0)
+        return self._reading(self._start(chat, task, conversation_id, stream_id, caller.id, resumable=False,
+                                         wire=wire), 0)
 
     # -- POST-SSE
     def create_ticket(self, caller: Caller, chat: ChatRequest) -> dict[str, str]:
@@ -233,7 +239,7 @@ class ChatService:
 
     # -- shared steps
     def _start(self, chat: ChatRequest, task: Task, conversation_id: str, stream_id: str, owner: str,
-               resumable: bool) -> Generation:
+               resumable: bool, wire: Any = None) -> Generation:
         """Produce `task` (the request with its history) as a generation bound to `owner`."""
         conversations, access = self.conversations, self.access
 
@@ -244,7 +250,7 @@ class ChatService:
             access.close_stream(owner, generation.id)
 
         return self.relay.start(chat.provider, task, conversation_id, stream_id=stream_id, owner=owner,
-                                resumable=resumable, tools=chat.tools, record=record, release=release)
+                                resumable=resumable, tools=chat.tools, record=record, release=release, wire=wire)
 
     @staticmethod
     def _reading(generation: Generation, position: int) -> Reading:

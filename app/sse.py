@@ -174,6 +174,7 @@ class SseBody:
         position: int = 0,
         on_close: Callable[[bool], None] | None = None,
         client_socket: socket.socket | None = None,
+        retry: bool = True,
     ) -> None:
         self.log = log
         self.heartbeat = heartbeat
@@ -181,7 +182,9 @@ class SseBody:
         self.on_close = on_close
         self.client_socket = client_socket
         self.completed = False
-        self._started = False
+        # The `retry:` field is for EventSource; clients of other SSE formats (OpenAI's SDKs)
+        # take a frame with no data as an event and fail on it.
+        self._started = not retry
         self._closed = False
 
     def __iter__(self) -> SseBody:
@@ -274,6 +277,7 @@ def sse_response(
     position: int = 0,
     on_close: Callable[[bool], None] | None = None,
     status: int = 200,
+    retry: bool = True,
 ) -> Response:
     """A Flask response that streams `events` as Server-Sent Events.
 
@@ -298,7 +302,7 @@ def sse_response(
                 user_close(completed)
 
     sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-    body = SseBody(log, heartbeat, position, on_close, sock)
+    body = SseBody(log, heartbeat, position, on_close, sock, retry=retry)
     response = Response(
         body,
         status=status,

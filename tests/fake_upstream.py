@@ -304,3 +304,11 @@ def anthropic_tool_use_body(call_id: str, name: str, arguments: str, text: str =
                       "message_delta"))
     frames.append(sse({"type": "message_stop"}, "message_stop"))
     return frames
+
+
+def gemini_function_call_body(name: str, args: dict[str, Any]) -> list[bytes]:
+    """A Gemini stream whose answer is one whole functionCall part (finishReason stays STOP)."""
+    return [sse({"candidates": [{"content": {"parts": [{"functionCall": {"name": name, "args": args}}],
+                                             "role": "model"}, "finishReason": "STOP", "index": 0}],
+                 "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2, "totalTokenCount": 6}},
+                eol="\r\n")]

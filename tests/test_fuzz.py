@@ -51,7 +51,16 @@ chat_bodies = st.one_of(
     st.dictionaries(hostile_text, json_values, max_size=4),
     json_values,
 )
+openai_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(["demo/demo-fast", "openai/gpt-4.1", "nope/x", "smart"]) | json_values,
+     "messages": st.one_of(json_values, st.lists(st.fixed_dictionaries(
+         {"role": st.sampled_from(["user", "assistant", "tool", "developer", "x"]), "content": json_values},
+         optional={"tool_calls": json_values, "tool_call_id": json_values}), min_size=1, max_size=3))},
+    optional={"stream": st.booleans() | json_values, "stream_options": json_values, "tools": json_values,
+              "tool_choice": json_values, "n": json_values, "stop": json_values, "max_tokens": json_values,
+              "temperature": json_values, "logprobs": json_values, "bogus": json_values})
 raw_bodies = st.one_of(
+    openai_bodies.map(lambda value: json.dumps(value).encode()),
     chat_bodies.map(lambda value: json.dumps(value).encode()),
     st.binary(max_size=200),
     st.sampled_from([b"[" * 5000 + b"]" * 5000, b'{"prompt": "\\ud800"}', b"\xef\xbb\xbf{}", b"{" * 100]),
@@ -118,7 +127,8 @@ def send(method: str, url: str, **kwargs) -> requests.Response:
 
 
 @FUZZ
-@given(body=raw_bodies, hdrs=headers, route=st.sampled_from(["/api/chat", "/api/chat/stream", "/api/chat/streams"]))
+@given(body=raw_bodies, hdrs=headers, route=st.sampled_from(["/api/chat", "/api/chat/stream", "/api/chat/streams",
+                                                              "/v1/chat/completions"]))
 def test_json_routes(server, body, hdrs, route):
     response = send("POST", server + route, data=body, headers=hdrs)
     if route == "/api/chat/streams" and response.status_code == 201:

@@ -1,0 +1,133 @@
+"""What a stream says to its client: the relay's event protocol, or OpenAI's chunk format.
+
+A `Generation` produces normalized deltas; a protocol object turns them into encoded SSE
+frames for its log, once per stream (every reader of the log copies bytes). Each
+protocol has the same methods: `opening`, `text`, `meta`, `tool_call` and `closing`,
+and keeps what it needs between them (event ids, the tool call index). The SSE framing
+itself lives in app/sse.py.
+
+- `RelayEvents`: msgid, token, meta, done, error (docs/http-api.md). Event ids count
+  frames, so a reader resumes at log position = Last-Event-ID.
+- `OpenAIChunks`: `chat.completion.chunk` objects and `data: [DONE]`, as the official
+  OpenAI SDKs read them (docs/openai-api.md).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from app.providers.base import ToolCall
+from app.sse import encode_event, encode_json, encode_token
+
+
+@dataclass
+class Ending:
+    """How an answer ended: `error` set when it failed, else its finish reason."""
+
+    finish_reason: str = "stop"
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    report_usage: bool = False  # usage or a finish reason came from the provider
+
+
+class RelayEvents:
+    """The relay's own event protocol."""
+
+    resumable = True
+
+    def __init__(self) -> None:
+        self.next_id = 1
+
+    def _take_id(self) -> int:
+        event_id = self.next_id
+        self.next_id += 1
+        return event_id
+
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str) -> list[bytes]:
+        return [encode_event(self._take_id(), "msgid", {"id": stream_id, "conversation_id": conversation_id,
+                                                         "provider": provider, "model": model})]
+
+    def text(self, text: str) -> bytes:
+        return encode_token(self._take_id(), text)
+
+    def meta(self, data: dict[str, Any]) -> bytes | None:
+        return encode_event(self._take_id(), "meta", data)
+
+    def tool_call(self, call: ToolCall) -> bytes | None:
+        return None  # server-side tools report through `meta`; calls are kept in the record
+
+    def closing(self, ending: Ending) -> list[bytes]:
+        frames = []
+        if ending.report_usage:
+            frames.append(encode_event(self._take_id(), "meta",
+                                       {"usage": ending.usage, "finish_reason": ending.finish_reason}))
+        if ending.error is not None:
+            frames.append(encode_event(self._take_id(), "error", ending.error))
+        else:
+            frames.append(encode_event(self._take_id(), "done",
+                                       {"finish_reason": ending.finish_reason, "usage": ending.usage}))
+        return frames
+
+
+def openai_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    return {"prompt_tokens": usage.get("input_tokens") or 0, "completion_tokens": usage.get("output_tokens") or 0,
+            "total_tokens": usage.get("total_tokens") or 0}
+
+
+def openai_finish(reason: str | None) -> str:
+    """OpenAI's finish reasons; a stream stopped on request ends as "stop"."""
+    return reason if reason in ("stop", "length", "tool_calls", "content_filter") else "stop"
+
+
+class OpenAIChunks:
+    """OpenAI's streaming chat completion: one `chat.completion.chunk` per delta."""
+
+    resumable = False
+    DONE = b"data: [DONE]\n\n"
+
+    def __init__(self, model: str, include_usage: bool = False) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.completion_id = ""
+        self.tool_index = 0
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        data = {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": choices, **extra}
+        return b"data: %s\n\n" % encode_json(data)
+
+    def _delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str) -> list[bytes]:
+        self.completion_id = f"chatcmpl-{stream_id}"
+        return [self._delta({"role": "assistant", "content": ""})]
+
+    def text(self, text: str) -> bytes:
+        return self._delta({"content": text})
+
+    def meta(self, data: dict[str, Any]) -> bytes | None:
+        return None  # retries, rate limits: nothing an OpenAI client expects
+
+    def tool_call(self, call: ToolCall) -> bytes | None:
+        # Calls reach the relay whole; one fragment with all its arguments is what OpenAI sends
+        # for short calls too, and clients concatenate fragments per index either way.
+        index, self.tool_index = self.tool_index, self.tool_index + 1
+        return self._delta({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                            "function": {"name": call.name, "arguments": call.arguments}}]})
+
+    def closing(self, ending: Ending) -> list[bytes]:
+        if ending.error is not None:
+            # What OpenAI sends when a stream fails: the SDKs raise an APIError for it.
+            error = {"message": ending.error.get("message"), "type": ending.error.get("type"),
+                     "param": None, "code": ending.error.get("type")}
+            return [b"data: %s\n\n" % encode_json({"error": error})]
+        frames = [self._delta({}, openai_finish(ending.finish_reason))]
+        if self.include_usage:
+            frames.append(self._chunk([], usage=openai_usage(ending.usage)))
+        return frames + [self.DONE]
