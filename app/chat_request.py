@@ -83,8 +83,12 @@ def parse_messages(value: Any, settings: Settings) -> list[dict[str, str]]:
 
 
 def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: Mapping[str, Provider],
-                       from_query: bool = False) -> ChatRequest:
-    """Validate the options of one chat request (DESIGN.md: request options)."""
+                       from_query: bool = False, messages: list[dict[str, Any]] | None = None) -> ChatRequest:
+    """Validate the options of one chat request (docs/http-api.md: request options).
+
+    `messages`, when given, are already in the neutral form (a transport with its own message
+    format parsed them); then `prompt` and `messages` must not be among the options.
+    """
     unknown = set(data) - OPTIONS
     if unknown:
         raise invalid(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -100,9 +104,12 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     if not provider.configured:
         raise ApiError(400, "provider_not_configured", f"provider '{name}' has no API key configured on this server")
 
-    if "messages" in data and "prompt" in data:
+    if messages is not None:
+        if "messages" in data or "prompt" in data:
+            raise invalid("unexpected 'prompt' or 'messages' option")
+    elif "messages" in data and "prompt" in data:
         raise invalid("send either 'prompt' or 'messages', not both")
-    if "messages" in data:
+    elif "messages" in data:
         raw = data["messages"]
         if from_query:
             try:

@@ -10,10 +10,13 @@ itself lives in app/sse.py.
   frames, so a reader resumes at log position = Last-Event-ID.
 - `OpenAIChunks`: `chat.completion.chunk` objects and `data: [DONE]`, as the official
   OpenAI SDKs read them (docs/openai-api.md).
+- `UiMessageStream`: the Vercel AI SDK's UI message stream (`x-vercel-ai-ui-message-stream:
+  v1`), what `useChat` reads (docs/ai-sdk.md).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -131,3 +134,73 @@ class OpenAIChunks:
         if self.include_usage:
             frames.append(self._chunk([], usage=openai_usage(ending.usage)))
         return frames + [self.DONE]
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return text
+
+
+UI_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "content_filter": "content-filter"}
+
+
+class UiMessageStream:
+    """The AI SDK's UI message stream: start, text-start/delta/end, tool parts, finish, [DONE]."""
+
+    resumable = False
+    HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
+
+    def __init__(self) -> None:
+        self.text_id: str | None = None  # the open text block, if any
+        self.blocks = 0
+        self.message_id = ""
+
+    @staticmethod
+    def _part(data: dict[str, Any]) -> bytes:
+        return b"data: %s\n\n" % encode_json(data)
+
+    def _close_text(self) -> bytes:
+        frame = self._part({"type": "text-end", "id": self.text_id}) if self.text_id else b""
+        self.text_id = None
+        return frame
+
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str) -> list[bytes]:
+        self.message_id = f"msg-{stream_id}"
+        return [self._part({"type": "start", "messageId": self.message_id}), self._part({"type": "start-step"})]
+
+    def text(self, text: str) -> bytes:
+        if self.text_id is not None:
+            return self._part({"type": "text-delta", "id": self.text_id, "delta": text})
+        self.blocks += 1
+        self.text_id = f"text-{self.blocks}"
+        return (self._part({"type": "text-start", "id": self.text_id})
+                + self._part({"type": "text-delta", "id": self.text_id, "delta": text}))
+
+    def meta(self, data: dict[str, Any]) -> bytes | None:
+        tool = data.get("tool")
+        if not isinstance(tool, dict) or "id" not in tool:
+            return None  # retries, rate limits, the round limit: nothing useChat shows
+        # A server-side tool (app.tools): its input, then its output, as the SDK's tool parts.
+        if tool["status"] == "running":
+            return self._close_text() + self._part({"type": "tool-input-available", "toolCallId": tool["id"],
+                                                    "toolName": tool["name"],
+                                                    "input": _json_or_text(tool["arguments"])})
+        if tool["status"] == "done":
+            return self._part({"type": "tool-output-available", "toolCallId": tool["id"],
+                               "output": _json_or_text(tool.get("result", ""))})
+        return self._part({"type": "tool-output-error", "toolCallId": tool["id"],
+                           "errorText": tool.get("result", "the tool failed")})
+
+    def tool_call(self, call: ToolCall) -> bytes | None:
+        return None  # server-side tools announce themselves through meta
+
+    def closing(self, ending: Ending) -> list[bytes]:
+        frames = [self._close_text()] if self.text_id else []
+        if ending.error is not None:
+            return frames + [self._part({"type": "error", "errorText": ending.error.get("message") or "error"}),
+                             OpenAIChunks.DONE]
+        finish = UI_FINISH.get(ending.finish_reason, "other" if ending.finish_reason != "stopped" else "stop")
+        return frames + [self._part({"type": "finish-step"}), self._part({"type": "finish", "finishReason": finish}),
+                         OpenAIChunks.DONE]

@@ -278,6 +278,7 @@ def sse_response(
     on_close: Callable[[bool], None] | None = None,
     status: int = 200,
     retry: bool = True,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     """A Flask response that streams `events` as Server-Sent Events.
 
@@ -307,7 +308,7 @@ def sse_response(
         body,
         status=status,
         content_type="text/event-stream; charset=utf-8",
-        headers=SSE_HEADERS,
+        headers={**SSE_HEADERS, **(headers or {})},
         direct_passthrough=True,
     )
     return response

@@ -176,13 +176,13 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
             return
         results = []
         for call in calls:
-            yield Meta({"tool": {"name": call.name, "arguments": call.arguments, "status": "running"}})
+            yield Meta({"tool": {"id": call.id, "name": call.name, "arguments": call.arguments, "status": "running"}})
             result = box.run(call)
             results.append(result)
             records.append(result.record())
-            yield Meta({"tool": {"name": call.name, "arguments": call.arguments,
+            yield Meta({"tool": {"id": call.id, "name": call.name, "arguments": call.arguments,
                                  "status": "done" if result.ok else "error",
-                                 "result_preview": result.content[:PREVIEW_CHARS]}})
+                                 "result_preview": result.content[:PREVIEW_CHARS], "result": result.content}})
         task.messages.extend(tool_round_messages("".join(text), results))
 
 

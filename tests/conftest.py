@@ -285,3 +285,20 @@ def wait_until(predicate, timeout: float = 5.0, what: str = "the condition", int
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+# ------------------------------------------------------------------ real JavaScript clients
+
+NODE_DIR = __import__("pathlib").Path(__file__).resolve().parent / "node"
+
+
+def run_node(script: str, scenario: str, url: str) -> dict:
+    """Run a client script of tests/node (real npm packages) against `url`; its JSON result."""
+    import shutil
+    import subprocess
+
+    require(shutil.which("node") is not None and (NODE_DIR / "node_modules").exists(),
+            "Node.js with tests/node installed (scripts/test.sh runs npm ci there)")
+    done = subprocess.run(["node", str(NODE_DIR / script), scenario, url], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])

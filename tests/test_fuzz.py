@@ -59,7 +59,20 @@ openai_bodies = st.fixed_dictionaries(
     optional={"stream": st.booleans() | json_values, "stream_options": json_values, "tools": json_values,
               "tool_choice": json_values, "n": json_values, "stop": json_values, "max_tokens": json_values,
               "temperature": json_values, "logprobs": json_values, "bogus": json_values})
+ui_parts = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "tool-calculate", "file", "step-start"])
+                                                   | json_values},
+                                          optional={"text": json_values, "state": st.sampled_from(
+                                              ["output-available", "output-error", "input-streaming"]),
+                                              "toolCallId": json_values, "input": json_values, "output": json_values}),
+                    max_size=3)
+ui_bodies = st.fixed_dictionaries(
+    {"id": json_values, "messages": st.lists(st.fixed_dictionaries(
+        {"id": json_values, "role": st.sampled_from(["user", "assistant", "system", "x"]), "parts": ui_parts}),
+        min_size=1, max_size=3)},
+    optional={"trigger": json_values, "provider": st.sampled_from(["demo", "openai"]), "tools": json_values,
+              "model": st.just("demo-fast")})
 raw_bodies = st.one_of(
+    ui_bodies.map(lambda value: json.dumps(value).encode()),
     openai_bodies.map(lambda value: json.dumps(value).encode()),
     chat_bodies.map(lambda value: json.dumps(value).encode()),
     st.binary(max_size=200),
@@ -128,7 +141,7 @@ def send(method: str, url: str, **kwargs) -> requests.Response:
 
 @FUZZ
 @given(body=raw_bodies, hdrs=headers, route=st.sampled_from(["/api/chat", "/api/chat/stream", "/api/chat/streams",
-                                                              "/v1/chat/completions"]))
+                                                              "/v1/chat/completions", "/api/chat/ui"]))
 def test_json_routes(server, body, hdrs, route):
     response = send("POST", server + route, data=body, headers=hdrs)
     if route == "/api/chat/streams" and response.status_code == 201:

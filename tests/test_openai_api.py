@@ -11,6 +11,7 @@ import openai
 import pytest
 import requests
 
+from tests.conftest import run_node
 from tests.fake_upstream import (
     BODIES,
     TRICKY_TEXT,
@@ -209,36 +210,20 @@ def test_the_answer_is_recorded_once_per_turn(live, upstream, make_app, serve):
 
 # ------------------------------------------------------------------ the openai npm package under Node
 
-NODE_DIR = __import__("pathlib").Path(__file__).resolve().parent / "node"
-
-
-def node_client(scenario: str, base_url: str) -> dict:
-    import shutil
-    import subprocess
-
-    from tests.conftest import require
-
-    require(shutil.which("node") is not None and (NODE_DIR / "node_modules" / "openai").exists(),
-            "Node.js with tests/node installed (scripts/test.sh runs npm ci there)")
-    done = subprocess.run(["node", str(NODE_DIR / "openai_client.mjs"), scenario, base_url], capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_the_openai_npm_package_streams_tools_aborts_and_errors(live, upstream):
     url = live(API_TOKENS="relay-token") + "/v1"
     upstream.reset(Reply(chunks=hostile_chunks(BODIES["openai"](TRICKY_TEXT))))
-    streamed = node_client("stream", url)
+    streamed = run_node("openai_client.mjs", "stream", url)
     assert streamed["text"] == "".join(TRICKY_TEXT) and streamed["finish"] == "stop"
     assert streamed["usage"]["completion_tokens"] == len(TRICKY_TEXT)
     upstream.reset(Reply(chunks=BODIES["anthropic"](["from ", "claude"])))
-    assert node_client("whole", url) == {"text": "from claude", "finish": "stop"}
+    assert run_node("openai_client.mjs", "whole", url) == {"text": "from claude", "finish": "stop"}
     upstream.reset(Reply(chunks=openai_tool_call_body([("call_9", "get_weather", '{"city": "Lyon"}')])))
-    assert node_client("tools", url) == {"name": "get_weather", "arguments": {"city": "Lyon"}, "finish": "tool_calls"}
+    tools = run_node("openai_client.mjs", "tools", url)
+    assert tools == {"name": "get_weather", "arguments": {"city": "Lyon"}, "finish": "tool_calls"}
     upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(200)]), delay=0.05))
-    aborted = node_client("abort", url)
+    aborted = run_node("openai_client.mjs", "abort", url)
     assert aborted["seen"] == 3, aborted  # nothing more after the abort
     assert upstream.wait_for_request().closed.wait(3), "the upstream kept generating after the abort"
-    error = node_client("error", url)
+    error = run_node("openai_client.mjs", "error", url)
     assert error["status"] == 400 and error["type"] == "invalid_request_error"

@@ -1,0 +1,115 @@
+"""Vercel AI SDK UI message streams (`POST /api/chat/ui`), for `useChat` on a Flask backend.
+
+`useChat` with its default transport posts `{id, messages, trigger, messageId, ...body}`,
+with UI messages made of `parts`, and reads the UI message stream protocol. This route
+accepts that request, adds the relay's own options from `body` (provider, model,
+system, temperature, max_tokens, tools), goes through the same front door as every
+route, and answers with `app.protocols.UiMessageStream`. Details: docs/ai-sdk.md.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, current_app, g, request
+
+from app.chat_request import invalid, parse_chat_request
+from app.errors import ApiError
+from app.protocols import UiMessageStream
+from app.request_body import parse_json_object
+from app.service import ChatService
+from app.sse import sse_response
+
+bp = Blueprint("ai_sdk", __name__)
+
+# What the AI SDK's transport sends besides the messages; not relay options.
+TRANSPORT_FIELDS = {"id", "messages", "trigger", "messageId"}
+IGNORED_PARTS = {"step-start", "reasoning", "source-url", "source-document"}
+
+
+def _text(parts: list[Any], where: str) -> str:
+    """A user or system message's text; files and other media are not relayed."""
+    texts = []
+    for part in parts:
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif part.get("type") not in IGNORED_PARTS and not str(part.get("type", "")).startswith("data-"):
+            raise invalid(f"{where}: parts of type {str(part.get('type'))[:40]!r} are not supported")
+    return "".join(texts)
+
+
+def assistant_turns(parts: list[Any], where: str) -> list[dict[str, Any]]:
+    """An assistant UI message as neutral messages, in order: text and the tool calls made after
+    it, their results, then any text that followed (a new assistant turn)."""
+    out: list[dict[str, Any]] = []
+    turn: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": []}
+    results: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if turn["content"] or turn["tool_calls"]:
+            out.append({k: v for k, v in turn.items() if k != "tool_calls" or v})
+        out.extend(results)
+
+    for part in parts:
+        kind = str(part.get("type", ""))
+        if kind == "text" and isinstance(part.get("text"), str):
+            if results:  # text after tool results starts the next assistant turn
+                flush()
+                turn, results = {"role": "assistant", "content": "", "tool_calls": []}, []
+            turn["content"] += part["text"]
+        elif kind.startswith("tool-") or kind == "dynamic-tool":
+            if part.get("state") not in ("output-available", "output-error") or not isinstance(part.get("toolCallId"),
+                                                                                                str):
+                continue  # a call still streaming, or waiting for the client: nothing to replay yet
+            name = str(part.get("toolName") if kind == "dynamic-tool" else kind.removeprefix("tool-"))
+            turn["tool_calls"].append({"id": part["toolCallId"], "name": name,
+                                       "arguments": json.dumps(part.get("input", {}))})
+            failed = part["state"] == "output-error"
+            output = part.get("errorText") if failed else part.get("output")
+            results.append({"role": "tool", "tool_call_id": part["toolCallId"], "name": name, "is_error": failed,
+                            "content": output if isinstance(output, str) else json.dumps(output)})
+        elif kind not in IGNORED_PARTS and not kind.startswith("data-"):
+            raise invalid(f"{where}: parts of type {kind[:40]!r} are not supported")
+    flush()
+    return out
+
+
+def neutral_messages(value: Any) -> list[dict[str, Any]]:
+    """UI messages (`{id, role, parts}`) as the relay's provider-neutral messages."""
+    if not isinstance(value, list) or not value:
+        raise invalid("'messages' must be a non-empty list of UI messages")
+    messages: list[dict[str, Any]] = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        parts = message.get("parts") if isinstance(message, dict) else None
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise invalid(f"{where} must be a UI message with 'parts'")
+        role = message.get("role")
+        if role in ("user", "system"):
+            messages.append({"role": role, "content": _text(parts, where)})
+        elif role == "assistant":
+            messages.extend(assistant_turns(parts, where))
+        else:
+            raise invalid(f"{where}.role must be user, assistant or system")
+    if not messages or messages[-1]["role"] not in ("user", "tool") or not messages[-1]["content"].strip():
+        raise invalid("the last message must be a non-empty user message")
+    return messages
+
+
+@bp.post("/api/chat/ui")
+def chat_ui():
+    service: ChatService = current_app.extensions["llm_sse_relay"]
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    data = parse_json_object(request.get_data(cache=False))
+    service.admit(g.caller)
+    messages = neutral_messages(data.get("messages"))
+    options = {k: v for k, v in data.items() if k not in TRANSPORT_FIELDS}
+    chat = parse_chat_request(options, service.settings, service.providers, messages=messages)
+    # useChat resends the whole chat each turn: the record keeps the new turn only.
+    last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    chat.records = messages[last_answer + 1:]
+    reading = service.stream(g.caller, chat, wire=UiMessageStream())
+    return sse_response(reading.log, heartbeat=service.settings.SSE_HEARTBEAT_SECONDS, position=reading.position,
+                        on_close=reading.on_close, retry=False, headers=UiMessageStream.HEADERS)
