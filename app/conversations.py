@@ -80,6 +80,7 @@ class Conversations:
         }
         if answer.tool_records:
             record["tools"] = answer.tool_records
+            record["tool_messages"] = answer.tool_messages  # replayed to the model in later turns
         if answer.tool_calls:  # calls the model made of tools the client defined
             record["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in answer.tool_calls]
         if answer.error:
@@ -103,12 +104,31 @@ class Conversations:
             raise ApiError(404, "not_found", NOT_FOUND)
 
     @staticmethod
-    def replayable(records: list[dict[str, Any]], request_id: str | None = None) -> list[dict[str, str]]:
-        """Stored records as model messages: user and assistant turns (tool activity is summed up
-        in the answers), plus any system message of the request being answered."""
-        return [{"role": r["role"], "content": r["content"]} for r in records
-                if r.get("content") and (r.get("role") in ("user", "assistant")
-                                         or (r.get("role") == "system" and r.get("request_id") == request_id))]
+    def replayable(records: list[dict[str, Any]], request_id: str | None = None) -> list[dict[str, Any]]:
+        """Stored records as model messages, in the provider-neutral form: user and assistant
+        turns, the tool rounds of an answer (its calls and their results, each provider gets
+        them in its own format), tool results a client sent, and any system message of the
+        request being answered."""
+        messages: list[dict[str, Any]] = []
+        for r in records:
+            role = r.get("role")
+            if role == "assistant":
+                rounds = r.get("tool_messages") or []
+                messages.extend(rounds)
+                # The record's text is every round's text; the rounds already carry theirs.
+                said = "".join(m.get("content") or "" for m in rounds if m.get("role") == "assistant")
+                content = r.get("content") or ""
+                content = content[len(said):] if content.startswith(said) else content
+                calls = r.get("tool_calls")  # calls of client-defined tools (OpenAI API, AI SDK)
+                if calls:
+                    messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+                elif content:
+                    messages.append({"role": "assistant", "content": content})
+            elif role == "tool":
+                messages.append({k: r[k] for k in ("role", "tool_call_id", "name", "content", "is_error") if k in r})
+            elif r.get("content") and (role == "user" or (role == "system" and r.get("request_id") == request_id)):
+                messages.append({"role": role, "content": r["content"]})
+        return messages
 
     def bounded(self, messages: list[dict[str, Any]], reserve: int = 0, reserved: int = 0) -> list[dict[str, Any]]:
         """The most recent stored messages within the history budget (less what the request's own
@@ -121,6 +141,7 @@ class Conversations:
                 break
             kept.append(message)
         kept.reverse()
-        while len(kept) > 1 and kept[0].get("role") != "user":
+        # A history starts with a user turn, never inside a tool round (a result without its call).
+        while kept and kept[0].get("role") != "user":
             kept.pop(0)
         return kept

@@ -40,6 +40,7 @@ class Answer:
     finish_reason: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_records: list[dict[str, Any]] = field(default_factory=list)  # executed server-side tools
+    tool_messages: list[dict[str, Any]] = field(default_factory=list)  # their rounds, as neutral messages
     outcome: str = "running"  # done | error | stopped | abandoned
     error: dict[str, Any] | None = None
 
@@ -173,7 +174,7 @@ class Generation:
         ending: Ending | None = None
         try:
             deltas = answer_deltas(self.provider, self.task, self.cancel, self.tools, self.max_rounds,
-                                   answer.tool_records)
+                                   answer.tool_records, answer.tool_messages)
             for delta in deltas:
                 kind = delta.__class__
                 if kind is Text:  # the hot path: one encode, one append
@@ -410,7 +411,7 @@ def collect(provider: Provider, task: Task, cancel: Cancellation | None = None, 
     """
     answer = answer if answer is not None else Answer()
     cancel = cancel or Cancellation()
-    for delta in answer_deltas(provider, task, cancel, tools, max_rounds, answer.tool_records):
+    for delta in answer_deltas(provider, task, cancel, tools, max_rounds, answer.tool_records, answer.tool_messages):
         if delta.__class__ is Text:
             answer.parts.append(delta.text)
         else:

@@ -139,19 +139,23 @@ tool = toolbox.register
 
 
 def answer_deltas(provider: Provider, task: Task, cancel: Cancellation, tools: list[Tool] | None = None,
-                  max_rounds: int = 4, records: list[dict[str, Any]] | None = None) -> Iterator[Delta]:
+                  max_rounds: int = 4, records: list[dict[str, Any]] | None = None,
+                  exchange: list[dict[str, Any]] | None = None) -> Iterator[Delta]:
     """The deltas of one answer: straight from the provider, or through tool rounds."""
     if tools:
-        return stream_with_tools(provider, task, cancel, tools, max_rounds, records if records is not None else [])
+        return stream_with_tools(provider, task, cancel, tools, max_rounds, records if records is not None else [],
+                                 exchange if exchange is not None else [])
     return provider.stream(task, cancel)
 
 
 def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tools: list[Tool],
-                      max_rounds: int, records: list[dict[str, Any]]) -> Iterator[Delta]:
+                      max_rounds: int, records: list[dict[str, Any]],
+                      exchange: list[dict[str, Any]]) -> Iterator[Delta]:
     """Deltas of the final answer, running tool rounds in between (at most `max_rounds`).
 
     When the model still asks for tools after the last round, it is called once more
-    without tools, so it has to answer with what it has.
+    without tools, so it has to answer with what it has. `records` collects what each
+    tool did (for people), `exchange` the rounds as neutral messages (for later turns).
     """
     task = replace(task, messages=list(task.messages), tools=[t.schema() for t in tools])
     box = Toolbox()
@@ -183,7 +187,9 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
             yield Meta({"tool": {"id": call.id, "name": call.name, "arguments": call.arguments,
                                  "status": "done" if result.ok else "error",
                                  "result_preview": result.content[:PREVIEW_CHARS], "result": result.content}})
-        task.messages.extend(tool_round_messages("".join(text), results))
+        round_messages = tool_round_messages("".join(text), results)
+        task.messages.extend(round_messages)
+        exchange.extend(round_messages)
 
 
 def tool_round_messages(text: str, results: list[ToolResult]) -> list[dict[str, Any]]:

@@ -237,3 +237,30 @@ def test_schema_from_type_hints_and_safe_calculator():
         with pytest.raises(ValueError):
             calculate(hostile)
     assert json.loads(json.dumps(toolbox.tools["current_time"].schema()))["name"] == "current_time"
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_later_turns_replay_the_tool_exchange_in_the_providers_format(provider, upstream, live):
+    """Not only the answer's text: the calls and what the tools returned, so the model can build on them."""
+    first_round = (openai_tool_call_body([("call_a", "calculate", '{"expression": "6*7"}')]) if provider == "openai"
+                   else anthropic_tool_use_body("call_a", "calculate", '{"expression": "6*7"}', text="Let me see. "))
+    upstream.reset(Reply(chunks=first_round), Reply(chunks=BODIES[provider](["It is 42."])))
+    url = live()
+    first = open_stream(f"{url}/api/chat/stream", json_body={"provider": provider, "prompt": "6*7?",
+                                                              "tools": True}).read_all()
+    conversation_id = first[0].data["conversation_id"]
+    upstream.reset(Reply(chunks=BODIES[provider](["Yes."])))
+    open_stream(f"{url}/api/chat/stream", json_body={"provider": provider, "prompt": "Sure?",
+                                                      "conversation_id": conversation_id}).read_all()
+    sent = upstream.last().body["messages"]
+    if provider == "openai":
+        assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
+        assert sent[1]["tool_calls"][0]["function"] == {"name": "calculate", "arguments": '{"expression": "6*7"}'}
+        assert sent[2] == {"role": "tool", "tool_call_id": "call_a", "content": "42"}
+        assert sent[3]["content"] == "It is 42."
+    else:
+        assert [m["role"] for m in sent] == ["user", "assistant", "user", "assistant", "user"]
+        assert sent[1]["content"][0] == {"type": "text", "text": "Let me see. "}
+        assert sent[1]["content"][1]["type"] == "tool_use" and sent[1]["content"][1]["input"] == {"expression": "6*7"}
+        assert sent[2]["content"][0]["type"] == "tool_result" and sent[2]["content"][0]["content"] == "42"
+        assert sent[3]["content"] == "It is 42."
