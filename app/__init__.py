@@ -44,7 +44,10 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
         raise ConfigError(f"LLM_PROVIDER={settings.LLM_PROVIDER!r} is not available here; known: "
                           f"{', '.join(sorted(providers))} (openai-compatible needs OPENAI_COMPATIBLE_BASE_URL "
                           "or OLLAMA_BASE_URL)")
-    service = ChatService.build(settings, providers, store)
+    try:
+        service = ChatService.build(settings, providers, store)
+    except ValueError as exc:  # LLM_FALLBACKS naming a provider this server does not have
+        raise ConfigError(str(exc)) from exc
     app.extensions["llm_sse_relay"] = service
     install(app, service.access)
     app.after_request(_nosniff)

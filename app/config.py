@@ -29,6 +29,9 @@ class Settings:
     # OpenAI-compatible API: names clients may use for provider/model pairs,
     # "fast=groq/llama-3.1-8b-instant,smart=anthropic/claude-sonnet-4-5".
     MODEL_ALIASES: str = ""
+    # Failover: provider/model pairs tried in order when the request's provider fails,
+    # before or during its answer, "anthropic/claude-sonnet-4-5,openai/gpt-4.1-mini".
+    LLM_FALLBACKS: str = ""
     # The offline demo answers from this server's CPU: offered when it is the default
     # provider, otherwise only when switched on (None = "when LLM_PROVIDER is demo").
     DEMO_ENABLED: bool | None = None

@@ -85,6 +85,8 @@ class Conversations:
             record["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in answer.tool_calls]
         if answer.error:
             record["error"] = answer.error
+        if answer.failovers:  # who wrote which part: each entry says after how many characters
+            record["failover"] = answer.failovers
         self.store.append_message(conversation_id, record, self.ttl, owner=owner)
 
     def owned(self, caller: Caller | None, conversation_id: str):

@@ -43,6 +43,7 @@ class Answer:
     tool_messages: list[dict[str, Any]] = field(default_factory=list)  # their rounds, as neutral messages
     outcome: str = "running"  # done | error | stopped | abandoned
     error: dict[str, Any] | None = None
+    failovers: list[dict[str, Any]] = field(default_factory=list)  # where another provider took over
 
     @property
     def text(self) -> str:
@@ -57,6 +58,8 @@ class Answer:
             self.finish_reason = delta.reason
         elif kind is ToolCall:
             self.tool_calls.append(delta)
+        elif kind is Meta and "failover" in delta.data:
+            self.failovers.append(delta.data["failover"])
 
 
 @dataclass

@@ -22,6 +22,7 @@ from app.conversations import Conversations
 from app.errors import ApiError
 from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
+from app.providers.failover import FailoverProvider, parse_fallbacks
 from app.relay import Answer, Generation, Relay, StoreLogView, collect, new_id
 from app.sse import StreamLog
 from app.store import Store
@@ -67,9 +68,11 @@ class Ticket:
 
 class ChatService:
     def __init__(self, settings: Any, providers: dict[str, Provider], store: Store, access: Access,
-                 relay: Relay, conversations: Conversations) -> None:
+                 relay: Relay, conversations: Conversations, fallbacks: list[tuple[Provider, str]] | None = None
+                 ) -> None:
         self.settings = settings
         self.providers = providers
+        self.fallbacks = fallbacks or []
         self.store = store
         self.access = access
         self.relay = relay
@@ -78,7 +81,12 @@ class ChatService:
     @classmethod
     def build(cls, settings: Any, providers: dict[str, Provider], store: Store) -> ChatService:
         access = Access(settings, store)
-        return cls(settings, providers, store, access, Relay(settings, store), Conversations(store, settings, access))
+        return cls(settings, providers, store, access, Relay(settings, store), Conversations(store, settings, access),
+                   parse_fallbacks(settings.LLM_FALLBACKS, providers))
+
+    def _serving(self, provider: Provider) -> Provider:
+        """The provider that answers: the request's, with the LLM_FALLBACKS chain behind it."""
+        return FailoverProvider(provider, self.fallbacks) if self.fallbacks else provider
 
     # -- accepting a request
     def admit(self, caller: Caller) -> None:
@@ -204,7 +212,7 @@ class ChatService:
             conversation_id, task, _ = self.conversations.begin(caller, chat, request_id)
             answer = Answer()
             try:
-                collect(chat.provider, task, tools=chat.tools, max_rounds=self.settings.TOOL_MAX_ROUNDS,
+                collect(self._serving(chat.provider), task, tools=chat.tools, max_rounds=self.settings.TOOL_MAX_ROUNDS,
                         answer=answer)
             except ProviderError as err:
                 answer.outcome, answer.error = "error", err.as_event()
@@ -221,7 +229,7 @@ class ChatService:
         self.access.open_stream(caller.id, request_id)
         cancel = Cancellation()
         try:
-            for delta in chat.provider.stream(chat.task, cancel):
+            for delta in self._serving(chat.provider).stream(chat.task, cancel):
                 if delta.__class__ is Text:
                     yield delta.text
         finally:
@@ -249,7 +257,7 @@ class ChatService:
         def release(generation: Generation) -> None:
             access.close_stream(owner, generation.id)
 
-        return self.relay.start(chat.provider, task, conversation_id, stream_id=stream_id, owner=owner,
+        return self.relay.start(self._serving(chat.provider), task, conversation_id, stream_id=stream_id, owner=owner,
                                 resumable=resumable, tools=chat.tools, record=record, release=release, wire=wire)
 
     @staticmethod

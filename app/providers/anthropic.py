@@ -134,6 +134,8 @@ class AnthropicStreamParser:
 
 class AnthropicProvider(HttpProvider):
     version = "2023-06-01"
+    # A final assistant message is continued, not answered (used by failover).
+    supports_prefill = True
 
     def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
         body: dict[str, Any] = {
