@@ -5,6 +5,7 @@ the SDK assembles equal what the upstream sent, whatever provider is behind."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 
 import openai
@@ -59,7 +60,9 @@ def test_async_client_streams_too(live, upstream):
         stream = await client.chat.completions.create(model="openai/gpt-4.1", messages=HELLO, stream=True)
         return "".join([c.choices[0].delta.content or "" async for c in stream])
 
-    assert asyncio.run(run()) == "abc"
+    # On a thread of its own: Playwright's sync API (browser tests) keeps a loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert pool.submit(asyncio.run, run()).result(timeout=30) == "abc"
 
 
 def test_model_names_aliases_and_the_model_list(client, upstream):
