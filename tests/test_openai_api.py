@@ -230,3 +230,15 @@ def test_the_openai_npm_package_streams_tools_aborts_and_errors(live, upstream):
     assert upstream.wait_for_request().closed.wait(3), "the upstream kept generating after the abort"
     error = run_node("openai_client.mjs", "error", url)
     assert error["status"] == 400 and error["type"] == "invalid_request_error"
+
+
+def test_the_demo_provider_calls_client_tools_offline(client):
+    question = [{"role": "user", "content": "What does get_weather say for Paris"}]
+    first = client.chat.completions.create(model="demo/demo-fast", messages=question, tools=[WEATHER])
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "paris"}
+    follow = [*question, first.choices[0].message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    answer = client.chat.completions.create(model="demo/demo-fast", messages=follow, tools=[WEATHER])
+    assert answer.choices[0].message.content == "The tool `get_weather` says: **sunny**."

@@ -79,6 +79,24 @@ def demo_tool_call(prompt: str, tools: list[dict[str, Any]]) -> ToolCall | None:
         return ToolCall("demo_call_1", "calculate", json.dumps({"expression": expression}))
     if "current_time" in names and re.search(r"\b(time|date|today|clock)\b", prompt, re.I):
         return ToolCall("demo_call_1", "current_time", json.dumps({"timezone": "UTC"}))
+    return named_tool_call(prompt, tools)
+
+
+def named_tool_call(prompt: str, tools: list[dict[str, Any]]) -> ToolCall | None:
+    """Any other tool (a client's, through the OpenAI API) the prompt names, such as "get_weather"
+    or "get weather": its required string arguments get the prompt's last word ("… for Paris")."""
+    words = re.findall(r"[\w-]+", prompt[:2000].lower())
+    if not words:
+        return None
+    text = " ".join(words)
+    for tool in tools:
+        name = str(tool.get("name", ""))
+        if name and (name.lower() in text or name.lower().replace("_", " ") in text):
+            schema = tool.get("parameters") or {}
+            properties = schema.get("properties") or {}
+            arguments = {key: words[-1] for key in schema.get("required") or ()
+                         if (properties.get(key) or {}).get("type", "string") == "string"}
+            return ToolCall("demo_call_1", name, json.dumps(arguments))
     return None
 
 
@@ -111,7 +129,7 @@ class DemoProvider(Provider):
         last = task.messages[-1] if task.messages else {}
         prompt = next((m["content"] for m in reversed(task.messages) if m["role"] == "user"), "")
         if last.get("role") == "tool":  # answer with what the tool returned
-            text = f"The tool `{last['name']}` says: **{last['content']}**."
+            text = f"The tool `{last.get('name') or 'you ran'}` says: **{last['content']}**."
         else:
             call = demo_tool_call(str(prompt), task.tools) if task.tools else None
             if call is not None:
