@@ -19,5 +19,9 @@ timeout = 30
 # Let running streams finish (or reach a heartbeat) on reload/shutdown.
 graceful_timeout = 30
 keepalive = 5
+# The longest request line (method, URL, version): gunicorn's maximum, Apache's default.
+# A prompt sent as a GET query (EventSource) must fit; longer ones belong in a POST, which
+# the JS client switches to by itself (/api/capabilities says the limit).
+limit_request_line = int(os.environ.get("MAX_URL_BYTES", "8190"))
 accesslog = os.environ.get("ACCESS_LOG", "-") or None  # ACCESS_LOG= (empty) turns it off
 errorlog = "-"

@@ -51,6 +51,10 @@ class Settings:
     MAX_BODY_BYTES: int = 1_048_576
     MAX_MESSAGES: int = 200
     MAX_OUTPUT_TOKENS: int = 128_000
+    # The longest request line the server in front accepts (gunicorn.conf.py sets it; Apache's
+    # LimitRequestLine and nginx's large_client_header_buffers default to about this). Told to
+    # clients in /api/capabilities: a GET (EventSource) prompt longer than this goes by POST.
+    MAX_URL_BYTES: int = 8190
     DEMO_TOKENS_PER_SECOND: float = 30.0
     DEMO_FIRST_TOKEN_DELAY: float = 0.25
     STORE_URL: str = ""

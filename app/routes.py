@@ -55,7 +55,7 @@ def capabilities_of_this_server() -> dict[str, Any]:
     providers = {name: {"models": list(p.models), "default_model": p.default_model}
                  for name, p in relay.providers.items() if offered(p)}
     return {"transports": transports, "providers": providers, "default_provider": relay.settings.LLM_PROVIDER,
-            "auth": relay.access.enabled}
+            "auth": relay.access.enabled, "max_url_bytes": relay.settings.MAX_URL_BYTES}
 
 
 @bp.get("/api/capabilities")

@@ -302,3 +302,12 @@ def run_node(script: str, scenario: str, url: str) -> dict:
     done = subprocess.run(["node", str(NODE_DIR / script), scenario, url], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def close_ws(ws) -> None:
+    """Close a simple_websocket client unless the server already did (after `done`/`error`)."""
+    try:
+        if ws.connected:
+            ws.close()
+    except Exception:  # closed from the other side meanwhile
+        pass

@@ -66,3 +66,35 @@ def gunicorn(port: int, env: dict[str, str]) -> ServerProcess:
     args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
     return ServerProcess(args, port, {**env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1",
                                       "ACCESS_LOG": ""}, startup=30)
+
+
+def nginx(port: int, backend: str) -> ServerProcess:
+    """Debian's nginx with apache/nginx.conf as shipped, only its two addresses changed."""
+    import shutil
+
+    prefix = Path(tempfile.mkdtemp(prefix="relay-nginx-"))
+    prefix.chmod(0o755)  # nginx's workers run as nobody and keep temp files here
+    (prefix / "logs").mkdir()
+    site = (REPO / "apache" / "nginx.conf").read_text()
+    site = site.replace("server 127.0.0.1:8000;", f"server {backend.removeprefix('http://')};")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (prefix / "nginx.conf").write_text(f"""
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    include /etc/nginx/mime.types;
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{site}
+}}
+""")
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    server = ServerProcess([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr",
+                            "-g", "daemon off;"], port, {})
+    server.prefix = prefix
+    return server

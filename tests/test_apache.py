@@ -190,3 +190,10 @@ def test_apache_reverse_proxy_to_gunicorn_streams_incrementally(relay_env, gunic
         assert page.headers.get("Content-Encoding") == "gzip"
     finally:
         proxy.stop()
+
+
+def test_gunicorn_accepts_a_get_prompt_up_to_its_raised_request_line_limit(gunicorn_url):
+    prompt = "y" * 7000  # over gunicorn's stock 4094-byte request line, under 8190
+    response = requests.get(f"{gunicorn_url}/api/chat/stream", params={"prompt": prompt, "provider": "demo",
+                                                                       "model": "demo-fast"}, timeout=20)
+    assert response.status_code == 200 and "event: done" in response.text

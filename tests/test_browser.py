@@ -241,3 +241,20 @@ def test_postsse_gives_up_when_the_server_is_gone(page, fake_upstream, upstream,
         server.stop()
     page.wait_for_function("() => window.__outcome !== null", timeout=15_000)
     assert page.evaluate("window.__outcome") == "network_error"
+
+
+def test_a_prompt_too_long_for_a_get_url_goes_by_post(page, site, upstream):
+    """gunicorn answers 414 past its request line limit: the client switches transports itself."""
+    upstream.reset(Reply(chunks=BODIES["openai"](["long ", "prompt ", "ok"])))
+    page.goto(site + "/")
+    assert page.evaluate("JSON.parse(document.getElementById('capabilities').textContent).max_url_bytes") == 8190
+    result = page.evaluate("""async () => {
+        const { EventTransportClient } = await import("/static/transport.js");
+        let text = "";
+        const client = new EventTransportClient({transport: "sse",
+                                                 payload: {provider: "openai", prompt: "x".repeat(9000)}});
+        await client.connect((event, data) => { if (event === "token") text += data.text; });
+        return {used: client.used, text};
+    }""")
+    assert result == {"used": "postsse", "text": "long prompt ok"}
+    assert len(upstream.last().body["messages"][0]["content"]) == 9000

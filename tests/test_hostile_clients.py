@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from app.sse import EventStream, encode_event
-from tests.conftest import open_stream, text_of, wait_until
+from tests.conftest import close_ws, open_stream, text_of, wait_until
 from tests.fake_upstream import BODIES, Reply
 
 DEMO = {"prompt": "hi", "model": "demo-fast"}
@@ -411,11 +411,6 @@ def test_fresh_sqlite_file_opened_by_several_processes_at_once(tmp_path):
 
 
 # ------------------------------------------------------------------ transports
-
-
-def close_ws(ws) -> None:
-    if ws.connected:  # the server closes after `done`/`error`
-        ws.close()
 
 
 def test_websocket_first_message_with_a_non_string_token(make_app, serve):

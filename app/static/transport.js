@@ -107,6 +107,14 @@ export class EventTransportClient {
     return this.capabilities.transports;
   }
 
+  // Whether a GET (EventSource) URL for this payload would pass the server's request-line limit.
+  async urlTooLong() {
+    await this.offered();
+    const limit = this.capabilities.max_url_bytes || 8190;
+    const url = `GET ${this.endpoint}/api/chat/stream?${this._query()} HTTP/1.1`;
+    return new TextEncoder().encode(url).length > limit;
+  }
+
   async pick() {
     if (this.transport !== "auto") return this.transport;
     const offered = await this.offered();
@@ -120,7 +128,8 @@ export class EventTransportClient {
   // `done` data, rejects with a TransportError (server `error` event, HTTP or network).
   async connect(onEvent) {
     this._aborted = false;
-    const transport = await this.pick();
+    let transport = await this.pick();
+    if (transport === "sse" && (await this.urlTooLong())) transport = "postsse"; // the prompt goes in a POST body
     if (!TRANSPORTS.includes(transport)) throw new TransportError("invalid_transport", `unknown transport ${transport}`);
     this.used = transport;
     const deliver = (event, data, id) => {
