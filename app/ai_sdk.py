@@ -32,11 +32,19 @@ def _text(parts: list[Any], where: str) -> str:
     """A user or system message's text; files and other media are not relayed."""
     texts = []
     for part in parts:
-        if part.get("type") == "text" and isinstance(part.get("text"), str):
+        kind = _kind(part, where)
+        if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif part.get("type") not in IGNORED_PARTS and not str(part.get("type", "")).startswith("data-"):
-            raise invalid(f"{where}: parts of type {str(part.get('type'))[:40]!r} are not supported")
+        elif kind not in IGNORED_PARTS and not kind.startswith("data-"):
+            raise invalid(f"{where}: parts of type {kind[:40]!r} are not supported")
     return "".join(texts)
+
+
+def _kind(part: dict[str, Any], where: str) -> str:
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        raise invalid(f"{where}: every part needs a string 'type'")
+    return kind
 
 
 def assistant_turns(parts: list[Any], where: str) -> list[dict[str, Any]]:
@@ -52,7 +60,7 @@ def assistant_turns(parts: list[Any], where: str) -> list[dict[str, Any]]:
         out.extend(results)
 
     for part in parts:
-        kind = str(part.get("type", ""))
+        kind = _kind(part, where)
         if kind == "text" and isinstance(part.get("text"), str):
             if results:  # text after tool results starts the next assistant turn
                 flush()

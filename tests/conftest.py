@@ -156,7 +156,11 @@ class SseReader:
             self.retry = int(fields["retry"])
         if "data" not in fields:
             return None
-        return Event(fields.get("id"), fields.get("event", "message"), json.loads(fields["data"]), time.monotonic())
+        try:
+            data = json.loads(fields["data"])
+        except ValueError:  # "[DONE]" of the OpenAI and AI SDK formats
+            data = fields["data"]
+        return Event(fields.get("id"), fields.get("event", "message"), data, time.monotonic())
 
     def take(self, count: int) -> list[Event]:
         """The next `count` events (fewer if the stream ends); the rest can be read later."""

@@ -52,6 +52,7 @@ def test_protocol_frames_and_headers(upstream, live):
 def test_bad_ui_messages_are_a_clear_400(client):
     for messages in ([], [{"role": "user"}], [{"role": "robot", "parts": []}],
                      [{"role": "user", "parts": [{"type": "file", "url": "x", "mediaType": "image/png"}]}],
+                     [{"role": "user", "parts": [{"type": []}]}], [{"role": "assistant", "parts": [{"type": {}}]}],
                      [{"role": "assistant", "parts": [{"type": "text", "text": "hi"}]}]):
         response = client.post("/api/chat/ui", json={"id": "c", "messages": messages})
         assert response.status_code == 400, (messages, response.get_data(as_text=True))

@@ -42,24 +42,39 @@ def apache_url(relay_env):
     assert server.stop() is not None
 
 
-def assert_streams_incrementally(url: str, upstream, headers=None):
+STREAM_ROUTES = {
+    # route: (path, JSON body or None for GET, the text of one event or None)
+    "relay": ("/api/chat/stream?provider=openai&prompt=hi", None,
+              lambda e: e.data["text"] if e.event == "token" else None),
+    "openai": ("/v1/chat/completions", {"model": "openai/gpt-4.1", "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]},
+               lambda e: (e.data["choices"][0]["delta"].get("content") or None)
+               if isinstance(e.data, dict) and e.data.get("choices") else None),
+    "ai-sdk": ("/api/chat/ui", {"id": "c", "provider": "openai",
+                                "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]},
+               lambda e: e.data["delta"] if isinstance(e.data, dict) and e.data.get("type") == "text-delta" else None),
+}
+
+
+def assert_streams_incrementally(url: str, upstream, headers=None, route: str = "relay"):
     """Each token reaches the client soon after the upstream sent it, not all at the end."""
+    path, body, text = STREAM_ROUTES[route]
     upstream.reset(Reply(chunks=BODIES["openai"](PACED), delay=0.2))
-    reader = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi",
-                         headers={"Accept-Encoding": "gzip, br", **(headers or {})})
+    reader = open_stream(f"{url}{path}", json_body=body, headers={"Accept-Encoding": "gzip, br", **(headers or {})})
     events = reader.read_all()
     assert "Content-Encoding" not in reader.response.headers
-    assert text_of(events) == "".join(PACED)
+    tokens = [e for e in events if text(e)]
+    assert "".join(text(e) for e in tokens) == "".join(PACED)
     sent = upstream.last().sent
-    tokens = [e for e in events if e.event == "token"]
     lags = [token.at - sent[FIRST_TOKEN_CHUNK + i] for i, token in enumerate(tokens)]
     # 200 ms between tokens upstream: a buffered stream would show lags of seconds.
     assert max(lags) < 0.15, lags
     return reader
 
 
-def test_sse_is_not_compressed_and_arrives_token_by_token(apache_url, upstream):
-    reader = assert_streams_incrementally(apache_url, upstream)
+@pytest.mark.parametrize("route", list(STREAM_ROUTES))
+def test_sse_is_not_compressed_and_arrives_token_by_token(route, apache_url, upstream):
+    reader = assert_streams_incrementally(apache_url, upstream, route=route)
     assert reader.response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
 
 

@@ -193,7 +193,9 @@ def test_tool_activity_shows_inline_and_conversation_continues_on_the_server(pag
     page.press("#prompt", "Enter")
     page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-state=done]", timeout=20_000)
     sent = upstream.last().body["messages"]
-    assert [m["role"] for m in sent] == ["user", "assistant", "user"] and sent[0]["content"] == "what is 6 * 7 ?"
+    # The stored exchange, tool call and result included, in the new provider's format.
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
+    assert sent[0]["content"] == "what is 6 * 7 ?" and sent[1]["tool_calls"][0]["function"]["name"] == "calculate"
     page.reload()
     page.wait_for_selector(".msg.assistant >> nth=1")
     assert page.locator(".msg.user").count() == 2

@@ -14,7 +14,7 @@ import requests
 from tests.conftest import close_ws, free_port, open_stream, provider_env, require, text_of
 from tests.fake_upstream import BODIES, Reply
 from tests.servers import gunicorn, nginx
-from tests.test_apache import PACED, assert_streams_incrementally
+from tests.test_apache import PACED, STREAM_ROUTES, assert_streams_incrementally
 
 pytestmark = pytest.mark.nginx
 
@@ -31,8 +31,9 @@ def front(fake_upstream, tmp_path_factory):
     backend.stop()
 
 
-def test_sse_get_streams_token_by_token_uncompressed(front, upstream):
-    assert_streams_incrementally(front, upstream)
+@pytest.mark.parametrize("route", list(STREAM_ROUTES))
+def test_streams_arrive_token_by_token_uncompressed(route, front, upstream):
+    assert_streams_incrementally(front, upstream, route=route)
 
 
 def test_post_sse_and_fetch_streaming(front, upstream):
