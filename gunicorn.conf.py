@@ -25,3 +25,10 @@ keepalive = 5
 limit_request_line = int(os.environ.get("MAX_URL_BYTES", "8190"))
 accesslog = os.environ.get("ACCESS_LOG", "-") or None  # ACCESS_LOG= (empty) turns it off
 errorlog = "-"
+
+
+def child_exit(server, worker):
+    """A worker is gone: its live gauges (streams open) stop counting in /metrics."""
+    from app.metrics import process_exited
+
+    process_exited(worker.pid)

@@ -186,7 +186,7 @@ def _load_jwks(path: str) -> jwt.PyJWKSet:
 class Access:
     """Identity, ownership, origins, rate limits and slots, for every way into the app."""
 
-    def __init__(self, settings: Any, store: Any) -> None:
+    def __init__(self, settings: Any, store: Any, on_refusal: Any = None) -> None:
         self.tokens = [t.strip() for t in settings.API_TOKENS.split(",") if t.strip()]
         self.verifier = TokenVerifier(settings)
         self.rate = parse_rate(settings.RATE_LIMIT)
@@ -201,6 +201,7 @@ class Access:
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
         self._warned_proxy = False
+        self.on_refusal = on_refusal or (lambda reason: None)  # metrics: a limit said no
 
     @property
     def enabled(self) -> bool:
@@ -274,6 +275,7 @@ class Access:
         limit, window = self.rate
         hits, reset = self.store.hit(f"rate:{caller.id}", window)
         if hits > limit:
+            self.on_refusal("rate_limited")
             raise ApiError(429, "rate_limited", f"more than {limit} requests per {window:g} s; try again later",
                            {"Retry-After": str(max(1, math.ceil(reset)))})
 
@@ -283,6 +285,7 @@ class Access:
             return
         slot = (f"streams:{caller_id}", stream_id)
         if not self.store.acquire(*slot, self.max_streams, SLOT_TTL):
+            self.on_refusal("too_many_streams")
             raise ApiError(429, "too_many_streams",
                            f"{self.max_streams} answers are already in progress for this client",
                            {"Retry-After": "5"})
@@ -303,6 +306,7 @@ class Access:
     def hold_ticket(self, caller_id: str, ticket_id: str, ttl: float) -> None:
         """An unopened POST-SSE payload counts against its creator until opened or expired."""
         if self.max_tickets and not self.store.acquire(f"tickets:{caller_id}", ticket_id, self.max_tickets, ttl):
+            self.on_refusal("too_many_tickets")
             raise ApiError(429, "too_many_tickets",
                            f"{self.max_tickets} streams are already waiting to be opened for this client",
                            {"Retry-After": "5"})

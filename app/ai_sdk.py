@@ -118,6 +118,6 @@ def chat_ui():
     # useChat resends the whole chat each turn: the record keeps the new turn only.
     last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     chat.records = messages[last_answer + 1:]
-    reading = service.stream(g.caller, chat, wire=UiMessageStream())
+    reading = service.stream(g.caller, chat, wire=UiMessageStream(), transport="ai-sdk")
     return sse_response(reading.log, heartbeat=service.settings.SSE_HEARTBEAT_SECONDS, position=reading.position,
                         on_close=reading.on_close, retry=False, headers=UiMessageStream.HEADERS)

@@ -25,6 +25,7 @@ from flask import Response, current_app, g, has_app_context, has_request_context
 from app.access import Caller
 from app.chat_request import ChatRequest
 from app.config import Settings, environment
+from app.metrics import Metrics, default_dir
 from app.providers import build_providers
 from app.service import ChatService
 from app.sse import sse_response
@@ -46,7 +47,8 @@ def current_service() -> ChatService:
             env = environment()
             settings = Settings.load(env)
             _default = ChatService.build(settings, build_providers(env, settings),
-                                         open_store(settings.STORE_URL, "instance"))
+                                         open_store(settings.STORE_URL, "instance"),
+                                         Metrics(settings.METRICS_DIR or default_dir("instance")))
         return _default
 
 
@@ -79,7 +81,7 @@ class ProviderClient:
     def ask(self, prompt: str, **options: Any) -> str:
         """The whole answer's text."""
         service, caller, chat = _chat({"provider": self.provider, "model": self.model, "prompt": prompt, **options})
-        return service.answer(caller, chat)[2].text
+        return service.answer(caller, chat, transport="python")[2].text
 
 
 def ask_stream(prompt: str, provider: str | None = None, model: str | None = None, **options: Any) -> Iterator[str]:
@@ -133,13 +135,13 @@ class TaskBuilder:
         """A Flask SSE response with the full event protocol (msgid, token, …, done), through
         the front door: the caller's rate limit and stream cap, and a recorded conversation."""
         service, caller, chat = self._chat()
-        reading = service.stream(caller, chat)
+        reading = service.stream(caller, chat, transport="python")
         return sse_response(reading.log, heartbeat=service.settings.SSE_HEARTBEAT_SECONDS,
                             position=reading.position, on_close=reading.on_close)
 
     def ask(self) -> str:
         service, caller, chat = self._chat()
-        return service.answer(caller, chat)[2].text
+        return service.answer(caller, chat, transport="python")[2].text
 
     def ask_stream(self) -> Iterator[str]:
         service, caller, chat = self._chat()

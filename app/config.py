@@ -101,6 +101,10 @@ class Settings:
     # behind Apache/nginx: 1); 0 under mod_wsgi, where REMOTE_ADDR is the client.
     TRUSTED_PROXIES: int = 0
     LOG_LEVEL: str = "INFO"
+    # /metrics: its own bearer token (for a Prometheus that has no API token); empty = like the API.
+    METRICS_TOKEN: str = ""
+    # Where the processes of one server share their metrics (empty: a directory in the temp dir).
+    METRICS_DIR: str = ""
 
     @classmethod
     def load(cls, env: Mapping[str, Any]) -> Settings:

@@ -63,6 +63,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(StoreError)
     def store_unavailable(err: StoreError):
         log.warning("store unavailable: %s", err)
+        service = app.extensions.get("llm_sse_relay")
+        if service is not None:
+            service.metrics.store_failed()
         return error_response(503, "store_unavailable", "the server's store is busy; try again shortly",
                               {"Retry-After": "2"})
 

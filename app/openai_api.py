@@ -240,11 +240,12 @@ def chat_completions():
     relay.admit(g.caller)
     chat, how = parse_completion_request(parse_json_object(request.get_data(cache=False)), relay)
     if how["stream"]:
-        reading = relay.stream(g.caller, chat, wire=OpenAIChunks(how["model"], how["include_usage"]))
+        wire = OpenAIChunks(how["model"], how["include_usage"])
+        reading = relay.stream(g.caller, chat, wire=wire, transport="openai")
         return sse_response(reading.log, heartbeat=relay.settings.SSE_HEARTBEAT_SECONDS, position=reading.position,
                             on_close=reading.on_close, retry=False)
     try:
-        request_id, _, answer = relay.answer(g.caller, chat)
+        request_id, _, answer = relay.answer(g.caller, chat, transport="openai")
     except ProviderError as err:
         status = err.status if err.status and 400 <= err.status < 600 else 502
         raise ApiError(502 if status in (401, 403) else status, err.type, err.message) from None

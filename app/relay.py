@@ -44,6 +44,7 @@ class Answer:
     outcome: str = "running"  # done | error | stopped | abandoned
     error: dict[str, Any] | None = None
     failovers: list[dict[str, Any]] = field(default_factory=list)  # where another provider took over
+    retries: int = 0  # upstream calls retried before the first token
 
     @property
     def text(self) -> str:
@@ -58,8 +59,11 @@ class Answer:
             self.finish_reason = delta.reason
         elif kind is ToolCall:
             self.tool_calls.append(delta)
-        elif kind is Meta and "failover" in delta.data:
-            self.failovers.append(delta.data["failover"])
+        elif kind is Meta:
+            if "failover" in delta.data:
+                self.failovers.append(delta.data["failover"])
+            elif "retry" in delta.data:
+                self.retries += 1
 
 
 @dataclass
@@ -271,10 +275,12 @@ class LogFlusher:
     # How often a stop requested through the store is looked for ("within a second").
     STOP_CHECK_SECONDS = 0.25
 
-    def __init__(self, store: Store, ttl: float, on_closed: Callable[[Generation], None]) -> None:
+    def __init__(self, store: Store, ttl: float, on_closed: Callable[[Generation], None],
+                 on_store_error: Callable[[], None] | None = None) -> None:
         self.store = store
         self.ttl = ttl
         self.on_closed = on_closed  # the log is complete in the store: readers anywhere see the end
+        self.on_store_error = on_store_error
         self.active: dict[str, list[Any]] = {}  # stream id -> [generation, frames written]
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -323,6 +329,8 @@ class LogFlusher:
 
     def _abort(self, stream_id: str, generation: Generation, exc: Exception) -> None:
         logger.warning("stream %s: its log cannot be stored (%s); stopping it", stream_id, exc)
+        if self.on_store_error is not None:
+            self.on_store_error()
         generation.abort({"type": "store_unavailable",
                           "message": "the stream could not be saved for resuming; the answer was stopped"})
         with self._lock:
@@ -427,11 +435,11 @@ def collect(provider: Provider, task: Task, cancel: Cancellation | None = None, 
 class Relay:
     """The generations of this process: started here, found here by id, flushed to the store."""
 
-    def __init__(self, settings: Any, store: Store) -> None:
+    def __init__(self, settings: Any, store: Store, on_store_error: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.generations: dict[str, Generation] = {}
-        self.flusher = LogFlusher(store, settings.STREAM_LOG_TTL, on_closed=self._ended)
+        self.flusher = LogFlusher(store, settings.STREAM_LOG_TTL, on_closed=self._ended, on_store_error=on_store_error)
         self._lock = threading.Lock()
 
     def start(self, provider: Provider, task: Task, conversation_id: str, *, stream_id: str, owner: str,

@@ -6,6 +6,7 @@ with the caller, and shape what it returns into a response.
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, render_template, request
@@ -47,6 +48,22 @@ def healthz():
     return jsonify(status="ok")
 
 
+@bp.get("/metrics")
+def metrics():
+    """Prometheus text format, summed over every process of this server (app/metrics.py)."""
+    relay = service()
+    token = relay.settings.METRICS_TOKEN
+    if token:  # its own credential, for a Prometheus that holds no API token
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "/metrics needs METRICS_TOKEN as a bearer token",
+                           {"WWW-Authenticate": "Bearer"})
+    else:
+        relay.access.caller(request)  # like the API: 401 when auth is on and the token is missing
+    body, content_type = relay.metrics.exposition()
+    return Response(body, content_type=content_type)
+
+
 def capabilities_of_this_server() -> dict[str, Any]:
     relay = service()
     transports = ["postsse", "fetch", "sse", "rest"]
@@ -85,7 +102,7 @@ def chat_stream():
         chat = service().accept(caller(), data, from_query=True)
     else:
         chat = service().accept(caller(), json_body())
-    return sse(service().stream(caller(), chat))
+    return sse(service().stream(caller(), chat, transport="sse" if request.method == "GET" else "fetch"))
 
 
 @bp.post("/api/chat/streams")

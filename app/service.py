@@ -12,6 +12,7 @@ Built whole by `ChatService.build` (in `create_app`); nothing is wired in afterw
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from app.access import Access, Caller
 from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
 from app.conversations import Conversations
 from app.errors import ApiError
+from app.metrics import Metrics
 from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, parse_fallbacks
@@ -68,10 +70,11 @@ class Ticket:
 
 class ChatService:
     def __init__(self, settings: Any, providers: dict[str, Provider], store: Store, access: Access,
-                 relay: Relay, conversations: Conversations, fallbacks: list[tuple[Provider, str]] | None = None
-                 ) -> None:
+                 relay: Relay, conversations: Conversations, metrics: Metrics,
+                 fallbacks: list[tuple[Provider, str]] | None = None) -> None:
         self.settings = settings
         self.providers = providers
+        self.metrics = metrics
         self.fallbacks = fallbacks or []
         self.store = store
         self.access = access
@@ -79,10 +82,11 @@ class ChatService:
         self.conversations = conversations
 
     @classmethod
-    def build(cls, settings: Any, providers: dict[str, Provider], store: Store) -> ChatService:
-        access = Access(settings, store)
-        return cls(settings, providers, store, access, Relay(settings, store), Conversations(store, settings, access),
-                   parse_fallbacks(settings.LLM_FALLBACKS, providers))
+    def build(cls, settings: Any, providers: dict[str, Provider], store: Store, metrics: Metrics) -> ChatService:
+        access = Access(settings, store, on_refusal=metrics.refused)
+        metrics.known_models = {name: set(p.models) for name, p in providers.items()}
+        return cls(settings, providers, store, access, Relay(settings, store, on_store_error=metrics.store_failed),
+                   Conversations(store, settings, access), metrics, parse_fallbacks(settings.LLM_FALLBACKS, providers))
 
     def _serving(self, provider: Provider) -> Provider:
         """The provider that answers: the request's, with the LLM_FALLBACKS chain behind it."""
@@ -99,9 +103,10 @@ class ChatService:
         return parse_chat_request(data, self.settings, self.providers, from_query=from_query)
 
     # -- direct streams (SSE GET/POST, WebSocket, the Python API's task().stream())
-    def stream(self, caller: Caller, chat: ChatRequest, wire: Any = None) -> Reading:
+    def stream(self, caller: Caller, chat: ChatRequest, wire: Any = None, transport: str = "sse") -> Reading:
         """Start an answer now; it stops as soon as its one reader leaves. `wire` is what the
-        client reads (app/protocols.py; default the relay's event protocol)."""
+        client reads (app/protocols.py; default the relay's event protocol); `transport` names
+        the way in for metrics."""
         stream_id = new_id()
         self.access.open_stream(caller.id, stream_id)
         try:
@@ -110,7 +115,7 @@ class ChatService:
             self.access.close_stream(caller.id, stream_id)
             raise
         return self._reading(self._start(chat, task, conversation_id, stream_id, caller.id, resumable=False,
-                                         wire=wire), 0)
+                                         wire=wire, transport=transport), 0)
 
     # -- POST-SSE
     def create_ticket(self, caller: Caller, chat: ChatRequest) -> dict[str, str]:
@@ -176,8 +181,8 @@ class ChatService:
         task = Task(messages=messages, model=ticket.model, system=ticket.system, temperature=ticket.temperature,
                     max_tokens=ticket.max_tokens)
         chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
-        return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True),
-                             position)
+        return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True,
+                                         transport="postsse"), position)
 
     def stop_stream(self, caller: Caller, stream_id: str) -> None:
         """Stop a generation now, wherever it runs (its producer checks the store)."""
@@ -203,14 +208,15 @@ class ChatService:
             self.store.request_stop(stream_id)
 
     # -- REST and the Python API's ask()
-    def answer(self, caller: Caller, chat: ChatRequest) -> tuple[str, str, Answer]:
+    def answer(self, caller: Caller, chat: ChatRequest, transport: str = "rest") -> tuple[str, str, Answer]:
         """The whole answer at once: (request id, conversation id, answer), recorded like a stream.
         Raises ProviderError (after recording it) when the provider failed."""
         request_id = new_id()
         self.access.open_stream(caller.id, request_id)
+        started, answer = time.monotonic(), Answer()
+        self.metrics.stream_opened(transport)
         try:
             conversation_id, task, _ = self.conversations.begin(caller, chat, request_id)
-            answer = Answer()
             try:
                 collect(self._serving(chat.provider), task, tools=chat.tools, max_rounds=self.settings.TOOL_MAX_ROUNDS,
                         answer=answer)
@@ -222,6 +228,10 @@ class ChatService:
             return request_id, conversation_id, answer
         finally:
             self.access.close_stream(caller.id, request_id)
+            self.metrics.stream_closed(transport)
+            if answer.outcome != "running":
+                self.metrics.answer_ended(transport, chat.provider.name, chat.task.model, answer, started, None,
+                                          len(answer.parts))
 
     def text_stream(self, caller: Caller, chat: ChatRequest) -> Iterator[str]:
         """The answer's text pieces (the Python API's ask_stream); holds a stream slot while open."""
@@ -247,15 +257,20 @@ class ChatService:
 
     # -- shared steps
     def _start(self, chat: ChatRequest, task: Task, conversation_id: str, stream_id: str, owner: str,
-               resumable: bool, wire: Any = None) -> Generation:
+               resumable: bool, wire: Any = None, transport: str = "sse") -> Generation:
         """Produce `task` (the request with its history) as a generation bound to `owner`."""
-        conversations, access = self.conversations, self.access
+        conversations, access, metrics = self.conversations, self.access, self.metrics
 
         def record(generation: Generation) -> None:
             conversations.finish(generation.conversation_id, generation.id, generation.answer, owner)
 
         def release(generation: Generation) -> None:
             access.close_stream(owner, generation.id)
+            metrics.stream_closed(transport)
+            metrics.answer_ended(transport, generation.provider.name, generation.task.model, generation.answer,
+                                 generation.started, generation.first_token_at, generation.token_events)
+
+        metrics.stream_opened(transport)
 
         return self.relay.start(self._serving(chat.provider), task, conversation_id, stream_id=stream_id, owner=owner,
                                 resumable=resumable, tools=chat.tools, record=record, release=release, wire=wire)

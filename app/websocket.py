@@ -71,7 +71,7 @@ def chat_ws(ws) -> None:
     try:
         data = parse_json_object(raw, "the first message")
         caller = service.access.caller(request, token=data.pop("access_token", None))
-        reading = service.stream(caller, service.accept(caller, data))
+        reading = service.stream(caller, service.accept(caller, data), transport="ws")
     except ApiError as err:
         ws.send(_error_frame(err.type, err.message))
         return

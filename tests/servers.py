@@ -64,8 +64,8 @@ def apache(port: int, env: dict[str, str], proxy_to: str | None = None) -> Serve
 
 def gunicorn(port: int, env: dict[str, str]) -> ServerProcess:
     args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
-    return ServerProcess(args, port, {**env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1",
-                                      "ACCESS_LOG": ""}, startup=30)
+    return ServerProcess(args, port, {"WEB_CONCURRENCY": "1", "ACCESS_LOG": "", **env, "BIND": f"127.0.0.1:{port}"},
+                         startup=30)
 
 
 def nginx(port: int, backend: str) -> ServerProcess:

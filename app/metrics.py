@@ -1,0 +1,145 @@
+"""Prometheus metrics, exact across processes (gunicorn workers, mod_wsgi daemon processes).
+
+prometheus_client's multiprocess mode: every process writes its own files into one
+directory (`METRICS_DIR`) and `/metrics` sums them. The directory belongs to the server
+that started the processes, their parent (gunicorn's master, Apache's parent process):
+the first process of a new parent empties it, so a restart starts from zero while a
+graceful reload (new workers, same parent) keeps counting. `/metrics` is protected like
+the API, or by its own `METRICS_TOKEN`.
+
+Labels are bounded: providers and tools are the server's own, a model outside its
+provider's list counts as "other", so no client can create series at will.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+import time
+from typing import Any
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+def default_dir(instance_path: str) -> str:
+    """A directory per deployment (its instance path) and user, outside any checkout."""
+    tag = hashlib.sha256(os.path.abspath(instance_path).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"llm-sse-relay-metrics-{os.getuid()}-{tag}")
+
+
+def prepare_dir(path: str) -> None:
+    """Make the directory this server's: emptied once per parent process, under a lock."""
+    os.makedirs(path, exist_ok=True)
+    parent = str(os.getppid())
+    with open(os.path.join(path, ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = os.path.join(path, ".parent")
+        try:
+            with open(marker) as handle:
+                owner = handle.read().strip()
+        except OSError:
+            owner = ""
+        if owner != parent:  # a new server: what the last one counted is not ours
+            for name in os.listdir(path):
+                if name.endswith(".db"):
+                    os.remove(os.path.join(path, name))
+            with open(marker, "w") as handle:
+                handle.write(parent)
+
+
+class Metrics:
+    """The relay's metrics; every recording method is cheap and never raises."""
+
+    def __init__(self, directory: str) -> None:
+        prepare_dir(directory)
+        os.environ[METRICS_DIR_ENV] = directory
+        # The value class is chosen when prometheus_client is imported, from the environment:
+        # make sure it is the multiprocess one even if something imported the library first.
+        import prometheus_client
+        import prometheus_client.values as values
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        values.ValueClass = values.get_value_class()
+        self.directory = directory
+        self._client = prometheus_client
+        # Metrics live in a registry of their own (the default one would double them).
+        r = CollectorRegistry()
+        self.streams_open = Gauge("relay_streams_open", "Answers streaming now", ["transport"],
+                                  multiprocess_mode="livesum", registry=r)
+        self.answers = Counter("relay_answers", "Answers ended (streamed or not)",
+                               ["transport", "provider", "model", "outcome"], registry=r)
+        self.ttft = Histogram("relay_time_to_first_token_seconds", "From the request to the first text",
+                              ["provider"], buckets=TTFT_BUCKETS, registry=r)
+        self.duration = Histogram("relay_answer_duration_seconds", "From the request to the end of the answer",
+                                  ["transport", "provider"], buckets=DURATION_BUCKETS, registry=r)
+        self.tokens = Counter("relay_tokens", "Text deltas relayed", ["provider"], registry=r)
+        self.upstream_errors = Counter("relay_upstream_errors", "Answers that ended in an upstream error",
+                                       ["provider", "type"], registry=r)
+        self.retries = Counter("relay_upstream_retries", "Upstream calls retried before the first token",
+                               ["provider"], registry=r)
+        self.failovers = Counter("relay_failovers", "Answers taken over by the next provider",
+                                 ["from_provider", "to_provider"], registry=r)
+        self.tool_calls = Counter("relay_tool_calls", "Server-side tool calls", ["tool", "status"], registry=r)
+        self.refusals = Counter("relay_refusals", "Requests refused by a limit", ["reason"], registry=r)
+        self.store_errors = Counter("relay_store_errors", "Store operations that failed", registry=r)
+        self.known_models: dict[str, set[str]] = {}
+
+    def model_label(self, provider: str, model: str) -> str:
+        known = self.known_models.get(provider)
+        return model if known is None or model in known else "other"
+
+    def stream_opened(self, transport: str) -> None:
+        self.streams_open.labels(transport).inc()
+
+    def stream_closed(self, transport: str) -> None:
+        self.streams_open.labels(transport).dec()
+
+    def answer_ended(self, transport: str, provider: str, model: str, answer: Any, started: float,
+                     first_token_at: float | None, tokens: int) -> None:
+        """Everything an ended answer tells (its outcome, timings, errors, tools, failovers)."""
+        try:
+            self.answers.labels(transport, provider, self.model_label(provider, model), answer.outcome).inc()
+            now = time.monotonic()
+            self.duration.labels(transport, provider).observe(now - started)
+            if first_token_at is not None:
+                self.ttft.labels(provider).observe(first_token_at - started)
+            if tokens:
+                self.tokens.labels(provider).inc(tokens)
+            error = answer.error or {}
+            if str(error.get("type", "")).startswith("upstream_"):
+                self.upstream_errors.labels(provider, error["type"]).inc()
+            if answer.retries:
+                self.retries.labels(provider).inc(answer.retries)
+            for switch in answer.failovers:
+                self.failovers.labels(switch["from"].partition("/")[0], switch["to"].partition("/")[0]).inc()
+            for record in answer.tool_records:
+                self.tool_calls.labels(record["name"], record["status"]).inc()
+        except Exception:  # metrics must never break an answer
+            pass
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
+
+    def store_failed(self) -> None:
+        self.store_errors.inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format, summed over every process of this server."""
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.directory)
+        return self._client.generate_latest(registry), self._client.CONTENT_TYPE_LATEST
+
+
+def process_exited(pid: int) -> None:
+    """gunicorn's child_exit hook: a dead worker's live gauges stop counting."""
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if directory and os.path.isdir(directory):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, directory)

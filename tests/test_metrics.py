@@ -1,0 +1,112 @@
+"""Prometheus metrics: exact counts after known traffic, across the processes of one server,
+read back with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import free_port, open_stream, provider_env, wait_until
+from tests.fake_upstream import BODIES, Reply
+from tests.servers import gunicorn
+
+DEMO = {"prompt": "hi", "model": "demo-fast"}
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample, keyed by name and sorted labels."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(found: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in found.items() if n == name and all((k, w) in ls for k, w in labels.items()))
+
+
+def test_known_traffic_gives_exact_counts(make_app, serve, upstream, tmp_path):
+    url = serve(make_app(METRICS_DIR=str(tmp_path / "metrics"), RATE_LIMIT="5/minute", UPSTREAM_MAX_RETRIES=1,
+                         UPSTREAM_RETRY_BASE_SECONDS=0.01))
+    for _ in range(3):
+        assert requests.post(f"{url}/api/chat", json=DEMO, timeout=10).status_code == 200
+    upstream.reset(Reply(status=503, content_type="application/json", chunks=[b'{"error": {"message": "x"}}']),
+                   Reply(chunks=BODIES["openai"](["a", "b", "c"])))
+    events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert events[-1].event == "done"
+    upstream.reset(Reply(status=400, content_type="application/json", chunks=[b'{"error": {"message": "bad"}}']))
+    open_stream(f"{url}/api/chat/stream?provider=anthropic&prompt=hi").read_all()
+    assert requests.post(f"{url}/api/chat", json=DEMO, timeout=10).status_code == 429  # the 6th request
+    found = samples(requests.get(f"{url}/metrics", timeout=10).text)
+    assert value(found, "relay_answers_total", transport="rest", provider="demo", outcome="done") == 3
+    assert value(found, "relay_answers_total", transport="sse", provider="openai", model="gpt-4.1-mini",
+                 outcome="done") == 1
+    assert value(found, "relay_answers_total", transport="sse", provider="anthropic", outcome="error") == 1
+    assert value(found, "relay_upstream_errors_total", provider="anthropic", type="upstream_error") == 1
+    assert value(found, "relay_upstream_retries_total", provider="openai") == 1
+    assert value(found, "relay_tokens_total", provider="openai") == 3
+    assert value(found, "relay_time_to_first_token_seconds_count", provider="openai") == 1
+    assert value(found, "relay_refusals_total", reason="rate_limited") == 1
+    assert value(found, "relay_streams_open") == 0
+
+
+def test_metrics_are_protected(make_app, tmp_path):
+    open_ = make_app(METRICS_DIR=str(tmp_path / "a"), API_TOKENS="api").test_client()
+    assert open_.get("/metrics").status_code == 401
+    assert open_.get("/metrics", headers={"Authorization": "Bearer api"}).status_code == 200
+    own = make_app(METRICS_DIR=str(tmp_path / "b"), API_TOKENS="api", METRICS_TOKEN="scrape").test_client()
+    assert own.get("/metrics", headers={"Authorization": "Bearer api"}).status_code == 401
+    scraped = own.get("/metrics", headers={"Authorization": "Bearer scrape"})
+    assert scraped.status_code == 200 and scraped.content_type.startswith("text/plain")
+
+
+def test_a_new_server_starts_from_zero_a_worker_does_not(tmp_path, monkeypatch):
+    from app import metrics
+
+    directory = tmp_path / "m"
+    metrics.prepare_dir(str(directory))
+    (directory / "counter_123.db").write_bytes(b"x")
+    metrics.prepare_dir(str(directory))  # another worker of the same server
+    assert (directory / "counter_123.db").exists()
+    monkeypatch.setattr(os, "getppid", lambda: 999_999)  # a restarted server
+    metrics.prepare_dir(str(directory))
+    assert not (directory / "counter_123.db").exists()
+
+
+def test_exact_counts_across_two_gunicorn_workers(fake_upstream, upstream, tmp_path):
+    directory = tmp_path / "metrics"
+    server = gunicorn(free_port(), {**provider_env(fake_upstream.url), "WEB_CONCURRENCY": "2",
+                                    "METRICS_DIR": str(directory), "MAX_STREAMS_PER_CLIENT": "0",
+                                    "STORE_URL": f"sqlite:///{tmp_path}/relay.sqlite3"})
+    try:
+        sent = 0
+
+        def writers() -> set[str]:
+            return {name.rsplit("_", 1)[1] for name in os.listdir(directory) if name.startswith("counter_")}
+
+        # Rounds of concurrent requests on new connections, until both workers answered some.
+        def one(_) -> int:
+            return requests.post(f"{server.url}/api/chat", json=DEMO, timeout=10,
+                                 headers={"Connection": "close"}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            while sent < 160 and len(writers()) < 2:
+                assert set(pool.map(one, range(16))) == {200}
+                sent += 16
+        assert len(writers()) == 2, "one worker served everything"
+        upstream.reset(Reply(chunks=BODIES["openai"](["x", "y"])))
+        for _ in range(4):
+            open_stream(f"{server.url}/api/chat/stream?provider=openai&prompt=hi",
+                        headers={"Connection": "close"}).read_all()
+        wait_until(lambda: value(samples(requests.get(f"{server.url}/metrics", timeout=10).text),
+                                 "relay_streams_open") == 0, what="streams to be counted closed")
+        found = samples(requests.get(f"{server.url}/metrics", timeout=10).text)
+        assert value(found, "relay_answers_total", transport="rest", outcome="done") == sent
+        assert value(found, "relay_answers_total", transport="sse", provider="openai") == 4
+        assert value(found, "relay_tokens_total", provider="openai") == 8
+    finally:
+        server.stop()
