@@ -55,8 +55,10 @@ class Metrics:
     """The relay's metrics; every recording method is cheap and never raises."""
 
     def __init__(self, directory: str) -> None:
+        # prometheus_client keeps one set of files per process: the first app of a process
+        # decides the directory (a server runs one app per process; tests run many).
+        directory = os.environ.setdefault(METRICS_DIR_ENV, directory)
         prepare_dir(directory)
-        os.environ[METRICS_DIR_ENV] = directory
         # The value class is chosen when prometheus_client is imported, from the environment:
         # make sure it is the multiprocess one even if something imported the library first.
         import prometheus_client

@@ -15,7 +15,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 RELAY_PREFIXES = ("LLM_", "OPENAI_", "ANTHROPIC_", "GROQ_", "MISTRAL_", "GEMINI_", "OLLAMA_", "SSE_",
                   "UPSTREAM_", "MAX_", "DEMO_", "STORE_URL", "API_TOKENS", "CORS_ORIGINS", "RATE_LIMIT", "STREAM_",
-                  "JWT_", "TRUSTED_PROXIES", "HISTORY_", "CONVERSATION_", "TOOL_")
+                  "JWT_", "TRUSTED_PROXIES", "HISTORY_", "CONVERSATION_", "TOOL_", "METRICS_", "PROMETHEUS_")
 
 
 class ServerProcess:

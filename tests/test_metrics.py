@@ -29,9 +29,10 @@ def value(found: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in found.items() if n == name and all((k, w) in ls for k, w in labels.items()))
 
 
-def test_known_traffic_gives_exact_counts(make_app, serve, upstream, tmp_path):
-    url = serve(make_app(METRICS_DIR=str(tmp_path / "metrics"), RATE_LIMIT="5/minute", UPSTREAM_MAX_RETRIES=1,
-                         UPSTREAM_RETRY_BASE_SECONDS=0.01))
+def test_known_traffic_gives_exact_counts(make_app, serve, upstream):
+    # The test process hosts many apps; their metrics share its one directory: count the difference.
+    url = serve(make_app(RATE_LIMIT="5/minute", UPSTREAM_MAX_RETRIES=1, UPSTREAM_RETRY_BASE_SECONDS=0.01))
+    before = samples(requests.get(f"{url}/metrics", timeout=10).text)
     for _ in range(3):
         assert requests.post(f"{url}/api/chat", json=DEMO, timeout=10).status_code == 200
     upstream.reset(Reply(status=503, content_type="application/json", chunks=[b'{"error": {"message": "x"}}']),
@@ -41,24 +42,28 @@ def test_known_traffic_gives_exact_counts(make_app, serve, upstream, tmp_path):
     upstream.reset(Reply(status=400, content_type="application/json", chunks=[b'{"error": {"message": "bad"}}']))
     open_stream(f"{url}/api/chat/stream?provider=anthropic&prompt=hi").read_all()
     assert requests.post(f"{url}/api/chat", json=DEMO, timeout=10).status_code == 429  # the 6th request
-    found = samples(requests.get(f"{url}/metrics", timeout=10).text)
-    assert value(found, "relay_answers_total", transport="rest", provider="demo", outcome="done") == 3
-    assert value(found, "relay_answers_total", transport="sse", provider="openai", model="gpt-4.1-mini",
+    after = samples(requests.get(f"{url}/metrics", timeout=10).text)
+
+    def delta(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("relay_answers_total", transport="rest", provider="demo", outcome="done") == 3
+    assert delta("relay_answers_total", transport="sse", provider="openai", model="gpt-4.1-mini",
                  outcome="done") == 1
-    assert value(found, "relay_answers_total", transport="sse", provider="anthropic", outcome="error") == 1
-    assert value(found, "relay_upstream_errors_total", provider="anthropic", type="upstream_error") == 1
-    assert value(found, "relay_upstream_retries_total", provider="openai") == 1
-    assert value(found, "relay_tokens_total", provider="openai") == 3
-    assert value(found, "relay_time_to_first_token_seconds_count", provider="openai") == 1
-    assert value(found, "relay_refusals_total", reason="rate_limited") == 1
-    assert value(found, "relay_streams_open") == 0
+    assert delta("relay_answers_total", transport="sse", provider="anthropic", outcome="error") == 1
+    assert delta("relay_upstream_errors_total", provider="anthropic", type="upstream_error") == 1
+    assert delta("relay_upstream_retries_total", provider="openai") == 1
+    assert delta("relay_tokens_total", provider="openai") == 3
+    assert delta("relay_time_to_first_token_seconds_count", provider="openai") == 1
+    assert delta("relay_refusals_total", reason="rate_limited") == 1
+    assert delta("relay_streams_open") == 0
 
 
-def test_metrics_are_protected(make_app, tmp_path):
-    open_ = make_app(METRICS_DIR=str(tmp_path / "a"), API_TOKENS="api").test_client()
+def test_metrics_are_protected(make_app):
+    open_ = make_app(API_TOKENS="api").test_client()
     assert open_.get("/metrics").status_code == 401
     assert open_.get("/metrics", headers={"Authorization": "Bearer api"}).status_code == 200
-    own = make_app(METRICS_DIR=str(tmp_path / "b"), API_TOKENS="api", METRICS_TOKEN="scrape").test_client()
+    own = make_app(API_TOKENS="api", METRICS_TOKEN="scrape").test_client()
     assert own.get("/metrics", headers={"Authorization": "Bearer api"}).status_code == 401
     scraped = own.get("/metrics", headers={"Authorization": "Bearer scrape"})
     assert scraped.status_code == 200 and scraped.content_type.startswith("text/plain")
