@@ -25,6 +25,8 @@ keepalive = 5
 limit_request_line = int(os.environ.get("MAX_URL_BYTES", "8190"))
 accesslog = os.environ.get("ACCESS_LOG", "-") or None  # ACCESS_LOG= (empty) turns it off
 errorlog = "-"
+# Scrubs tokens and keys from every line (access log included); JSON lines with LOG_FORMAT=json.
+logger_class = "app.logs.GunicornLogger"
 
 
 def child_exit(server, worker):

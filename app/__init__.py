@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import ai_sdk, openai_api, websocket
+from app import ai_sdk, logs, openai_api, websocket
 from app.access import install, parse_rate
 from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
 from app.metrics import Metrics, default_dir
 from app.providers import build_providers
+from app.relay import new_id
 from app.routes import bp
 from app.service import ChatService
 from app.store import open_store
@@ -24,7 +24,7 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     """The application factory: `config` (env-style names) overrides the environment."""
     env = environment(config, env_file)
     settings = Settings.load(env)
-    logging.basicConfig(level=settings.LOG_LEVEL.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT, logs.configured_secrets(env))
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY_BYTES
@@ -51,6 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     except ValueError as exc:  # LLM_FALLBACKS naming a provider this server does not have
         raise ConfigError(str(exc)) from exc
     app.extensions["llm_sse_relay"] = service
+    _request_ids(app, trusted=settings.TRUSTED_PROXIES > 0)  # first: refusals carry an id too
     install(app, service.access)
     app.after_request(_nosniff)
     if settings.TRUSTED_PROXIES:
@@ -64,6 +65,28 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     app.register_blueprint(ai_sdk.bp)
     register_error_handlers(app)
     return app
+
+
+def _request_ids(app: Flask, trusted: bool) -> None:
+    """Every request has an id (a trusted proxy's X-Request-ID, or a new one): on each log line
+    of the request, in the response's X-Request-ID header, and in a stream's msgid event."""
+
+    @app.before_request
+    def take_request_id() -> None:
+        g.request_id = logs.request_id_from(request.headers, trusted, new_id)
+        g.request_id_token = logs.REQUEST_ID.set(g.request_id)
+
+    @app.after_request
+    def give_request_id(response: Response) -> Response:
+        if "request_id" in g:
+            response.headers["X-Request-ID"] = g.request_id
+        return response
+
+    @app.teardown_request
+    def forget_request_id(_exc: BaseException | None) -> None:
+        token = g.pop("request_id_token", None)
+        if token is not None:
+            logs.REQUEST_ID.reset(token)
 
 
 def _nosniff(response: Response) -> Response:

@@ -101,6 +101,8 @@ class Settings:
     # behind Apache/nginx: 1); 0 under mod_wsgi, where REMOTE_ADDR is the client.
     TRUSTED_PROXIES: int = 0
     LOG_LEVEL: str = "INFO"
+    # "text" for people, "json" (one object a line) for log shippers.
+    LOG_FORMAT: str = "text"
     # /metrics: its own bearer token (for a Prometheus that has no API token); empty = like the API.
     METRICS_TOKEN: str = ""
     # Where the processes of one server share their metrics (empty: a directory in the temp dir).
@@ -121,6 +123,8 @@ class Settings:
                      "MAX_CONVERSATION_MESSAGES", "MAX_CONVERSATION_BYTES", "JWT_MAX_LIFETIME"):
             if getattr(settings, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if settings.LOG_FORMAT not in ("text", "json"):
+            raise ConfigError("LOG_FORMAT must be text or json")
         for name in ("MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "TRUSTED_PROXIES", "JWT_LEEWAY",
                      "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES"):
             if getattr(settings, name) < 0:

@@ -48,9 +48,11 @@ class RelayEvents:
         self.next_id += 1
         return event_id
 
-    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str) -> list[bytes]:
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
+                request_id: str = "-") -> list[bytes]:
         return [encode_event(self._take_id(), "msgid", {"id": stream_id, "conversation_id": conversation_id,
-                                                         "provider": provider, "model": model})]
+                                                         "provider": provider, "model": model,
+                                                         "request_id": request_id})]
 
     def text(self, text: str) -> bytes:
         return encode_token(self._take_id(), text)
@@ -107,7 +109,8 @@ class OpenAIChunks:
     def _delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
 
-    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str) -> list[bytes]:
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
+                request_id: str = "-") -> list[bytes]:
         self.completion_id = f"chatcmpl-{stream_id}"
         return [self._delta({"role": "assistant", "content": ""})]
 
@@ -166,7 +169,8 @@ class UiMessageStream:
         self.text_id = None
         return frame
 
-    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str) -> list[bytes]:
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
+                request_id: str = "-") -> list[bytes]:
         self.message_id = f"msg-{stream_id}"
         return [self._part({"type": "start", "messageId": self.message_id}), self._part({"type": "start-step"})]
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from app.logs import REQUEST_ID
 from app.protocols import Ending, RelayEvents
 from app.providers.base import Cancellation, Finish, Meta, Provider, ProviderError, Task, Text, ToolCall, Usage
 from app.sse import StreamLog, encode_event
@@ -90,8 +91,10 @@ class Generation:
                  owner: str = "", resumable: Resumable | None = None, tools: list[Tool] | None = None,
                  max_rounds: int = 4, record: Callable[[Generation], None] | None = None,
                  release: Callable[[Generation], None] | None = None,
-                 on_end: Callable[[Generation], None] | None = None, wire: Any = None) -> None:
+                 on_end: Callable[[Generation], None] | None = None, wire: Any = None,
+                 request_id: str = "-") -> None:
         self.id = stream_id or new_id()
+        self.request_id = request_id  # of the request that started it: on its log lines and in msgid
         self.wire = wire or RelayEvents()  # what the client reads: app/protocols.py
         self.owner = owner  # the caller the stream is bound to (see app.access)
         self.tools = tools or []
@@ -171,12 +174,14 @@ class Generation:
 
     # -- the producer
     def run(self) -> None:
+        REQUEST_ID.set(self.request_id)  # this thread's log lines belong to that request
         append = self.log.append
         answer = self.answer
         parts = answer.parts
         wire = self.wire
         text_frame = wire.text
-        for frame in wire.opening(self.id, self.conversation_id, self.provider.name, self.task.model):
+        for frame in wire.opening(self.id, self.conversation_id, self.provider.name, self.task.model,
+                                  self.request_id):
             append(frame)
         ending: Ending | None = None
         try:
@@ -246,13 +251,17 @@ class Generation:
         return ending
 
     def _log_line(self) -> None:
-        now = time.monotonic()
-        ttft = "-" if self.first_token_at is None else f"{(self.first_token_at - self.started) * 1000:.0f}"
+        """One summary line per stream (structured in JSON logs)."""
+        ttft = None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000)
+        summary = {"id": self.id, "provider": self.provider.name, "model": self.task.model, "ttft_ms": ttft,
+                   "tokens": self.token_events, "duration_ms": round((time.monotonic() - self.started) * 1000),
+                   "outcome": self.answer.outcome, "error": (self.answer.error or {}).get("type"),
+                   "failovers": len(self.answer.failovers)}
         logger.info(
-            "stream id=%s provider=%s model=%s ttft_ms=%s tokens=%d duration_ms=%.0f outcome=%s%s",
-            self.id, self.provider.name, self.task.model, ttft, self.token_events,
-            (now - self.started) * 1000, self.answer.outcome,
-            f" error={self.answer.error['type']}" if self.answer.error else "",
+            "stream id=%s provider=%s model=%s ttft_ms=%s tokens=%d duration_ms=%d outcome=%s%s",
+            self.id, self.provider.name, self.task.model, "-" if ttft is None else ttft, self.token_events,
+            summary["duration_ms"], self.answer.outcome,
+            f" error={summary['error']}" if summary["error"] else "", extra={"stream": summary},
         )
 
 
@@ -445,13 +454,15 @@ class Relay:
     def start(self, provider: Provider, task: Task, conversation_id: str, *, stream_id: str, owner: str,
               resumable: bool = False, tools: list[Tool] | None = None,
               record: Callable[[Generation], None] | None = None,
-              release: Callable[[Generation], None] | None = None, wire: Any = None) -> Generation:
+              release: Callable[[Generation], None] | None = None, wire: Any = None,
+              request_id: str = "-") -> Generation:
         """Start producing an answer now; readers attach to `generation.log`."""
         share = Resumable(self.store, self.settings.STREAM_GRACE_SECONDS) if resumable else None
         # A resumable generation stays findable here until its log is complete in the store.
         generation = Generation(provider, task, conversation_id, stream_id=stream_id, owner=owner, resumable=share,
                                 tools=tools, max_rounds=self.settings.TOOL_MAX_ROUNDS, record=record,
-                                release=release, on_end=None if share else self._ended, wire=wire)
+                                release=release, on_end=None if share else self._ended, wire=wire,
+                                request_id=request_id)
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start(self.flusher)

@@ -21,6 +21,7 @@ from app.access import Access, Caller
 from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
 from app.conversations import Conversations
 from app.errors import ApiError
+from app.logs import REQUEST_ID
 from app.metrics import Metrics
 from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
@@ -273,7 +274,8 @@ class ChatService:
         metrics.stream_opened(transport)
 
         return self.relay.start(self._serving(chat.provider), task, conversation_id, stream_id=stream_id, owner=owner,
-                                resumable=resumable, tools=chat.tools, record=record, release=release, wire=wire)
+                                resumable=resumable, tools=chat.tools, record=record, release=release, wire=wire,
+                                request_id=REQUEST_ID.get())
 
     @staticmethod
     def _reading(generation: Generation, position: int) -> Reading:
