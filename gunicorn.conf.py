@@ -7,17 +7,24 @@ hundreds to thousands of open streams while waiting on sockets costs almost noth
 """
 
 import os
+import time
+
+import gevent
+from gunicorn.workers.ggevent import GeventWorker
 
 bind = os.environ.get("BIND", f"127.0.0.1:{os.environ.get('PORT', '8000')}")
-worker_class = "gevent"
+# gunicorn's gevent worker that, on a rolling restart, hands resumable streams to the new
+# workers and stays until its answers end (DrainingGeventWorker, below).
+worker_class = "gevent"  # replaced by the class below, once it is defined
 # Streams are I/O bound; one process per core is enough, the greenlets do the rest.
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Open connections per worker: the cap on concurrent streams a process accepts.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "2000"))
 # Not a request timeout under gevent: it only restarts a worker whose loop is stuck.
 timeout = 30
-# Let running streams finish (or reach a heartbeat) on reload/shutdown.
-graceful_timeout = 30
+# On a reload or stop, how long a worker may keep finishing the answers it started: long
+# answers take minutes (gunicorn's 30 s would cut them). Ctrl-C (SIGINT) stops at once.
+graceful_timeout = int(os.environ.get("DRAIN_SECONDS", "600"))
 keepalive = 5
 # The longest request line (method, URL, version): gunicorn's maximum, Apache's default.
 # A prompt sent as a GET query (EventSource) must fit; longer ones belong in a POST, which
@@ -29,8 +36,55 @@ errorlog = "-"
 logger_class = "app.logs.GunicornLogger"
 
 
-def child_exit(server, worker):
-    """A worker is gone: its live gauges (streams open) stop counting in /metrics."""
-    from app.metrics import process_exited
+class DrainingGeventWorker(GeventWorker):
+    """Deploys that lose no answer.
 
-    process_exited(worker.pid)
+    On a rolling restart (`kill -HUP` of the master, or a new binary with `USR2` then `QUIT`
+    of the old master) gunicorn starts new workers and stops the old ones gracefully: they
+    stop accepting and finish their requests. An answer is more than its request, though:
+    its producer would die with the old process. On that stop this worker
+    - tells the readers of its resumable (POST-SSE) streams to go: their responses end
+      without a last event, so EventSource (and the JS client) reconnects, lands on a new
+      worker and resumes from the store after Last-Event-ID;
+    - keeps the process, and so its producers, alive until every answer it started has
+      ended and is in the store, for at most DRAIN_SECONDS (graceful_timeout), telling
+      the master it is alive meanwhile.
+    Direct streams (/api/chat/stream, WebSocket, OpenAI and AI SDK routes) cannot move:
+    they finish on the old worker within the same bound.
+
+    Defined here rather than in the app package so gunicorn's master never imports the
+    app (requests, ssl) before gevent patches the workers.
+    """
+
+    def run(self):
+        watcher = gevent.spawn(self._detach_when_stopping)
+        try:
+            super().run()  # returns once its requests ended (or graceful_timeout passed)
+            self._wait_for_producers()
+        finally:
+            watcher.kill()
+
+    def _relay(self):
+        extensions = getattr(self.wsgi, "extensions", None) or {}
+        service = extensions.get("llm_sse_relay")
+        return service.relay if service is not None else None
+
+    def _detach_when_stopping(self):
+        while self.alive:
+            gevent.sleep(0.2)
+        relay = self._relay()
+        if relay is not None:
+            self.log.info("draining: %d resumable stream(s) handed to other workers", relay.detach_readers())
+
+    def _wait_for_producers(self):
+        relay = self._relay()
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while relay is not None and relay.generations and time.monotonic() < deadline:
+            self.notify()  # the master kills a worker that stays silent for `timeout`
+            gevent.sleep(0.5)
+        if relay is not None and relay.generations:
+            self.log.warning("draining: %d answer(s) still running after %s s; stopping them",
+                             len(relay.generations), self.cfg.graceful_timeout)
+
+
+worker_class = DrainingGeventWorker

@@ -49,6 +49,21 @@ def prepare_dir(path: str) -> None:
                     os.remove(os.path.join(path, name))
             with open(marker, "w") as handle:
                 handle.write(parent)
+        # Live gauges (streams open) of processes that are gone stop counting; counters stay,
+        # so totals never go down while the server runs.
+        for name in os.listdir(path):
+            if name.startswith("gauge_live") and name.endswith(".db") and not _alive(name):
+                os.remove(os.path.join(path, name))
+
+
+def _alive(filename: str) -> bool:
+    try:
+        os.kill(int(filename.rsplit("_", 1)[1].removesuffix(".db")), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class Metrics:
@@ -137,11 +152,3 @@ class Metrics:
         multiprocess.MultiProcessCollector(registry, path=self.directory)
         return self._client.generate_latest(registry), self._client.CONTENT_TYPE_LATEST
 
-
-def process_exited(pid: int) -> None:
-    """gunicorn's child_exit hook: a dead worker's live gauges stop counting."""
-    directory = os.environ.get(METRICS_DIR_ENV)
-    if directory and os.path.isdir(directory):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid, directory)

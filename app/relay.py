@@ -142,8 +142,8 @@ class Generation:
         with self._lock:
             self.readers -= 1
             last = self.readers == 0
-            if not last or completed or self.log.closed:
-                return
+            if not last or completed or self.log.closed or self.log.detached:
+                return  # (a detached reader was sent to resume on another worker)
             if self.resumable is not None and self.resumable.grace > 0:
                 if not self._watching:
                     self._watching = True
@@ -466,6 +466,15 @@ class Relay:
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start(self.flusher)
+
+    def detach_readers(self) -> int:
+        """This process is stopping: readers of resumable answers resume on other workers from
+        the store, while the producers here run to their end. Returns how many were moved."""
+        with self._lock:
+            movable = [g for g in self.generations.values() if g.resumable is not None and not g.log.closed]
+        for generation in movable:
+            generation.log.detach()
+        return len(movable)
 
     def _ended(self, generation: Generation) -> None:
         with self._lock:

@@ -92,11 +92,14 @@ class StreamLog:
     late reader still gets every frame. `frames[i]` carries event id `i + 1`.
     """
 
-    __slots__ = ("frames", "closed", "_waiters")
+    __slots__ = ("frames", "closed", "detached", "_waiters")
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.closed = False
+        # Set when this process is going away but the answer is not: readers end their
+        # response without a last event and resume elsewhere (app/lifecycle.py).
+        self.detached = False
         self._waiters: list[threading.Event] = []
 
     # The per-token path. A Condition costs a lock round trip per append and an
@@ -110,6 +113,10 @@ class StreamLog:
 
     def close(self) -> None:
         self.closed = True
+        self._wake()
+
+    def detach(self) -> None:
+        self.detached = True
         self._wake()
 
     def _wake(self) -> None:
@@ -206,6 +213,8 @@ class SseBody:
                 return b"".join(frames)
             self.completed = True
             raise StopIteration
+        if getattr(log, "detached", False):
+            raise StopIteration  # resume elsewhere: EventSource reconnects with Last-Event-ID
         if peer_closed(self.client_socket):
             raise StopIteration
         return HEARTBEAT

@@ -1,0 +1,85 @@
+"""Deploys that lose no answer: a gunicorn rolling restart under running POST-SSE streams."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import free_port, provider_env
+from tests.fake_upstream import BODIES, Reply
+from tests.servers import gunicorn
+
+PIECES = [f"t{i} " for i in range(40)]
+
+
+def resumable_read(url: str, stream_url: str, log: dict) -> None:
+    """What EventSource does: read; when the response ends without a last event, reconnect
+    with Last-Event-ID; stop at done/error or a 204."""
+    last, texts, reconnects = "0", [], 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(url + stream_url, headers={"Last-Event-ID": last}, stream=True, timeout=30)
+        except requests.RequestException:
+            time.sleep(0.2)  # the old worker stopped accepting before the new one was ready
+            reconnects += 1
+            continue
+        if response.status_code == 204:
+            break
+        ended = False
+        buffer = b""
+        try:
+            for chunk in response.iter_content(None):
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    frame, buffer = buffer.split(b"\n\n", 1)
+                    fields = dict(line.split(": ", 1) for line in frame.decode().split("\n")
+                                  if ": " in line and not line.startswith(":"))
+                    if "id" in fields:
+                        assert int(fields["id"]) == int(last) + 1, (last, fields)  # none lost, none twice
+                        last = fields["id"]
+                    if fields.get("event") == "token":
+                        texts.append(__import__("json").loads(fields["data"])["text"])
+                    if fields.get("event") in ("done", "error"):
+                        ended = fields["event"]
+        except requests.RequestException:
+            pass
+        if ended:
+            log["end"] = ended
+            break
+        reconnects += 1
+        time.sleep(0.05)
+    log.update(text="".join(texts), reconnects=reconnects)
+
+
+@pytest.mark.parametrize("streams", [50])
+def test_rolling_restart_under_running_streams_loses_no_answer(streams, fake_upstream, upstream, tmp_path):
+    upstream.reset(Reply(chunks=BODIES["openai"](PIECES), delay=0.1))  # about 4 s per answer
+    server = gunicorn(free_port(), {**provider_env(fake_upstream.url), "WEB_CONCURRENCY": "2",
+                                    "STORE_URL": f"sqlite:///{tmp_path}/relay.sqlite3", "SSE_HEARTBEAT_SECONDS": "1",
+                                    "MAX_STREAMS_PER_CLIENT": "0", "MAX_TICKETS_PER_CLIENT": "0",
+                                    "STREAM_GRACE_SECONDS": "0", "DRAIN_SECONDS": "60"})
+    try:
+        tickets = [requests.post(f"{server.url}/api/chat/streams", json={"provider": "openai", "prompt": f"q{i}"},
+                                 timeout=10).json() for i in range(streams)]
+        logs: list[dict] = [{} for _ in tickets]
+        readers = [threading.Thread(target=resumable_read, args=(server.url, t["stream_url"], log), daemon=True)
+                   for t, log in zip(tickets, logs, strict=True)]
+        for reader in readers:
+            reader.start()
+        upstream.wait_for_request(streams, timeout=20)
+        time.sleep(1.0)  # every answer is under way
+        server.proc.send_signal(signal.SIGHUP)  # gunicorn's rolling restart
+        for reader in readers:
+            reader.join(90)
+        assert all(log.get("end") == "done" for log in logs), [log.get("end") for log in logs]
+        assert all(log["text"] == "".join(PIECES) for log in logs)
+        assert len(upstream.seen) == streams  # one upstream call each: nothing generated twice
+        assert sum(log["reconnects"] for log in logs) >= streams // 2  # readers really moved to new workers
+        assert "draining:" in server.output()
+    finally:
+        server.stop()
