@@ -63,6 +63,15 @@ class RelayEvents:
     def tool_call(self, call: ToolCall) -> bytes | None:
         return None  # server-side tools report through `meta`; calls are kept in the record
 
+    @staticmethod
+    def text_of(frames: list[bytes]) -> str:
+        """The answer text that a stream's frames carry (for a producer that continues it)."""
+        texts = []
+        for frame in frames:
+            if frame.startswith(b"id: ") and b"\nevent: token\ndata: " in frame:
+                texts.append(json.loads(frame.split(b"\ndata: ", 1)[1])["text"])
+        return "".join(texts)
+
     def closing(self, ending: Ending) -> list[bytes]:
         frames = []
         if ending.report_usage:

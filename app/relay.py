@@ -9,6 +9,7 @@ decided in one place: the `Cancellation` the producer watches.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import secrets
 import threading
@@ -68,6 +69,15 @@ class Answer:
 
 
 @dataclass
+class Adopted:
+    """The part of an answer another process produced before it died: the frames in the store
+    and the text they carry, which a new producer continues."""
+
+    frames: list[bytes]
+    text: str
+
+
+@dataclass
 class Resumable:
     """How a POST-SSE generation is shared: its store, and how long it waits for readers."""
 
@@ -92,7 +102,7 @@ class Generation:
                  max_rounds: int = 4, record: Callable[[Generation], None] | None = None,
                  release: Callable[[Generation], None] | None = None,
                  on_end: Callable[[Generation], None] | None = None, wire: Any = None,
-                 request_id: str = "-") -> None:
+                 request_id: str = "-", resumed: Adopted | None = None) -> None:
         self.id = stream_id or new_id()
         self.request_id = request_id  # of the request that started it: on its log lines and in msgid
         self.wire = wire or RelayEvents()  # what the client reads: app/protocols.py
@@ -111,6 +121,11 @@ class Generation:
         self.log = StreamLog()
         self.cancel = Cancellation()
         self.answer = Answer()
+        self.resumed = resumed
+        if resumed is not None:  # another process produced the beginning: continue its log
+            self.log.frames.extend(resumed.frames)
+            self.answer.parts.append(resumed.text)
+            self.wire.next_id = len(resumed.frames) + 1
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.token_events = 0
@@ -180,9 +195,12 @@ class Generation:
         parts = answer.parts
         wire = self.wire
         text_frame = wire.text
-        for frame in wire.opening(self.id, self.conversation_id, self.provider.name, self.task.model,
-                                  self.request_id):
-            append(frame)
+        if self.resumed is None:
+            for frame in wire.opening(self.id, self.conversation_id, self.provider.name, self.task.model,
+                                      self.request_id):
+                append(frame)
+        else:
+            append(wire.meta({"resumed": {"after_chars": len(self.resumed.text), "reason": "producer_lost"}}))
         ending: Ending | None = None
         try:
             deltas = answer_deltas(self.provider, self.task, self.cancel, self.tools, self.max_rounds,
@@ -294,11 +312,27 @@ class LogFlusher:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._exit_hook = False
+
+    def flush_now(self) -> None:
+        """Write what is not in the store yet, now (at process exit: a reader that resumes
+        elsewhere, or an adopter, must find every frame a reader here was sent)."""
+        with self._lock:
+            entries = list(self.active.items())
+        try:
+            if entries:
+                self._flush(entries)
+        except Exception as exc:
+            logger.warning("stream store: final flush failed: %s", exc)
 
     def add(self, generation: Generation) -> None:
         self.store.open_log(generation.id, self.ttl, generation.owner)
         with self._lock:
-            self.active[generation.id] = [generation, 0]
+            if not self._exit_hook:  # a process that is shut down (mod_wsgi on a restart) flushes first
+                atexit.register(self.flush_now)
+                self._exit_hook = True
+            # An adopted stream's log already holds the frames the store has.
+            self.active[generation.id] = [generation, len(generation.log.frames)]
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="relay-log-flusher", daemon=True)
                 self._thread.start()
@@ -377,15 +411,20 @@ class LogFlusher:
 class StoreLogView:
     """A stream log in the store, read like a `StreamLog` (for readers in other processes)."""
 
-    def __init__(self, store: Store, stream_id: str) -> None:
+    def __init__(self, store: Store, stream_id: str, adopt: Callable[[], StreamLog | None] | None = None) -> None:
         self.store = store
         self.stream_id = stream_id
         self.frames: list[bytes] = []  # only ever the frames not yet returned
+        self.detached = False
+        self.adopt = adopt  # continue the answer here when its producer died (see ChatService)
+        self._adopted: StreamLog | None = None
         self._touched = 0.0
         self._failed = False
 
     @property
     def closed(self) -> bool:
+        if self._adopted is not None:
+            return self._adopted.closed
         if self._failed:
             return True
         try:
@@ -394,6 +433,8 @@ class StoreLogView:
             return True
 
     def wait(self, position: int, timeout: float) -> list[bytes]:
+        if self._adopted is not None:
+            return self._adopted.wait(position, timeout)
         if self._failed:
             return []
         store, stream_id = self.store, self.stream_id
@@ -411,6 +452,10 @@ class StoreLogView:
                                                   "was restarted)")
             producer = store.seen_at(stream_id, "producer")
             if state == "open" and producer and time.time() - producer > 5 * PRODUCER_ALIVE_SECONDS:
+                adopted = self.adopt() if self.adopt is not None else None
+                if adopted is not None:  # this process continues the answer: read its log from here on
+                    self._adopted = adopted
+                    return adopted.wait(position, timeout)
                 return self._fail("stream_lost", "the process generating this answer stopped")
             return []
         except Exception as exc:
@@ -455,14 +500,14 @@ class Relay:
               resumable: bool = False, tools: list[Tool] | None = None,
               record: Callable[[Generation], None] | None = None,
               release: Callable[[Generation], None] | None = None, wire: Any = None,
-              request_id: str = "-") -> Generation:
+              request_id: str = "-", resumed: Adopted | None = None) -> Generation:
         """Start producing an answer now; readers attach to `generation.log`."""
         share = Resumable(self.store, self.settings.STREAM_GRACE_SECONDS) if resumable else None
         # A resumable generation stays findable here until its log is complete in the store.
         generation = Generation(provider, task, conversation_id, stream_id=stream_id, owner=owner, resumable=share,
                                 tools=tools, max_rounds=self.settings.TOOL_MAX_ROUNDS, record=record,
                                 release=release, on_end=None if share else self._ended, wire=wire,
-                                request_id=request_id)
+                                request_id=request_id, resumed=resumed)
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start(self.flusher)

@@ -11,6 +11,7 @@ Built whole by `ChatService.build` (in `create_app`); nothing is wired in afterw
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -23,16 +24,20 @@ from app.conversations import Conversations
 from app.errors import ApiError
 from app.logs import REQUEST_ID
 from app.metrics import Metrics
+from app.protocols import RelayEvents
 from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
-from app.providers.failover import FailoverProvider, parse_fallbacks
-from app.relay import Answer, Generation, Relay, StoreLogView, collect, new_id
+from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
+from app.relay import Adopted, Answer, Generation, Relay, StoreLogView, collect, new_id
 from app.sse import StreamLog
 from app.store import Store
 from app.tools import toolbox
 
 # Last-Event-ID as the protocol writes it: ASCII digits only ("²".isdigit() is true).
 EVENT_ID = re.compile(r"[0-9]{1,12}")
+# The store key of a running resumable answer's request, for adoption (never a valid stream id).
+ADOPT = "adopt:"
+logger = logging.getLogger("llm_sse_relay.stream")
 
 
 @dataclass
@@ -159,7 +164,7 @@ class ChatService:
         self._owner_check(caller, self.store.log_owner(stream_id))
         if state == "closed" and not self.store.read_frames(stream_id, position, 0):
             return None
-        return Reading(StoreLogView(self.store, stream_id), position)
+        return Reading(StoreLogView(self.store, stream_id, adopt=lambda: self._adopt(stream_id)), position)
 
     def _produce(self, caller: Caller | None, stream_id: str, data: dict[str, Any], position: int) -> Reading:
         """Start the generation of a ticket just taken. A ticket whose opening is refused (not the
@@ -179,11 +184,43 @@ class ChatService:
             self.store.put_ticket(stream_id, data, self.settings.STREAM_TICKET_TTL)
             raise
         self.access.release_ticket(ticket.owner, stream_id)
+        # Kept while the answer runs: if this process dies (a restart), another one adopts it.
+        self.store.put_ticket(ADOPT + stream_id, data, self.settings.STREAM_LOG_TTL)
         task = Task(messages=messages, model=ticket.model, system=ticket.system, temperature=ticket.temperature,
                     max_tokens=ticket.max_tokens)
         chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
         return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True,
                                          transport="postsse"), position)
+
+    def _adopt(self, stream_id: str) -> Any:
+        """Continue an answer whose producer died (its process was restarted or killed), here.
+
+        Exactly one process adopts it (the record is taken once). The new producer gets the
+        text of the stored frames as the beginning of the answer and continues it as failover
+        does, with event ids following on; readers see `meta {"resumed"}` and more tokens.
+        Returns the new generation's log, or None when there is nothing to adopt.
+        """
+        data = self.store.take_ticket(ADOPT + stream_id)
+        if data is None:
+            return None
+        try:
+            ticket = Ticket.from_dict(data)
+            provider = self.providers[ticket.provider]
+            frames = [frame for _, frame in self.store.read_frames(stream_id, 0, 0)]
+            written = RelayEvents.text_of(frames)
+            messages = self.conversations.history_at(ticket.conversation_id, ticket.position, stream_id)
+        except Exception as exc:  # unreadable record, provider gone, conversation deleted: the stream is lost
+            logger.warning("stream %s: cannot adopt it: %s", stream_id, exc)
+            return None
+        self.store.put_ticket(ADOPT + stream_id, data, self.settings.STREAM_LOG_TTL)  # if this process dies too
+        task = continuation(Task(messages=messages, model=ticket.model, system=ticket.system,
+                                 temperature=ticket.temperature, max_tokens=ticket.max_tokens),
+                            ticket.model, written, provider)
+        chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
+        logger.info("stream %s: adopted after %d characters (its producer stopped)", stream_id, len(written))
+        generation = self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True,
+                                 transport="postsse", resumed=Adopted(frames, written))
+        return generation.log
 
     def stop_stream(self, caller: Caller, stream_id: str) -> None:
         """Stop a generation now, wherever it runs (its producer checks the store)."""
@@ -258,7 +295,8 @@ class ChatService:
 
     # -- shared steps
     def _start(self, chat: ChatRequest, task: Task, conversation_id: str, stream_id: str, owner: str,
-               resumable: bool, wire: Any = None, transport: str = "sse") -> Generation:
+               resumable: bool, wire: Any = None, transport: str = "sse", resumed: Adopted | None = None
+               ) -> Generation:
         """Produce `task` (the request with its history) as a generation bound to `owner`."""
         conversations, access, metrics = self.conversations, self.access, self.metrics
 
@@ -267,6 +305,11 @@ class ChatService:
 
         def release(generation: Generation) -> None:
             access.close_stream(owner, generation.id)
+            if resumable:  # ended here: nothing left to adopt
+                try:
+                    self.store.take_ticket(ADOPT + generation.id)
+                except Exception:
+                    pass
             metrics.stream_closed(transport)
             metrics.answer_ended(transport, generation.provider.name, generation.task.model, generation.answer,
                                  generation.started, generation.first_token_at, generation.token_events)
@@ -275,7 +318,7 @@ class ChatService:
 
         return self.relay.start(self._serving(chat.provider), task, conversation_id, stream_id=stream_id, owner=owner,
                                 resumable=resumable, tools=chat.tools, record=record, release=release, wire=wire,
-                                request_id=REQUEST_ID.get())
+                                request_id=REQUEST_ID.get(), resumed=resumed)
 
     @staticmethod
     def _reading(generation: Generation, position: int) -> Reading:

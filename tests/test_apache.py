@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -212,3 +213,36 @@ def test_gunicorn_accepts_a_get_prompt_up_to_its_raised_request_line_limit(gunic
     response = requests.get(f"{gunicorn_url}/api/chat/stream", params={"prompt": prompt, "provider": "demo",
                                                                        "model": "demo-fast"}, timeout=20)
     assert response.status_code == 200 and "event: done" in response.text
+
+
+def test_graceful_restart_continues_the_running_answers(relay_env, upstream):
+    """`apachectl graceful` restarts mod_wsgi's daemons at once, producers included; the readers
+    reconnect and a new daemon adopts each answer where the store has it (apache/README.md)."""
+    from tests.test_deploys import resumable_read
+
+    long_answer = [f"w{i} " for i in range(60)]
+    upstream.reset(*[Reply(chunks=BODIES["openai"](long_answer), delay=0.1)] * 3,
+                   Reply(chunks=BODIES["openai"](["THE END."])))
+    server = apache(free_port(), {**relay_env, "MAX_STREAMS_PER_CLIENT": "0", "MAX_TICKETS_PER_CLIENT": "0"})
+    try:
+        tickets = [requests.post(f"{server.url}/api/chat/streams", json={"provider": "openai", "prompt": f"q{i}"},
+                                 timeout=10).json() for i in range(3)]
+        logs: list[dict] = [{} for _ in tickets]
+        readers = [threading.Thread(target=resumable_read, args=(server.url, t["stream_url"], log), daemon=True)
+                   for t, log in zip(tickets, logs, strict=True)]
+        for reader in readers:
+            reader.start()
+        upstream.wait_for_request(3, timeout=20)
+        time.sleep(1.5)
+        root = server.output().split("(logs: ")[1].split("/logs)")[0]
+        os.kill(int(open(f"{root}/run/httpd.pid").read()), signal.SIGUSR1)  # apachectl graceful
+        for reader in readers:
+            reader.join(60)
+    finally:
+        server.stop()
+    full = "".join(long_answer)
+    for log in logs:
+        assert log.get("end") == "done", log
+        assert log["text"].endswith("THE END.") and full.startswith(log["text"].removesuffix("THE END."))
+        assert log["reconnects"] >= 1
+    assert len(upstream.seen) == 6  # each answer asked once, and continued once
