@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, request
 
-from app.chat_request import invalid, parse_chat_request
+from app.chat_request import invalid, message_list, parse_chat_request
 from app.errors import ApiError
 from app.protocols import UiMessageStream
 from app.request_body import parse_json_object
@@ -83,10 +83,9 @@ def assistant_turns(parts: list[Any], where: str) -> list[dict[str, Any]]:
     return out
 
 
-def neutral_messages(value: Any) -> list[dict[str, Any]]:
+def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
     """UI messages (`{id, role, parts}`) as the relay's provider-neutral messages."""
-    if not isinstance(value, list) or not value:
-        raise invalid("'messages' must be a non-empty list of UI messages")
+    value = message_list(value, settings, "UI messages")
     messages: list[dict[str, Any]] = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
@@ -112,7 +111,7 @@ def chat_ui():
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
     data = parse_json_object(request.get_data(cache=False))
     service.admit(g.caller)
-    messages = neutral_messages(data.get("messages"))
+    messages = neutral_messages(data.get("messages"), service.settings)
     options = {k: v for k, v in data.items() if k not in TRANSPORT_FIELDS}
     chat = parse_chat_request(options, service.settings, service.providers, messages=messages)
     # useChat resends the whole chat each turn: the record keeps the new turn only.

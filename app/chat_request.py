@@ -62,11 +62,17 @@ def number_option(value: Any, name: str, low: float, high: float, integer: bool,
     return value
 
 
-def parse_messages(value: Any, settings: Settings) -> list[dict[str, str]]:
+def message_list(value: Any, settings: Settings, shape: str) -> list[Any]:
+    """A request's list of messages, whatever their format: non-empty, at most MAX_MESSAGES."""
     if not isinstance(value, list) or not value:
-        raise invalid("'messages' must be a non-empty list of {role, content}")
+        raise invalid(f"'messages' must be a non-empty list of {shape}")
     if len(value) > settings.MAX_MESSAGES:
         raise ApiError(413, "prompt_too_large", f"'messages' has more than {settings.MAX_MESSAGES} entries")
+    return value
+
+
+def parse_messages(value: Any, settings: Settings) -> list[dict[str, str]]:
+    value = message_list(value, settings, "{role, content}")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or set(message) - {"role", "content"}:

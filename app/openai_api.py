@@ -17,7 +17,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from app.chat_request import MODEL_PATTERN, ChatRequest, invalid, number_option
+from app.chat_request import MODEL_PATTERN, ChatRequest, invalid, message_list, number_option
 from app.errors import ApiError
 from app.protocols import OpenAIChunks, openai_finish, openai_usage
 from app.providers import Provider, ProviderError, offered
@@ -117,10 +117,7 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, str]]:
 
 def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
     """OpenAI chat messages as the relay's provider-neutral messages."""
-    if not isinstance(value, list) or not value:
-        raise invalid("'messages' must be a non-empty list")
-    if len(value) > settings.MAX_MESSAGES:
-        raise ApiError(413, "prompt_too_large", f"'messages' has more than {settings.MAX_MESSAGES} entries")
+    value = message_list(value, settings, "chat messages")
     messages: list[dict[str, Any]] = []
     names: dict[str, str] = {}
     for i, m in enumerate(value):

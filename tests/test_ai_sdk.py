@@ -57,5 +57,8 @@ def test_bad_ui_messages_are_a_clear_400(client):
         response = client.post("/api/chat/ui", json={"id": "c", "messages": messages})
         assert response.status_code == 400, (messages, response.get_data(as_text=True))
         assert response.get_json()["error"]["type"] == "invalid_request"
+    many = [{"role": "user", "parts": [{"type": "text", "text": "x"}]}] * 201
+    too_many = client.post("/api/chat/ui", json={"id": "c", "messages": many})
+    assert too_many.status_code == 413 and too_many.get_json()["error"]["type"] == "prompt_too_large"
     extra = {"id": "c", "messages": [{"role": "user", "parts": [{"type": "text", "text": "x"}]}], "bogus": 1}
     assert client.post("/api/chat/ui", json=extra).get_json()["error"]["message"].startswith("unknown option")
