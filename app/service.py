@@ -66,6 +66,11 @@ class Ticket:
     max_tokens: int | None = None
     tools: tuple[str, ...] = ()
 
+    def task(self, messages: list[dict[str, Any]]) -> Task:
+        """The request to send, with the history read from its conversation."""
+        return Task(messages=messages, model=self.model, system=self.system, temperature=self.temperature,
+                    max_tokens=self.max_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "tools": list(self.tools)}
 
@@ -186,8 +191,7 @@ class ChatService:
         self.access.release_ticket(ticket.owner, stream_id)
         # Kept while the answer runs: if this process dies (a restart), another one adopts it.
         self.store.put_ticket(ADOPT + stream_id, data, self.settings.STREAM_LOG_TTL)
-        task = Task(messages=messages, model=ticket.model, system=ticket.system, temperature=ticket.temperature,
-                    max_tokens=ticket.max_tokens)
+        task = ticket.task(messages)
         chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
         return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True,
                                          transport="postsse"), position)
@@ -213,9 +217,7 @@ class ChatService:
             logger.warning("stream %s: cannot adopt it: %s", stream_id, exc)
             return None
         self.store.put_ticket(ADOPT + stream_id, data, self.settings.STREAM_LOG_TTL)  # if this process dies too
-        task = continuation(Task(messages=messages, model=ticket.model, system=ticket.system,
-                                 temperature=ticket.temperature, max_tokens=ticket.max_tokens),
-                            ticket.model, written, provider)
+        task = continuation(ticket.task(messages), ticket.model, written, provider)
         chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
         logger.info("stream %s: adopted after %d characters (its producer stopped)", stream_id, len(written))
         generation = self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True,
