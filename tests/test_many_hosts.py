@@ -1,5 +1,6 @@
 """Many processes and hosts sharing a real redis-server: resume anywhere, stop anywhere,
-a dead process or a restarted Redis ends a stream with a clear error, never a hang."""
+a dead producer's answer is adopted and continued elsewhere, a restarted Redis ends a stream
+with a clear error, never a hang."""
 
 from __future__ import annotations
 
