@@ -1,10 +1,20 @@
 """The relay: provider deltas -> protocol events in a stream log, read by SSE responses.
 
-A `Generation` is one answer being produced. Its producer (one thread, or greenlet
-under gevent) calls the provider and appends encoded events to a `StreamLog`; SSE
-responses read that log at their own pace. The producer never waits for a reader, a
-reader never calls the model, and a stream's fate (stopped, reader gone, done) is
-decided in one place: the `Cancellation` the producer watches.
+A `Generation` is one answer being produced. Its producer calls the provider and appends
+encoded events to a `StreamLog`; SSE responses read that log at their own pace, and a
+stream's fate (stopped, reader gone, done) is decided in one place: the `Cancellation`
+the producer watches.
+
+Who runs the producer: usually the first reader's own thread (or greenlet), through
+`DrivenLog`. Its `wait` produces until there is a new frame, so a token costs one wake-up
+(the upstream read) instead of two (a producer thread, then the reader it wakes): under
+mod_wsgi, where each wake-up is an OS thread taking the GIL among hundreds, that was a
+quarter of the CPU. The provider yields `Idle` while it waits, so that thread still sends
+heartbeats and notices a departed client. When the driving reader leaves before the end
+(a POST-SSE reader that will resume, a stopped answer finishing), the rest runs on a thread
+of its own, as does every generation whose waits could outlast a heartbeat (server-side
+tools, a provider that cannot yield while idle) and an answer adopted from a process that
+died (its readers read it through the store).
 """
 
 from __future__ import annotations
@@ -14,13 +24,13 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.logs import REQUEST_ID
 from app.protocols import Ending, RelayEvents
-from app.providers.base import Cancellation, Finish, Meta, Provider, ProviderError, Task, Text, ToolCall, Usage
+from app.providers.base import Cancellation, Finish, Idle, Meta, Provider, ProviderError, Task, Text, ToolCall, Usage
 from app.sse import StreamLog, encode_event
 from app.store import Store
 from app.tools import Tool, answer_deltas
@@ -102,7 +112,7 @@ class Generation:
                  max_rounds: int = 4, record: Callable[[Generation], None] | None = None,
                  release: Callable[[Generation], None] | None = None,
                  on_end: Callable[[Generation], None] | None = None, wire: Any = None,
-                 request_id: str = "-", resumed: Adopted | None = None) -> None:
+                 request_id: str = "-", resumed: Adopted | None = None, heartbeat: float = 15.0) -> None:
         self.id = stream_id or new_id()
         self.request_id = request_id  # of the request that started it: on its log lines and in msgid
         self.wire = wire or RelayEvents()  # what the client reads: app/protocols.py
@@ -130,14 +140,36 @@ class Generation:
         self.first_token_at: float | None = None
         self.token_events = 0
         self.readers = 0
+        self.heartbeat = heartbeat
+        self.finished = False  # the end hooks have run
+        self._driver_wanted = False
+        self._steps: Iterator[bool] = iter(())
         self._lock = threading.Lock()
 
     # -- lifecycle
-    def start(self, flusher: LogFlusher | None = None) -> Generation:
+    def start(self, flusher: LogFlusher | None = None, driven: bool = False) -> Generation:
+        """Start producing. `driven`: the first reader's own thread produces, step by step, as
+        it reads (`DrivenLog`): one thread woken per token instead of two, and no hand-off
+        between them. Whatever that reader does not finish is finished on a thread of its own.
+        """
         if self.resumable is not None and flusher is not None:
             flusher.add(self)
-        threading.Thread(target=self.run, name=f"relay-{self.id[:8]}", daemon=True).start()
+        self._steps = self._produce()
+        if driven:
+            self._driver_wanted = True
+            self.cancel.idle_after = self.heartbeat
+        else:
+            self._in_background()
         return self
+
+    def _in_background(self) -> None:
+        threading.Thread(target=self.run, name=f"relay-{self.id[:8]}", daemon=True).start()
+
+    def claim_driver(self) -> bool:
+        """True once, for the reader that is to drive a driven generation."""
+        with self._lock:
+            wanted, self._driver_wanted = self._driver_wanted, False
+            return wanted
 
     def stop(self, reason: str = "stopped") -> None:
         """End the generation now: the upstream socket is shut, readers get the end."""
@@ -166,6 +198,18 @@ class Generation:
                 return
         self.stop("abandoned")
 
+    def driver_left(self, completed: bool) -> None:
+        """The driving reader left: the rest of the answer (its end, if it was stopped) is
+        produced on a thread of its own."""
+        self.reader_left(completed)
+        if not self.finished:
+            self._in_background()
+
+    def step(self) -> bool | None:
+        """Produce up to the next delta: False after progress, True after a heartbeat's worth
+        of silence, None once the generation has ended."""
+        return next(self._steps, None)
+
     def _watch_absence(self) -> None:
         """Stop once nobody, here or in another process, has read for a grace period."""
         assert self.resumable is not None
@@ -189,6 +233,12 @@ class Generation:
 
     # -- the producer
     def run(self) -> None:
+        """Produce to the end on this thread."""
+        for _ in self._steps:
+            pass
+
+    def _produce(self) -> Iterator[bool]:
+        """The producer, one step per delta: yields True after an `Idle` (time for a heartbeat)."""
         REQUEST_ID.set(self.request_id)  # this thread's log lines belong to that request
         append = self.log.append
         answer = self.answer
@@ -212,11 +262,16 @@ class Generation:
                         self.first_token_at = time.monotonic()
                     parts.append(delta.text)
                     append(text_frame(delta.text))
+                    yield False
+                    continue
+                if kind is Idle:
+                    yield True
                     continue
                 frame = wire.meta(delta.data) if kind is Meta else wire.tool_call(delta) if kind is ToolCall else None
                 if frame is not None:
                     append(frame)
                 answer.note(delta)
+                yield False
             ending = self._ending()
         except ProviderError as err:
             answer.outcome, answer.error = "error", err.as_event()
@@ -239,6 +294,7 @@ class Generation:
                         hook(self)
                     except Exception:
                         logger.exception("stream %s: end hook failed", self.id)
+            self.finished = True
 
     def _ending(self) -> Ending:
         """How an answer that was not interrupted by a provider error ended."""
@@ -281,6 +337,38 @@ class Generation:
             summary["duration_ms"], self.answer.outcome,
             f" error={summary['error']}" if summary["error"] else "", extra={"stream": summary},
         )
+
+
+class DrivenLog:
+    """A generation's log as its driving reader sees it: `wait` produces, on the reader's
+    thread, until there is something past `position` or the upstream was silent for a
+    heartbeat (then the reader sends one, or notices its client left)."""
+
+    __slots__ = ("generation", "log")
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self.log = generation.log
+
+    @property
+    def frames(self) -> list[bytes]:
+        return self.log.frames
+
+    @property
+    def closed(self) -> bool:
+        return self.log.closed
+
+    @property
+    def detached(self) -> bool:
+        return self.log.detached
+
+    def wait(self, position: int, timeout: float) -> list[bytes]:
+        log, step = self.log, self.generation.step
+        frames = log.frames
+        while len(frames) <= position and not log.closed and not log.detached:
+            if step() is not False:  # idle for a heartbeat, or ended
+                break
+        return frames[position:]
 
 
 # How often a producer says it is alive; a reader elsewhere gives up after 5x this silence.
@@ -500,17 +588,19 @@ class Relay:
               resumable: bool = False, tools: list[Tool] | None = None,
               record: Callable[[Generation], None] | None = None,
               release: Callable[[Generation], None] | None = None, wire: Any = None,
-              request_id: str = "-", resumed: Adopted | None = None) -> Generation:
-        """Start producing an answer now; readers attach to `generation.log`."""
+              request_id: str = "-", resumed: Adopted | None = None, driven: bool = False) -> Generation:
+        """Start producing an answer: now on a thread of its own, or (`driven`) on the thread
+        of its first reader, which must then read it through `DrivenLog`."""
         share = Resumable(self.store, self.settings.STREAM_GRACE_SECONDS) if resumable else None
         # A resumable generation stays findable here until its log is complete in the store.
         generation = Generation(provider, task, conversation_id, stream_id=stream_id, owner=owner, resumable=share,
                                 tools=tools, max_rounds=self.settings.TOOL_MAX_ROUNDS, record=record,
                                 release=release, on_end=None if share else self._ended, wire=wire,
-                                request_id=request_id, resumed=resumed)
+                                request_id=request_id, resumed=resumed,
+                                heartbeat=self.settings.SSE_HEARTBEAT_SECONDS)
         with self._lock:
             self.generations[generation.id] = generation
-        return generation.start(self.flusher)
+        return generation.start(self.flusher, driven=driven)
 
     def detach_readers(self) -> int:
         """This process is stopping: readers of resumable answers resume on other workers from

@@ -28,7 +28,7 @@ from app.protocols import RelayEvents
 from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
-from app.relay import Adopted, Answer, Generation, Relay, StoreLogView, collect, new_id
+from app.relay import Adopted, Answer, DrivenLog, Generation, Relay, StoreLogView, collect, new_id
 from app.sse import StreamLog
 from app.store import Store
 from app.tools import toolbox
@@ -45,7 +45,7 @@ class Reading:
     """What a transport serves: a log to read from `position` on, and what to call when the
     reader leaves (`on_close(completed)`) or asks to stop (`stop()`)."""
 
-    log: StreamLog | StoreLogView
+    log: StreamLog | StoreLogView | DrivenLog
     position: int = 0
     on_close: Callable[[bool], None] | None = None
     stop: Callable[[], None] | None = None
@@ -318,14 +318,23 @@ class ChatService:
 
         metrics.stream_opened(transport)
 
-        return self.relay.start(self._serving(chat.provider), task, conversation_id, stream_id=stream_id, owner=owner,
+        provider = self._serving(chat.provider)
+        # Produced on its first reader's thread when nothing it waits for can hold that thread
+        # past a heartbeat: the provider yields while idle, and no tool (which may take any
+        # time) runs. An adopted answer is read through the store: it gets a thread of its own.
+        return self.relay.start(provider, task, conversation_id, stream_id=stream_id, owner=owner,
                                 resumable=resumable, tools=chat.tools, record=record, release=release, wire=wire,
-                                request_id=REQUEST_ID.get(), resumed=resumed)
+                                request_id=REQUEST_ID.get(), resumed=resumed,
+                                driven=resumed is None and provider.idles and not chat.tools)
 
     @staticmethod
     def _reading(generation: Generation, position: int) -> Reading:
+        """A reader of `generation`; the first reader of a driven one produces it as it reads."""
         generation.reader_joined()
-        return Reading(generation.log, position, generation.reader_left, lambda: generation.stop("stopped"))
+        stop = lambda: generation.stop("stopped")  # noqa: E731
+        if generation.claim_driver():
+            return Reading(DrivenLog(generation), position, generation.driver_left, stop)
+        return Reading(generation.log, position, generation.reader_left, stop)
 
     def _owner_check(self, caller: Caller | None, owner: str | None) -> None:
         """A stream is bound to its creator: with auth on, a caller with credentials must be them."""

@@ -61,6 +61,7 @@ class Result:
     failures: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
+    ticket_ms: list[float] = field(default_factory=list)  # POST-SSE step 1 alone (part of TTFT)
     tokens: int = 0
     seconds: float = 0.0
 
@@ -99,6 +100,7 @@ async def one_stream(url: str, mode: str, result: Result, timeout: float, expect
         if mode == "postsse":
             ticket = await _post_json(host, port, "/api/chat/streams",
                                       {"provider": "openai", "prompt": "bench"}, timeout)
+            result.ticket_ms.append((time.monotonic() - t0) * 1000)
             path = ticket["stream_url"]
             raw = b"GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n" % (path.encode(), host.encode())
         elif mode == "openai":

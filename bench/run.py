@@ -10,6 +10,7 @@ repeat so machine noise hits each alike, medians over repeats:
   relay     this project under gunicorn.conf.py (gevent), POST-SSE (stream log on, SQLite)
   relay-direct  the same, GET /api/chat/stream (no stream log: what EventSource users run)
   apache    this project under Apache + mod_wsgi via apache/serve-local.sh, POST-SSE
+  apache-direct  the same Apache, GET /api/chat/stream
   peer      FastAPI + sse-starlette + httpx (bench/peers/fastapi_peer.py) under uvicorn
 Heartbeats stay on everywhere (15 s). Results: printed, and bench/results/latest.json.
 """
@@ -174,6 +175,9 @@ def start_targets(names: list[str], upstream_url: str, workdir: str) -> dict[str
         elif name == "apache":
             env = {**relay_env, "RELAY_SSE_PROCESSES": "2", "RELAY_SSE_THREADS": "300", "RELAY_MAX_WORKERS": "1500"}
             targets[name] = Target(name, ["bash", "apache/serve-local.sh", str(port)], env, url, "postsse")
+        elif name == "apache-direct":  # the same Apache, GET /api/chat/stream
+            env = {**relay_env, "RELAY_SSE_PROCESSES": "2", "RELAY_SSE_THREADS": "300", "RELAY_MAX_WORKERS": "1500"}
+            targets[name] = Target(name, ["bash", "apache/serve-local.sh", str(port)], env, url, "get")
         elif name == "peer":
             env = {"OPENAI_BASE_URL": upstream_url}
             targets[name] = Target(name, [sys.executable, "-m", "uvicorn", "bench.peers.fastapi_peer:app",
@@ -218,7 +222,8 @@ def measure(target: Target, streams: int, tokens: int, ramp: float, probe_health
     return {
         "completed": result.completed, "failed": streams - result.completed, "failures": result.failures,
         "latency_p50_ms": pct(result.latencies_ms, 0.5), "latency_p99_ms": pct(result.latencies_ms, 0.99),
-        "ttft_p50_ms": pct(result.ttft_ms, 0.5), "tokens": result.tokens,
+        "ttft_p50_ms": pct(result.ttft_ms, 0.5), "ticket_p50_ms": pct(result.ticket_ms, 0.5),
+        "tokens": result.tokens,
         "cpu_us_per_token": cpu / result.tokens * 1e6 if result.tokens else None,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
         "peak_rss_mb": rss.peak / 2**20,
@@ -261,7 +266,7 @@ def fmt(value, digits=1) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small N, one repeat: about a minute")
-    parser.add_argument("--targets", default="upstream,relay,relay-direct,peer,apache")
+    parser.add_argument("--targets", default="upstream,relay,relay-direct,peer,apache,apache-direct")
     parser.add_argument("--n", default="200,1000,2000")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rate", type=float, default=20)
@@ -290,7 +295,7 @@ def main() -> None:
             for repeat in range(args.repeats):
                 order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotate: noise hits all alike
                 for name in order:
-                    if name == "apache" and n > args.apache_max:
+                    if name.startswith("apache") and n > args.apache_max:
                         continue
                     print(f"N={n} repeat {repeat + 1}/{args.repeats}: {name}", file=sys.stderr, flush=True)
                     runs[name].append(measure(targets[name], n, args.tokens, ramp=min(2.0, n / 500),

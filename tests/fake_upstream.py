@@ -28,6 +28,7 @@ class Reply:
     chunked: bool = True  # False: close-delimited body, as HTTP/1.0-style servers send
     content_type: str = "text/event-stream"
     keep_alive: bool = False  # keep the connection for the next request
+    head_delay: float = 0.0  # silence before the status line (a model still loading)
 
 
 @dataclass
@@ -139,6 +140,8 @@ class FakeUpstream:
             head.append("Connection: close")
         if reply.chunked:
             head.append("Transfer-Encoding: chunked")
+        if reply.head_delay:
+            time.sleep(reply.head_delay)
         conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
         for i, chunk in enumerate(reply.chunks):
             if reply.stall_after is not None and i >= reply.stall_after:

@@ -5,8 +5,9 @@ import time
 import pytest
 import requests
 
-from tests.conftest import PROVIDERS, open_stream, text_of
+from tests.conftest import PROVIDERS, free_port, open_stream, provider_env, text_of
 from tests.fake_upstream import BODIES, TRICKY_TEXT, Reply, hostile_chunks
+from tests.servers import gunicorn
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
@@ -181,3 +182,31 @@ def test_public_reader_fallback_streams_and_stops_the_same(stall, upstream, live
     reader.until("token")
     reader.close()
     assert upstream.wait_for_request().closed.wait(3), "upstream connection still open"
+
+
+def test_slow_response_headers_get_heartbeats_and_a_leaving_reader_is_noticed(upstream, live):
+    # A model still loading answers its headers late: the reader's thread, which produces a
+    # direct stream, waits for them in slices and heartbeats in between.
+    upstream.reset(Reply(chunks=BODIES["openai"](["late ", "but ", "whole"]), head_delay=1.5))
+    url = live(SSE_HEARTBEAT_SECONDS=0.3)
+    reader = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi")
+    events = reader.read_all()
+    assert text_of(events) == "late but whole" and events[-1].event == "done"
+    assert reader.comments.count("ping") >= 3
+    assert events[0].event == "msgid"  # sent before the upstream answered
+
+
+def test_a_stalled_upstream_heartbeats_and_times_out_under_gevent_too(upstream):
+    # gevent's sockets time out in its event loop, not in the kernel: the other idle path.
+    upstream.reset(Reply(chunks=BODIES["openai"](["a", "b", "c"]), stall_after=3))
+    server = gunicorn(free_port(), {**provider_env(upstream.url), "SSE_HEARTBEAT_SECONDS": "0.3",
+                                    "UPSTREAM_READ_TIMEOUT": "1.5"})
+    try:
+        reader = open_stream(f"{server.url}/api/chat/stream?provider=openai&prompt=hi")
+        events = reader.read_all()
+        assert text_of(events) == "a"
+        assert events[-1].event == "error" and events[-1].data["type"] == "upstream_timeout"
+        assert reader.comments.count("ping") >= 3
+        assert upstream.last().closed.wait(2)
+    finally:
+        server.stop()

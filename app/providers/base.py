@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from typing import Any
@@ -23,6 +23,7 @@ import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from app.decoders import DecodeError, NdjsonDecoder, SseDecoder
+from app.providers import upstream_body
 from app.providers.upstream_body import iter_body, shut
 
 log = logging.getLogger("llm_sse_relay.upstream")
@@ -79,7 +80,16 @@ class Meta:
         self.data = data
 
 
-Delta = Text | Usage | Finish | ToolCall | Meta
+class Idle:
+    """Nothing arrived for `Cancellation.idle_after` seconds: the thread driving the stream
+    may send a heartbeat (or notice its reader left) before waiting on. Carries nothing."""
+
+    __slots__ = ()
+
+
+IDLE = Idle()
+
+Delta = Text | Usage | Finish | ToolCall | Meta | Idle
 
 
 class ProviderError(Exception):
@@ -133,13 +143,19 @@ class Task:
 
 
 class Cancellation:
-    """Stops a generation from any thread: sets a flag and runs the registered aborts."""
+    """Stops a generation from any thread: sets a flag and runs the registered aborts.
 
-    def __init__(self) -> None:
+    `idle_after`, when set, asks the provider not to block longer than that: while it waits
+    (for response headers, a retry, the next bytes) it yields `IDLE` every `idle_after`
+    seconds, so the reader's own thread can drive the stream and still send heartbeats.
+    """
+
+    def __init__(self, idle_after: float | None = None) -> None:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
         self.reason: str | None = None
+        self.idle_after = idle_after
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -186,9 +202,28 @@ class Provider:
     def configured(self) -> bool:
         return True
 
+    @property
+    def idles(self) -> bool:
+        """True when `stream` never blocks much longer than `cancel.idle_after` without
+        yielding (an `Idle` when nothing else): then a reader's thread may drive it."""
+        return False
+
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         raise NotImplementedError
 
+
+
+def idle_wait(cancel: Cancellation, seconds: float) -> Generator[Idle, None, bool]:
+    """Wait `seconds` unless cancelled (returns True then), yielding `IDLE` as `idle_after` asks."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if cancel.wait(left if cancel.idle_after is None else min(left, cancel.idle_after)):
+            return True
+        if cancel.idle_after is not None and deadline - time.monotonic() > 0:
+            yield IDLE
 
 
 def system_text(task: Task) -> str | None:
@@ -272,6 +307,10 @@ class HttpProvider(Provider):
     def configured(self) -> bool:
         return bool(self.api_key) or not self.key_required
 
+    @property
+    def idles(self) -> bool:
+        return upstream_body.FAST_READS  # the public body reader waits in one read, up to the timeout
+
     # -- what each wire format defines
     def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
         raise NotImplementedError
@@ -316,7 +355,7 @@ class HttpProvider(Provider):
                 attempt += 1
                 yield Meta({"retry": {"attempt": attempt, "delay": round(delay, 3),
                                       "status": err.status, "reason": err.message}})
-                if cancel.wait(delay):
+                if (yield from idle_wait(cancel, delay)):
                     return
 
     def _attempt(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
@@ -326,10 +365,7 @@ class HttpProvider(Provider):
         # identity: a gzip decoder would hold back text until it has a full block.
         headers = {"Accept-Encoding": "identity", "Content-Type": "application/json", **headers}
         try:
-            response = self.session.post(
-                url, data=json.dumps(body), headers=headers, stream=True,
-                timeout=(self.policy.connect_timeout, self.policy.read_timeout),
-            )
+            response = yield from self._send(url, headers, body, cancel)
         except requests.Timeout as exc:
             log.warning("%s: no answer from %s: %s", self.name, url, exc)
             raise ProviderError("upstream_timeout", f"{self.name} did not answer in time", retryable=True) from exc
@@ -337,6 +373,8 @@ class HttpProvider(Provider):
             # The exception names hosts, ports and urllib3's classes: for the log only.
             log.warning("%s: cannot reach %s: %s", self.name, url, exc)
             raise ProviderError("upstream_unreachable", f"cannot reach {self.name}", retryable=True) from exc
+        if response is None:  # cancelled while waiting for the response headers
+            return
         unregister = cancel.on_cancel(lambda: shut(response))
         try:
             if response.status_code >= 400:
@@ -347,7 +385,12 @@ class HttpProvider(Provider):
             parser = self.stream_parser(task)
             decoder = SseDecoder() if self.framing == "sse" else NdjsonDecoder()
             try:
-                for chunk in iter_body(response):
+                for chunk in iter_body(response, cancel.idle_after, self.policy.read_timeout):
+                    if not chunk:  # silence so far: the driver's turn
+                        yield IDLE
+                        if cancel.is_set():
+                            return
+                        continue
                     for event in decoder.decode(chunk):
                         yield from parser.feed(event)
                     if cancel.is_set():
@@ -375,6 +418,54 @@ class HttpProvider(Provider):
         finally:
             unregister()
             response.close()
+
+    def _send(self, url: str, headers: dict[str, str], body: dict[str, Any],
+              cancel: Cancellation) -> Generator[Idle, None, requests.Response | None]:
+        """POST the request; the response once its headers are in (None if cancelled before).
+
+        With `idle_after` set, the wait for the headers (a model loading can take a minute)
+        happens on a short-lived helper thread while this one yields `IDLE`.
+        """
+        def send() -> requests.Response:
+            return self.session.post(url, data=json.dumps(body), headers=headers, stream=True,
+                                     timeout=(self.policy.connect_timeout, self.policy.read_timeout))
+
+        if cancel.idle_after is None:
+            return send()
+        outcome: dict[str, Any] = {}
+        settled = threading.Lock()  # the helper hands the response over, or closes it when nobody waits
+        wake = threading.Event()
+
+        def run() -> None:
+            try:
+                result: Any = send()
+            except BaseException as exc:  # re-raised on the driver's thread
+                result = exc
+            with settled:
+                if outcome.get("abandoned"):
+                    if isinstance(result, requests.Response):
+                        result.close()
+                    return
+                outcome["result"] = result
+            wake.set()
+
+        threading.Thread(target=run, name="relay-upstream-headers", daemon=True).start()
+        unregister = cancel.on_cancel(wake.set)
+        try:
+            while not wake.wait(cancel.idle_after):
+                yield IDLE
+        finally:
+            unregister()
+            with settled:
+                result = outcome.get("result")
+                if result is None:
+                    outcome["abandoned"] = True
+        if isinstance(result, BaseException):
+            raise result
+        if cancel.is_set() and result is not None:
+            result.close()
+            return None
+        return result
 
     def _error_from_response(self, response: requests.Response) -> ProviderError:
         try:

@@ -125,6 +125,10 @@ class DemoProvider(Provider):
         self.interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self.first_token_delay = first_token_delay
 
+    @property
+    def idles(self) -> bool:
+        return max(self.interval, self.first_token_delay) <= 1.0  # waits short enough to heartbeat between
+
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         last = task.messages[-1] if task.messages else {}
         prompt = next((m["content"] for m in reversed(task.messages) if m["role"] == "user"), "")

@@ -60,6 +60,10 @@ class FailoverProvider(Provider):
     def configured(self) -> bool:
         return self.primary.configured
 
+    @property
+    def idles(self) -> bool:
+        return self.primary.idles and all(provider.idles for provider, _ in self.fallbacks)
+
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         chain: list[tuple[Provider, str]] = [(self.primary, task.model)]
         chain += [(p, m) for p, m in self.fallbacks if p.configured and (p.name, m) != (self.primary.name, task.model)]

@@ -14,14 +14,17 @@ from __future__ import annotations
 import http.client
 import logging
 import socket
+import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import requests
 import urllib3
-from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from app.decoders import ChunkedDecoder
+from app.gevent_native import unpatched
 
 log = logging.getLogger("llm_sse_relay.upstream")
 
@@ -32,8 +35,10 @@ def private_reads_available() -> bool:
     try:
         inner = http.client.HTTPResponse(left)
         outer = urllib3.response.HTTPResponse(body=inner, preload_content=False)
+        socket_io = getattr(getattr(inner, "fp", None), "raw", None)
         return (getattr(outer, "_fp", None) is inner and hasattr(getattr(inner, "fp", None), "read1")
-                and hasattr(outer, "release_conn") and hasattr(outer, "chunked"))
+                and hasattr(outer, "release_conn") and hasattr(outer, "chunked")
+                and getattr(socket_io, "_sock", None) is left and hasattr(socket_io, "_timeout_occurred"))
     except Exception:
         return False
     finally:
@@ -47,14 +52,21 @@ if not FAST_READS:
                 "reading upstream bodies through the public (slower) path", urllib3.__version__)
 
 
-def iter_body(response: requests.Response) -> Iterator[bytes]:
-    """Body bytes as they arrive, one network read at a time (chunked framing removed)."""
+def iter_body(response: requests.Response, idle_after: float | None = None,
+              read_timeout: float | None = None) -> Iterator[bytes]:
+    """Body bytes as they arrive, one network read at a time (chunked framing removed).
+
+    With `idle_after`, an empty `b""` comes every `idle_after` seconds of silence (the
+    caller's chance to send a heartbeat) until `read_timeout` of silence, which raises
+    `ReadTimeoutError` as the socket's own timeout would. Only the fast path has these
+    ticks; the public one waits in one read, up to the read timeout.
+    """
     raw = response.raw
     identity = raw.headers.get("content-encoding", "identity").lower() in ("", "identity")
     if FAST_READS and raw.chunked and identity:
         socket_reader = getattr(getattr(raw, "_fp", None), "fp", None)
         if socket_reader is not None:
-            return _iter_chunked(raw, socket_reader)
+            return _iter_chunked(raw, socket_reader, idle_after, read_timeout)
     return public_iter_body(raw)
 
 
@@ -65,18 +77,68 @@ def public_iter_body(raw: Any) -> Iterator[bytes]:
     return iter(lambda: raw.read1(65536, decode_content=True), b"")
 
 
-def _iter_chunked(raw: Any, socket_reader: Any) -> Iterator[bytes]:
+def _iter_chunked(raw: Any, socket_reader: Any, idle_after: float | None,
+                  read_timeout: float | None) -> Iterator[bytes]:
     decoder = ChunkedDecoder()
+    socket_io = socket_reader.raw
+    sock = socket_io._sock
+    ticking = idle_after is not None and read_timeout is not None and idle_after < read_timeout
+    # On a native thread and plain TCP, the kernel times the wait (SO_RCVTIMEO on a blocking
+    # socket): one recv() per read. A Python timeout polls before every recv: a second system
+    # call, and a second take of the GIL among hundreds of mod_wsgi threads.
+    kernel_timer = ticking and type(sock) is _NativeSocket
+    if kernel_timer:
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(idle_after))
+    elif ticking:
+        sock.settimeout(idle_after)
+    last_data = time.monotonic()
     while not decoder.done:
-        data = socket_reader.read1(65536)
+        try:
+            data = socket_reader.read1(65536)
+        except TimeoutError:
+            if not ticking:
+                raise
+            # SocketIO refuses every read after a timeout, in case a read was cut half-way;
+            # recv() either returns data or times out having taken none, so reading on is safe.
+            socket_io._timeout_occurred = False
+            data = None
+        if data is None or (not data and kernel_timer and _nothing_yet(sock)):  # a tick of silence
+            if time.monotonic() - last_data >= read_timeout:  # type: ignore[operator]
+                raise ReadTimeoutError(None, None, f"no data for {read_timeout:g} s")
+            yield b""
+            continue
         if not data:
             raise ProtocolError("the connection closed in the middle of a chunked body")
+        if ticking:
+            last_data = time.monotonic()
         body = decoder.decode(data)
         if body:
             yield body
+    if kernel_timer:  # as urllib3 left it, for the next request on this connection
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+    if ticking:
+        sock.settimeout(read_timeout)
     # The body ended exactly: the connection may serve the next request (no new TLS handshake).
     if raw.headers.get("connection", "").lower() != "close":
         raw.release_conn()
+
+
+_NativeSocket = unpatched("socket", "socket")
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+
+
+def _nothing_yet(sock: socket.socket) -> bool:
+    """After an empty read under SO_RCVTIMEO: True when that was the timer, False at EOF."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def shut(response: requests.Response) -> None:

@@ -1,0 +1,91 @@
+"""The relay loop in-process: who produces a stream, and what happens when its reader leaves."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+from app.providers.base import IDLE, Provider, Text
+from app.relay import DrivenLog, Relay
+from app.sse import HEARTBEAT, SseBody
+from app.store import MemoryStore
+from tests.conftest import wait_until
+
+SETTINGS = SimpleNamespace(STREAM_LOG_TTL=60, STREAM_GRACE_SECONDS=30, TOOL_MAX_ROUNDS=2, SSE_HEARTBEAT_SECONDS=15)
+
+
+class Counting(Provider):
+    """`count` tokens; notes the thread of each and whether the stream was closed early."""
+
+    name = "counting"
+    idles = True
+
+    def __init__(self, count: int, pause: float = 0.0, idle_first: int = 0) -> None:
+        self.count, self.pause, self.idle_first = count, pause, idle_first
+        self.threads: set[int] = set()
+        self.produced = 0
+
+    def stream(self, task, cancel):
+        for _ in range(self.idle_first):  # as an upstream that is silent for a while
+            yield IDLE
+        for i in range(self.count):
+            if cancel.wait(self.pause) if self.pause else cancel.is_set():
+                return
+            self.threads.add(threading.get_ident())
+            self.produced += 1
+            yield Text(f"t{i} ")
+
+
+def start(provider: Provider, resumable: bool = False):
+    relay = Relay(SETTINGS, MemoryStore())
+    task = SimpleNamespace(model="m", messages=[])
+    return relay.start(provider, task, "conv", stream_id="s" * 22, owner="me", resumable=resumable, driven=True)
+
+
+def driver(generation) -> SseBody:
+    """The first reader, as ChatService makes it."""
+    generation.reader_joined()
+    assert generation.claim_driver()
+    return SseBody(DrivenLog(generation), heartbeat=15, on_close=generation.driver_left)
+
+
+def test_a_driven_stream_is_produced_on_its_readers_thread_with_heartbeats_when_idle():
+    provider = Counting(5, idle_first=3)
+    generation = start(provider)
+    body = driver(generation)
+    assert not generation.claim_driver()  # one driver only
+    frames = list(body)
+    body.close()
+    assert provider.threads == {threading.get_ident()}  # no second thread, no hand-off per token
+    # The first idle tick comes with msgid (something was sent); each later one is a heartbeat.
+    assert frames.count(HEARTBEAT) == 2
+    text = b"".join(frames)
+    assert text.index(b"event: msgid") < text.index(b"t0 ") and frames[-1].startswith(b"id: 7\nevent: done")
+    assert generation.finished and generation.answer.text == "t0 t1 t2 t3 t4 "
+
+
+def test_a_direct_stream_whose_driver_leaves_stops_and_still_ends_properly():
+    provider = Counting(1000, pause=0.01)
+    generation = start(provider)
+    body = driver(generation)
+    next(body), next(body), next(body)  # retry, msgid, a token
+    body.close()
+    wait_until(lambda: generation.finished, 5)
+    assert generation.answer.outcome == "abandoned" and provider.produced < 10
+    assert generation.log.closed
+
+
+def test_a_resumable_stream_whose_driver_leaves_is_finished_on_a_thread_of_its_own():
+    provider = Counting(30, pause=0.01)
+    generation = start(provider, resumable=True)
+    first = driver(generation)
+    generation.reader_joined()
+    other = SseBody(generation.log, heartbeat=15, on_close=generation.reader_left)  # a second tab
+    next(first), next(first), next(first)
+    first.close()  # the producing reader left: the answer goes on for the other reader
+    received = b"".join(other)
+    other.close()
+    assert b"t29 " in received and b"event: done" in received
+    assert threading.get_ident() in provider.threads and len(provider.threads) == 2
+    wait_until(lambda: generation.finished, 5)
+    assert generation.answer.outcome == "done"
