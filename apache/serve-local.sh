@@ -157,7 +157,6 @@ AddOutputFilterByType DEFLATE text/html text/plain text/css application/javascri
 
 $(define_opt RELAY_SSE_PROCESSES)
 $(define_opt RELAY_SSE_THREADS)
-$(define_opt RELAY_SSE_STACK_SIZE)
 $(define_opt RELAY_APP_PROCESSES)
 $(define_opt RELAY_APP_THREADS)
 $(define_opt RELAY_IO_TIMEOUT)
