@@ -95,6 +95,10 @@ class Resumable:
     grace: float
 
 
+# What a producer step ended on (see Generation.step).
+PROGRESS, WAITING, SILENT = 0, 1, 2
+
+
 class Generation:
     """One answer in production: its provider call, stream log and readers.
 
@@ -205,9 +209,8 @@ class Generation:
         if not self.finished:
             self._in_background()
 
-    def step(self) -> bool | None:
-        """Produce up to the next delta: False after progress, True after a heartbeat's worth
-        of silence, None once the generation has ended."""
+    def step(self) -> int | None:
+        """Produce up to the next delta: PROGRESS, WAITING or SILENT, or None once ended."""
         return next(self._steps, None)
 
     def _watch_absence(self) -> None:
@@ -237,8 +240,9 @@ class Generation:
         for _ in self._steps:
             pass
 
-    def _produce(self) -> Iterator[bool]:
-        """The producer, one step per delta: yields True after an `Idle` (time for a heartbeat)."""
+    def _produce(self) -> Iterator[int]:
+        """The producer, one step per delta; yields PROGRESS, WAITING (the provider is about to
+        block: what is in the log can go out) or SILENT (nothing for a heartbeat)."""
         REQUEST_ID.set(self.request_id)  # this thread's log lines belong to that request
         append = self.log.append
         answer = self.answer
@@ -251,6 +255,7 @@ class Generation:
                 append(frame)
         else:
             append(wire.meta({"resumed": {"after_chars": len(self.resumed.text), "reason": "producer_lost"}}))
+        yield WAITING  # the opening goes out before the provider is called
         ending: Ending | None = None
         try:
             deltas = answer_deltas(self.provider, self.task, self.cancel, self.tools, self.max_rounds,
@@ -262,16 +267,16 @@ class Generation:
                         self.first_token_at = time.monotonic()
                     parts.append(delta.text)
                     append(text_frame(delta.text))
-                    yield False
+                    yield PROGRESS
                     continue
                 if kind is Idle:
-                    yield True
+                    yield SILENT if delta.silent else WAITING
                     continue
                 frame = wire.meta(delta.data) if kind is Meta else wire.tool_call(delta) if kind is ToolCall else None
                 if frame is not None:
                     append(frame)
                 answer.note(delta)
-                yield False
+                yield PROGRESS
             ending = self._ending()
         except ProviderError as err:
             answer.outcome, answer.error = "error", err.as_event()
@@ -363,10 +368,15 @@ class DrivenLog:
         return self.log.detached
 
     def wait(self, position: int, timeout: float) -> list[bytes]:
+        """Produce until the provider would block with something new in the log (all the
+        tokens of one upstream read go out in one write), is silent for a heartbeat, or ends."""
         log, step = self.log, self.generation.step
         frames = log.frames
-        while len(frames) <= position and not log.closed and not log.detached:
-            if step() is not False:  # idle for a heartbeat, or ended
+        if len(frames) > position:
+            return frames[position:]
+        while not log.detached:
+            state = step()
+            if state is None or state == SILENT or (state == WAITING and len(frames) > position):
                 break
         return frames[position:]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-from app.providers.base import IDLE, Provider, Text
+from app.providers.base import IDLE, WAITING, Provider, Text, idle_wait
 from app.relay import DrivenLog, Relay
 from app.sse import HEARTBEAT, SseBody
 from app.store import MemoryStore
@@ -29,7 +29,7 @@ class Counting(Provider):
         for _ in range(self.idle_first):  # as an upstream that is silent for a while
             yield IDLE
         for i in range(self.count):
-            if cancel.wait(self.pause) if self.pause else cancel.is_set():
+            if (yield from idle_wait(cancel, self.pause)) or cancel.is_set():
                 return
             self.threads.add(threading.get_ident())
             self.produced += 1
@@ -57,10 +57,9 @@ def test_a_driven_stream_is_produced_on_its_readers_thread_with_heartbeats_when_
     frames = list(body)
     body.close()
     assert provider.threads == {threading.get_ident()}  # no second thread, no hand-off per token
-    # The first idle tick comes with msgid (something was sent); each later one is a heartbeat.
-    assert frames.count(HEARTBEAT) == 2
+    assert frames.count(HEARTBEAT) == 3  # each silent tick of the provider is one heartbeat
     text = b"".join(frames)
-    assert text.index(b"event: msgid") < text.index(b"t0 ") and frames[-1].startswith(b"id: 7\nevent: done")
+    assert text.index(b"event: msgid") < text.index(b"t0 ") and b"id: 7\nevent: done" in frames[-1]
     assert generation.finished and generation.answer.text == "t0 t1 t2 t3 t4 "
 
 
@@ -89,3 +88,24 @@ def test_a_resumable_stream_whose_driver_leaves_is_finished_on_a_thread_of_its_o
     assert threading.get_ident() in provider.threads and len(provider.threads) == 2
     wait_until(lambda: generation.finished, 5)
     assert generation.answer.outcome == "done"
+
+
+class Bursts(Provider):
+    """Two network reads of five tokens each, as a fast upstream delivers them."""
+
+    name = "bursts"
+    idles = True
+
+    def stream(self, task, cancel):
+        for burst in range(2):
+            yield WAITING  # about to read
+            for i in range(5):
+                yield Text(f"b{burst}.{i} ")
+
+
+def test_the_tokens_of_one_upstream_read_go_out_in_one_write():
+    generation = start(Bursts())
+    body = driver(generation)
+    writes = [w for w in body if w.count(b"event: token")]
+    body.close()
+    assert [w.count(b"event: token") for w in writes] == [5, 5]

@@ -81,13 +81,18 @@ class Meta:
 
 
 class Idle:
-    """Nothing arrived for `Cancellation.idle_after` seconds: the thread driving the stream
-    may send a heartbeat (or notice its reader left) before waiting on. Carries nothing."""
+    """For the thread driving a stream (`Cancellation.idle_after` set), never otherwise:
+    `WAITING`, the provider is about to block (what it produced may go out now), or `IDLE`,
+    nothing arrived for `idle_after` seconds (time for a heartbeat). Carries nothing else."""
 
-    __slots__ = ()
+    __slots__ = ("silent",)
+
+    def __init__(self, silent: bool) -> None:
+        self.silent = silent
 
 
-IDLE = Idle()
+WAITING = Idle(False)
+IDLE = Idle(True)
 
 Delta = Text | Usage | Finish | ToolCall | Meta | Idle
 
@@ -204,8 +209,9 @@ class Provider:
 
     @property
     def idles(self) -> bool:
-        """True when `stream` never blocks much longer than `cancel.idle_after` without
-        yielding (an `Idle` when nothing else): then a reader's thread may drive it."""
+        """True when, with `cancel.idle_after` set, `stream` yields `WAITING` before it blocks
+        and `IDLE` at least every `idle_after` seconds while blocked: then a reader's thread
+        may drive it."""
         return False
 
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
@@ -216,6 +222,8 @@ class Provider:
 def idle_wait(cancel: Cancellation, seconds: float) -> Generator[Idle, None, bool]:
     """Wait `seconds` unless cancelled (returns True then), yielding `IDLE` as `idle_after` asks."""
     deadline = time.monotonic() + seconds
+    if cancel.idle_after is not None:
+        yield WAITING
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -384,6 +392,7 @@ class HttpProvider(Provider):
                 yield Meta({"rate_limit": limits})
             parser = self.stream_parser(task)
             decoder = SseDecoder() if self.framing == "sse" else NdjsonDecoder()
+            waits = cancel.idle_after is not None
             try:
                 for chunk in iter_body(response, cancel.idle_after, self.policy.read_timeout):
                     if not chunk:  # silence so far: the driver's turn
@@ -395,6 +404,8 @@ class HttpProvider(Provider):
                         yield from parser.feed(event)
                     if cancel.is_set():
                         return
+                    if waits:  # what this read held is out; the next one may block
+                        yield WAITING
                 for event in decoder.flush():
                     yield from parser.feed(event)
             except (ReadTimeoutError, requests.Timeout, TimeoutError) as exc:
@@ -452,6 +463,7 @@ class HttpProvider(Provider):
         threading.Thread(target=run, name="relay-upstream-headers", daemon=True).start()
         unregister = cancel.on_cancel(wake.set)
         try:
+            yield WAITING
             while not wake.wait(cancel.idle_after):
                 yield IDLE
         finally:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from app.providers.base import Cancellation, Delta, Finish, Provider, Task, Text, ToolCall, Usage
+from app.providers.base import Cancellation, Delta, Finish, Provider, Task, Text, ToolCall, Usage, idle_wait
 
 NOTES = {
     "apache": (
@@ -143,12 +143,12 @@ class DemoProvider(Provider):
             text = demo_answer(str(prompt))
         pieces = split_tokens(text)
         paced = task.model != "demo-fast"
-        if paced and cancel.wait(self.first_token_delay):
+        if paced and (yield from idle_wait(cancel, self.first_token_delay)):
             return
         limit = task.max_tokens or len(pieces)
         for piece in pieces[:limit]:
             yield Text(piece)
-            if paced and self.interval and cancel.wait(self.interval):
+            if paced and self.interval and (yield from idle_wait(cancel, self.interval)):
                 return
         input_tokens = sum(len(split_tokens(str(m.get("content") or ""))) for m in task.messages)
         yield Usage(input_tokens, min(limit, len(pieces)))
