@@ -78,15 +78,22 @@ def test_client_disconnect_closes_the_upstream_within_a_heartbeat(stall, upstrea
     assert len(upstream.seen) == 1
 
 
-def test_stalled_upstream_gets_heartbeats_then_a_timeout_error(upstream, live):
-    upstream.reset(Reply(chunks=BODIES["openai"](["a", "b", "c"]), stall_after=3))
-    url = live(SSE_HEARTBEAT_SECONDS=0.3, UPSTREAM_READ_TIMEOUT=1.5)
+STALL = {"SSE_HEARTBEAT_SECONDS": "0.3", "UPSTREAM_READ_TIMEOUT": "1.5"}
+
+
+def assert_heartbeats_then_timeout(url, upstream):
+    """Against an upstream that stalls after its first token (STALL settings on the server)."""
     reader = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi")
     events = reader.read_all()
     assert text_of(events) == "a"
     assert events[-1].event == "error" and events[-1].data["type"] == "upstream_timeout"
     assert reader.comments.count("ping") >= 3
     assert upstream.last().closed.wait(2)
+
+
+def test_stalled_upstream_gets_heartbeats_then_a_timeout_error(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["openai"](["a", "b", "c"]), stall_after=3))
+    assert_heartbeats_then_timeout(live(**STALL), upstream)
 
 
 @pytest.mark.parametrize("name", ["openai", "anthropic", "gemini"])
@@ -199,14 +206,8 @@ def test_slow_response_headers_get_heartbeats_and_a_leaving_reader_is_noticed(up
 def test_a_stalled_upstream_heartbeats_and_times_out_under_gevent_too(upstream):
     # gevent's sockets time out in its event loop, not in the kernel: the other idle path.
     upstream.reset(Reply(chunks=BODIES["openai"](["a", "b", "c"]), stall_after=3))
-    server = gunicorn(free_port(), {**provider_env(upstream.url), "SSE_HEARTBEAT_SECONDS": "0.3",
-                                    "UPSTREAM_READ_TIMEOUT": "1.5"})
+    server = gunicorn(free_port(), {**provider_env(upstream.url), **STALL})
     try:
-        reader = open_stream(f"{server.url}/api/chat/stream?provider=openai&prompt=hi")
-        events = reader.read_all()
-        assert text_of(events) == "a"
-        assert events[-1].event == "error" and events[-1].data["type"] == "upstream_timeout"
-        assert reader.comments.count("ping") >= 3
-        assert upstream.last().closed.wait(2)
+        assert_heartbeats_then_timeout(server.url, upstream)
     finally:
         server.stop()
