@@ -19,7 +19,6 @@ from app.errors import ApiError
 from app.protocols import UiMessageStream
 from app.request_body import parse_json_object
 from app.service import ChatService
-from app.sse import sse_response
 
 bp = Blueprint("ai_sdk", __name__)
 
@@ -118,5 +117,4 @@ def chat_ui():
     last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     chat.records = messages[last_answer + 1:]
     reading = service.stream(g.caller, chat, wire=UiMessageStream(), transport="ai-sdk")
-    return sse_response(reading.log, heartbeat=service.settings.SSE_HEARTBEAT_SECONDS, position=reading.position,
-                        on_close=reading.on_close, retry=False, headers=UiMessageStream.HEADERS)
+    return service.sse(reading, retry=False, headers=UiMessageStream.HEADERS)

@@ -28,7 +28,6 @@ from app.config import Settings, environment
 from app.metrics import Metrics, default_dir
 from app.providers import build_providers
 from app.service import ChatService
-from app.sse import sse_response
 from app.store import open_store
 
 # Outside any request (a script, a worker job): the application itself is the caller.
@@ -136,8 +135,7 @@ class TaskBuilder:
         the front door: the caller's rate limit and stream cap, and a recorded conversation."""
         service, caller, chat = self._chat()
         reading = service.stream(caller, chat, transport="python")
-        return sse_response(reading.log, heartbeat=service.settings.SSE_HEARTBEAT_SECONDS,
-                            position=reading.position, on_close=reading.on_close)
+        return service.sse(reading)
 
     def ask(self) -> str:
         service, caller, chat = self._chat()

@@ -38,6 +38,9 @@ class Settings:
     # Heartbeat comment cadence: below every common idle timeout (nginx/Apache proxies
     # default to 60 s, many load balancers to 30-60 s) and how fast a departed reader is noticed.
     SSE_HEARTBEAT_SECONDS: float = 15.0
+    # A client that stops reading a stream is dropped after this long without progress
+    # (gunicorn and the dev server; Apache's own `Timeout` does it there).
+    CLIENT_WRITE_TIMEOUT: float = 60.0
     UPSTREAM_CONNECT_TIMEOUT: float = 10.0
     # Silence allowed between upstream bytes before the stream ends with an error;
     # long enough for a reasoning model's pause, short enough not to hang a reader.
@@ -118,7 +121,8 @@ class Settings:
                 continue
             values[f.name] = coerce(f.name, raw, hints[f.name])
         settings = cls(**values)
-        for name in ("SSE_HEARTBEAT_SECONDS", "UPSTREAM_CONNECT_TIMEOUT", "UPSTREAM_READ_TIMEOUT",
+        for name in ("SSE_HEARTBEAT_SECONDS", "CLIENT_WRITE_TIMEOUT", "UPSTREAM_CONNECT_TIMEOUT",
+                     "UPSTREAM_READ_TIMEOUT",
                      "MAX_PROMPT_CHARS", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_OUTPUT_TOKENS",
                      "MAX_CONVERSATION_MESSAGES", "MAX_CONVERSATION_BYTES", "JWT_MAX_LIFETIME"):
             if getattr(settings, name) <= 0:

@@ -24,7 +24,6 @@ from app.providers import Provider, ProviderError, offered
 from app.providers.base import Task
 from app.request_body import parse_json_object
 from app.service import ChatService
-from app.sse import sse_response
 
 bp = Blueprint("openai", __name__)
 
@@ -239,8 +238,7 @@ def chat_completions():
     if how["stream"]:
         wire = OpenAIChunks(how["model"], how["include_usage"])
         reading = relay.stream(g.caller, chat, wire=wire, transport="openai")
-        return sse_response(reading.log, heartbeat=relay.settings.SSE_HEARTBEAT_SECONDS, position=reading.position,
-                            on_close=reading.on_close, retry=False)
+        return relay.sse(reading, retry=False)
     try:
         request_id, _, answer = relay.answer(g.caller, chat, transport="openai")
     except ProviderError as err:

@@ -147,7 +147,7 @@ class Generation:
         self.heartbeat = heartbeat
         self.finished = False  # the end hooks have run
         self._driver_wanted = False
-        self._steps: Iterator[bool] = iter(())
+        self._steps: Iterator[int] = iter(())
         self._lock = threading.Lock()
 
     # -- lifecycle

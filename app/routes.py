@@ -16,7 +16,6 @@ from app.errors import ApiError
 from app.providers import ProviderError, offered
 from app.request_body import parse_json_object
 from app.service import ChatService, Reading
-from app.sse import sse_response
 from app.websocket import websocket_offered
 
 bp = Blueprint("relay", __name__)
@@ -39,8 +38,7 @@ def json_body() -> dict[str, Any]:
 
 
 def sse(reading: Reading) -> Response:
-    return sse_response(reading.log, heartbeat=service().settings.SSE_HEARTBEAT_SECONDS,
-                        position=reading.position, on_close=reading.on_close)
+    return service().sse(reading)
 
 
 @bp.get("/healthz")

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from flask import Response
+
 from app.access import Access, Caller
 from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
 from app.conversations import Conversations
@@ -29,7 +31,7 @@ from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
 from app.relay import Adopted, Answer, DrivenLog, Generation, Relay, StoreLogView, collect, new_id
-from app.sse import StreamLog
+from app.sse import StreamLog, sse_response
 from app.store import Store
 from app.tools import toolbox
 
@@ -127,6 +129,13 @@ class ChatService:
             raise
         return self._reading(self._start(chat, task, conversation_id, stream_id, caller.id, resumable=False,
                                          wire=wire, transport=transport), 0)
+
+    def sse(self, reading: Reading, retry: bool = True, headers: dict[str, str] | None = None) -> Response:
+        """A reading as the SSE response every transport sends: this app's heartbeat and
+        client write timeout; `retry=False` for clients of other SSE formats than EventSource."""
+        return sse_response(reading.log, heartbeat=self.settings.SSE_HEARTBEAT_SECONDS, position=reading.position,
+                            on_close=reading.on_close, retry=retry, headers=headers,
+                            write_timeout=self.settings.CLIENT_WRITE_TIMEOUT)
 
     # -- POST-SSE
     def create_ticket(self, caller: Caller, chat: ChatRequest) -> dict[str, str]:

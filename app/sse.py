@@ -288,13 +288,15 @@ def sse_response(
     status: int = 200,
     retry: bool = True,
     headers: dict[str, str] | None = None,
+    write_timeout: float | None = None,
 ) -> Response:
     """A Flask response that streams `events` as Server-Sent Events.
 
     `events` is an `EventStream`, a `StreamLog` (or an object with its `wait`
     and `closed`), or any iterable of
     `(event_name, data)` pairs (run in a background thread so heartbeats keep
-    flowing while it is slow).
+    flowing while it is slow). `write_timeout`: seconds a write to the client may make no
+    progress before the response is dropped (under gunicorn and werkzeug).
     """
     if isinstance(events, StreamLog) or callable(getattr(events, "wait", None)):
         log = events  # a StreamLog, or anything with its wait()/closed (a log in the store)
@@ -312,6 +314,10 @@ def sse_response(
                 user_close(completed)
 
     sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    if sock is not None and write_timeout:
+        # gunicorn has no write timeout: a client that stops reading would hold this response
+        # (and the answer its thread produces) forever. Apache has its own (`Timeout`).
+        sock.settimeout(write_timeout)
     body = SseBody(log, heartbeat, position, on_close, sock, retry=retry)
     response = Response(
         body,

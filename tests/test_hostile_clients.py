@@ -528,3 +528,34 @@ def test_settings_coerce_booleans_and_optional_values():
         Settings.load({"DEMO_ENABLED": "maybe"})
     with pytest.raises(ConfigError, match="MAX_STREAMS_PER_CLIENT"):
         Settings.load({"MAX_STREAMS_PER_CLIENT": "1.5"})
+
+
+@pytest.mark.parametrize("route", ["/api/chat/stream?provider=openai&prompt=hi", "ticket"])
+def test_a_reader_that_stops_reading_is_let_go_after_the_write_timeout(route, upstream):
+    """Attack: open a stream, never read it, keep the connection. gunicorn's writes have no
+    timeout of their own: the stream's thread (which also produces it) would wait forever,
+    holding the upstream connection and the client's stream slot."""
+    from tests.conftest import free_port, provider_env
+    from tests.servers import gunicorn
+
+    big = "x" * 4000  # 4,000 tokens of 4 kB: far more than every socket buffer in between
+    upstream.reset(Reply(chunks=BODIES["openai"]([big] * 4000)))
+    server = gunicorn(free_port(), {**provider_env(upstream.url), "CLIENT_WRITE_TIMEOUT": "1",
+                                    "STREAM_GRACE_SECONDS": "0"})
+    try:
+        path = route
+        if route == "ticket":
+            path = requests.post(f"{server.url}/api/chat/streams", json={"provider": "openai", "prompt": "hi"},
+                                 timeout=5).json()["stream_url"]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
+        try:
+            seen = upstream.wait_for_request()
+            assert seen.closed.wait(15), "the upstream is still held for a reader that never reads"
+        finally:
+            sock.close()
+        assert server.proc.poll() is None
+    finally:
+        server.stop()

@@ -220,7 +220,8 @@ class Provider:
 
 
 def idle_wait(cancel: Cancellation, seconds: float) -> Generator[Idle, None, bool]:
-    """Wait `seconds` unless cancelled (returns True then), yielding `IDLE` as `idle_after` asks."""
+    """Wait `seconds` unless cancelled (returns True then). With `idle_after` set: `WAITING`
+    first, then `IDLE` every `idle_after` seconds of the wait."""
     deadline = time.monotonic() + seconds
     if cancel.idle_after is not None:
         yield WAITING
