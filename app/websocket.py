@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
 import threading
 
 from flask import Blueprint, current_app, request
@@ -61,6 +63,26 @@ def _watch_for_stop(ws, stop) -> None:
         pass
 
 
+class SendTimeout(Exception):
+    """The client read nothing for CLIENT_WRITE_TIMEOUT seconds."""
+
+
+def _send(ws, text: str, timeout: float | None) -> None:
+    """`ws.send`, given up when the client has read nothing for `timeout` seconds.
+
+    The stream's thread also produces it, and gunicorn's sockets have no write timeout: a
+    client that stops reading would hold it, the upstream connection and a stream slot for
+    ever. A socket timeout would also end the idle reads of the stop watcher, so the send
+    alone waits for room, with poll (gevent's, under gevent: other streams run meanwhile).
+    """
+    if timeout:
+        poller = select.poll()
+        poller.register(ws.sock, select.POLLOUT)
+        if not poller.poll(timeout * 1000):
+            raise SendTimeout
+    ws.send(text)
+
+
 @sock.route("/api/chat/ws", bp=bp)
 def chat_ws(ws) -> None:
     service = current_app.extensions["llm_sse_relay"]
@@ -82,10 +104,19 @@ def chat_ws(ws) -> None:
     threading.Thread(target=_watch_for_stop, args=(ws, reading.stop), daemon=True).start()
     # The same iterator as every SSE response: frames as they come, heartbeats between.
     body = SseBody(reading.log, heartbeat, reading.position, reading.on_close)
+    write_timeout = service.settings.CLIENT_WRITE_TIMEOUT
     try:
         for chunk in body:
-            ws.send(chunk.decode())
+            _send(ws, chunk.decode(), write_timeout)
     except ConnectionClosed:
         pass
+    except SendTimeout:
+        log.info("websocket client read nothing for %g s: dropped", write_timeout)
+        # Not ws.close(): its close frame would wait for the same room. A shut socket ends
+        # the connection's reader thread, and any later send fails at once.
+        try:
+            ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
     finally:
         body.close()

@@ -530,7 +530,23 @@ def test_settings_coerce_booleans_and_optional_values():
         Settings.load({"MAX_STREAMS_PER_CLIENT": "1.5"})
 
 
-@pytest.mark.parametrize("route", ["/api/chat/stream?provider=openai&prompt=hi", "ticket"])
+def _websocket_request(sock: socket.socket, payload: dict) -> None:
+    """Open /api/chat/ws on `sock` and send the request, as a browser would; read nothing after."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import Request, TextMessage
+
+    ws = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(ws.send(Request(host="x", target="/api/chat/ws")))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # the 101 response alone: the frames after it stay unread
+    assert head.startswith(b"HTTP/1.1 101"), head
+    ws.receive_data(head)
+    list(ws.events())
+    sock.sendall(ws.send(TextMessage(json.dumps(payload))))
+
+
+@pytest.mark.parametrize("route", ["/api/chat/stream?provider=openai&prompt=hi", "ticket", "websocket"])
 def test_a_reader_that_stops_reading_is_let_go_after_the_write_timeout(route, upstream):
     """Attack: open a stream, never read it, keep the connection. gunicorn's writes have no
     timeout of their own: the stream's thread (which also produces it) would wait forever,
@@ -550,7 +566,10 @@ def test_a_reader_that_stops_reading_is_let_go_after_the_write_timeout(route, up
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
+        if route == "websocket":
+            _websocket_request(sock, {"provider": "openai", "prompt": "hi"})
+        else:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
         try:
             seen = upstream.wait_for_request()
             assert seen.closed.wait(15), "the upstream is still held for a reader that never reads"

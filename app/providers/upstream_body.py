@@ -141,11 +141,15 @@ def _nothing_yet(sock: socket.socket) -> bool:
         return False
 
 
+_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+
+
 def shut(response: requests.Response) -> None:
     """Shut the upstream socket so a read blocked in another thread returns now.
 
     `close()` alone does not wake a thread blocked in recv() on Linux; shutdown does,
-    and the provider sees its connection closed, so it stops generating (and billing).
+    and when the response is closed the provider gets a reset, so it stops generating (and
+    billing) at once.
     """
     raw = response.raw
     connection = getattr(raw, "connection", None)  # public in urllib3 2 while the body is unread
@@ -155,6 +159,10 @@ def shut(response: requests.Response) -> None:
     for sock in candidates:
         if isinstance(sock, socket.socket):
             try:
+                # Closed with a reset, not a polite FIN: an upstream writing into a full window
+                # (its reader stopped reading) would never see a FIN, only keep probing the
+                # orphaned socket for a minute, and keep generating meanwhile.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
