@@ -133,3 +133,30 @@ def test_expired_rows_are_swept_on_later_writes(store, monkeypatch):
         counts = [store._query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in ("tickets", "frames", "streams")]
         assert counts == [0, 0, 0]
         assert store._query("SELECT COUNT(*) FROM messages WHERE conversation_id = 'c'")[0][0] == 0
+
+
+def test_concurrent_writers_are_each_applied_exactly_once(store):
+    # Hundreds of mod_wsgi threads write at once: none is lost or counted twice, a cap holds.
+    import threading
+
+    granted: list[bool] = []
+    start = threading.Barrier(40)
+
+    def writer(n: int) -> None:
+        start.wait()
+        for i in range(10):
+            store.hit("busy", 60)
+            store.append_message("shared", {"role": "user", "content": f"{n}-{i}"}, 60, owner="ann")
+        granted.append(store.acquire("cap", f"s{n}", 10, 60))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert store.hit("busy", 60)[0] == 401
+    assert store.conversation("shared").messages == 400
+    assert sorted(m["content"] for m in store.messages("shared")) == sorted(f"{n}-{i}" for n in range(40)
+                                                                           for i in range(10))
+    assert granted.count(True) == 10 and len(granted) == 40
+
