@@ -110,7 +110,8 @@ def test_client_disconnect_closes_the_upstream(apache_url, upstream):
 
 
 def test_open_streams_do_not_starve_pages(relay_env, upstream):
-    """Every thread of the SSE group held by open streams: pages and health still answer."""
+    """Every thread of the SSE group held by open streams: pages, health and the POST that
+    creates a POST-SSE stream still answer."""
     env = {**relay_env, "RELAY_SSE_PROCESSES": "1", "RELAY_SSE_THREADS": "3"}
     server = apache(free_port(), env)
     try:
@@ -125,6 +126,10 @@ def test_open_streams_do_not_starve_pages(relay_env, upstream):
         started = time.monotonic()
         assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
         assert requests.get(f"{server.url}/", timeout=10).status_code == 200
+        # Creating a POST-SSE stream is answered by the pages' group too (opening it is not).
+        created = requests.post(f"{server.url}/api/chat/streams", json={"provider": "openai", "prompt": "hi"},
+                                timeout=10)
+        assert created.ok and created.json()["stream_url"].startswith("/api/chat/streams/")
         waited = time.monotonic() - started
         statuses = [r.response.status_code for r in readers]
         assert len(upstream.seen) == 3, statuses  # the fourth stream is queued, all three threads busy
