@@ -31,3 +31,8 @@ def gevent_threadpool() -> Callable[[], Any] | None:
     if is_module_patched is not None and is_module_patched("threading"):
         return lambda: get_hub().threadpool
     return None
+
+
+# The OS's poll even under gevent: a zero-timeout poll never yields to the event loop, and
+# unlike select() it works for descriptors above FD_SETSIZE (1024).
+native_poll = unpatched("select", "poll")

@@ -18,7 +18,7 @@ from typing import Any
 
 from flask import Response, request
 
-from app.gevent_native import unpatched
+from app.gevent_native import native_poll
 
 log = logging.getLogger("llm_sse_relay")
 
@@ -138,11 +138,6 @@ class StreamLog:
         return frames[position:]
 
 
-# The OS's poll even under gevent: a zero-timeout poll never blocks the loop, and unlike
-# select() it works for descriptors above FD_SETSIZE (1024).
-_poll = unpatched("select", "poll")
-
-
 def peer_closed(sock: socket.socket | None) -> bool:
     """True when the client has closed its side of the connection.
 
@@ -153,7 +148,7 @@ def peer_closed(sock: socket.socket | None) -> bool:
     if sock is None:
         return False
     try:
-        poller = _poll()
+        poller = native_poll()
         poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
         ready = poller.poll(0)
         if not ready:

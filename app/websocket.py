@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from simple_websocket import ConnectionClosed
 
 from app.errors import ApiError
+from app.gevent_native import native_poll
 from app.request_body import parse_json_object
 from app.sse import SseBody, encode_event
 from app.store import StoreError
@@ -67,20 +68,31 @@ class SendTimeout(Exception):
     """The client read nothing for CLIENT_WRITE_TIMEOUT seconds."""
 
 
-def _send(ws, text: str, timeout: float | None) -> None:
+class Sender:
     """`ws.send`, given up when the client has read nothing for `timeout` seconds.
 
     The stream's thread also produces it, and gunicorn's sockets have no write timeout: a
     client that stops reading would hold it, the upstream connection and a stream slot for
     ever. A socket timeout would also end the idle reads of the stop watcher, so the send
-    alone waits for room, with poll (gevent's, under gevent: other streams run meanwhile).
+    alone waits for room. Per token that is one zero-timeout poll; only a full socket waits,
+    with `select.poll` (gevent's, under gevent: the other streams run meanwhile).
     """
-    if timeout:
-        poller = select.poll()
-        poller.register(ws.sock, select.POLLOUT)
-        if not poller.poll(timeout * 1000):
+
+    def __init__(self, ws, timeout: float | None) -> None:
+        self.ws = ws
+        self.timeout = timeout
+        self._room = native_poll()
+        self._room.register(ws.sock, select.POLLOUT)
+
+    def send(self, text: str) -> None:
+        if self.timeout and not self._room.poll(0) and not self._room_within(self.timeout):
             raise SendTimeout
-    ws.send(text)
+        self.ws.send(text)
+
+    def _room_within(self, timeout: float) -> bool:
+        poller = select.poll()
+        poller.register(self.ws.sock, select.POLLOUT)
+        return bool(poller.poll(timeout * 1000))
 
 
 @sock.route("/api/chat/ws", bp=bp)
@@ -104,14 +116,14 @@ def chat_ws(ws) -> None:
     threading.Thread(target=_watch_for_stop, args=(ws, reading.stop), daemon=True).start()
     # The same iterator as every SSE response: frames as they come, heartbeats between.
     body = SseBody(reading.log, heartbeat, reading.position, reading.on_close)
-    write_timeout = service.settings.CLIENT_WRITE_TIMEOUT
+    sender = Sender(ws, service.settings.CLIENT_WRITE_TIMEOUT)
     try:
         for chunk in body:
-            _send(ws, chunk.decode(), write_timeout)
+            sender.send(chunk.decode())
     except ConnectionClosed:
         pass
     except SendTimeout:
-        log.info("websocket client read nothing for %g s: dropped", write_timeout)
+        log.info("websocket client read nothing for %g s: dropped", sender.timeout)
         # Not ws.close(): its close frame would wait for the same room. A shut socket ends
         # the connection's reader thread, and any later send fails at once.
         try:

@@ -8,6 +8,7 @@ events into deltas, and how to read its error bodies.
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import json
 import logging
@@ -461,7 +462,9 @@ class HttpProvider(Provider):
                 outcome["result"] = result
             wake.set()
 
-        threading.Thread(target=run, name="relay-upstream-headers", daemon=True).start()
+        # In this request's context: the helper's log lines carry its request id.
+        threading.Thread(target=contextvars.copy_context().run, args=(run,), name="relay-upstream-headers",
+                         daemon=True).start()
         unregister = cancel.on_cancel(wake.set)
         try:
             yield WAITING
