@@ -160,3 +160,32 @@ def test_concurrent_writers_are_each_applied_exactly_once(store):
                                                                            for i in range(10))
     assert granted.count(True) == 10 and len(granted) == 40
 
+
+
+def test_as_many_readers_wait_at_once_as_a_process_has_threads(store):
+    # A mod_wsgi stream process runs 250 threads (300 in the bench), and each reader of a
+    # log waits in read_frames: none may fail for want of a store connection.
+    import threading
+
+    store.open_log("busy", ttl=60)
+    readers = 300
+    got: list[list] = []
+    errors: list[BaseException] = []
+    waiting = threading.Barrier(readers + 1)
+
+    def reader() -> None:
+        waiting.wait()
+        try:
+            got.append(store.read_frames("busy", 0, 10))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(readers)]
+    for thread in threads:
+        thread.start()
+    waiting.wait()
+    time.sleep(0.5)  # every reader is in its wait
+    store.append_frames("busy", [(1, b"token")])
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and got == [[(1, b"token")]] * readers

@@ -15,12 +15,22 @@ import redis
 from app.store.base import ConversationInfo, Frame, Store, to_json
 
 PREFIX = "llm-sse-relay:"
+# Connections per process. A mod_wsgi stream process runs hundreds of threads and a gevent
+# worker a thousand greenlets, each holding a connection while it talks to Redis (a log's
+# reader for the whole of its blocking XREAD). redis-py's own pool fails the 101st at once
+# ("Too many connections"); this one is as large as a process's concurrency, and a caller
+# beyond it waits up to POOL_WAIT seconds for a free connection. `?max_connections=` and
+# `?timeout=` in STORE_URL win.
+POOL_SIZE = 1000
+POOL_WAIT = 10.0
 
 
 class RedisStore(Store):
     def __init__(self, url: str) -> None:
         # health_check_interval: notice a restarted Redis on the next call, not after a hang.
-        self.redis = redis.Redis.from_url(url, health_check_interval=10, socket_connect_timeout=5)
+        self.pool = redis.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=POOL_WAIT,
+                                                          health_check_interval=10, socket_connect_timeout=5)
+        self.redis = redis.Redis(connection_pool=self.pool)
         self.redis.ping()
         # A log lives as long as its stream record, also when its producer died before closing it.
         self._log_ms = 3_600_000
@@ -194,3 +204,4 @@ class RedisStore(Store):
 
     def close(self) -> None:
         self.redis.close()
+        self.pool.disconnect()
