@@ -167,6 +167,33 @@ def test_upstream_keep_alive_connection_is_reused_cleanly(upstream, live):
     assert len({seen.connection for seen in upstream.seen}) == 1  # one TCP (and TLS) handshake for all
 
 
+def test_an_http_proxy_named_in_the_environment_carries_upstream_calls(upstream, make_app, serve, monkeypatch):
+    # The fake upstream plays the forward proxy: it answers whatever it is asked.
+    monkeypatch.setenv("HTTP_PROXY", upstream.url)
+    monkeypatch.setenv("NO_PROXY", "local.invalid,127.0.0.1")  # 127.0.0.1: this test's own client
+    upstream.reset(Reply(chunks=BODIES["openai"](["via proxy"])))
+    url = serve(make_app(OPENAI_BASE_URL="http://api.upstream.invalid/v1", OPENAI_COMPATIBLE_BASE_URL="http://local.invalid:9/v1",
+                         UPSTREAM_MAX_RETRIES=0))
+    events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert text_of(events) == "via proxy"
+    assert upstream.last().path == "http://api.upstream.invalid/v1/chat/completions"
+    # NO_PROXY: straight to the host (which does not exist), not through the proxy
+    events = open_stream(f"{url}/api/chat/stream?provider=openai-compatible&prompt=hi").read_all()
+    assert events[-1].data["type"] == "upstream_unreachable" and len(upstream.seen) == 1
+
+
+def test_a_netrc_entry_for_the_upstream_host_does_not_replace_the_key(upstream, live, tmp_path, monkeypatch):
+    # requests, trusting the environment, swapped the provider key for ~/.netrc's login.
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password other-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    events = open_stream(f"{live()}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert text_of(events) == "ok"
+    assert upstream.last().headers["authorization"] == "Bearer test-key"
+
+
 def test_the_fast_upstream_reader_is_in_use_with_the_installed_urllib3():
     # If a urllib3 release moves the private attributes, the relay falls back (next test)
     # and this says so, instead of the speed silently going away.

@@ -12,6 +12,7 @@ import contextvars
 import email.utils
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -294,6 +295,25 @@ def retry_after_from_headers(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def upstream_session(base_url: str, pool_size: int) -> requests.Session:
+    """A session that reads the environment once, not on every call.
+
+    requests, trusting the environment, scans it for proxies and CA bundles and reads
+    ~/.netrc on every request: a quarter of its CPU per call (200 of 800 µs measured), and
+    a netrc entry for the provider's host replaced the provider key. Proxies
+    (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) and the CA bundle (`REQUESTS_CA_BUNDLE`,
+    `CURL_CA_BUNDLE`) are resolved here, for this provider's base URL; netrc is not read.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = requests.utils.get_environ_proxies(base_url)
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    adapter = requests.adapters.HTTPAdapter(pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 class HttpProvider(Provider):
     """Base of the adapters that call an HTTP API. Subclasses fill in the wire format."""
 
@@ -308,10 +328,7 @@ class HttpProvider(Provider):
         self.default_model = default_model
         self.models = models or (default_model,)
         self.policy = policy
-        self.session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=policy.pool_size)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session = upstream_session(self.base_url, policy.pool_size)
 
     @property
     def configured(self) -> bool:
