@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from tests.conftest import PROVIDERS, free_port, open_stream, provider_env, text_of
-from tests.fake_upstream import BODIES, TRICKY_TEXT, Reply, hostile_chunks
+from tests.fake_upstream import BODIES, TRICKY_TEXT, FakeUpstream, Reply, hostile_chunks, self_signed_tls
 from tests.servers import gunicorn
 
 
@@ -192,6 +192,35 @@ def test_a_netrc_entry_for_the_upstream_host_does_not_replace_the_key(upstream, 
     events = open_stream(f"{live()}/api/chat/stream?provider=openai&prompt=hi").read_all()
     assert text_of(events) == "ok"
     assert upstream.last().headers["authorization"] == "Bearer test-key"
+
+
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory):
+    context, ca_bundle = self_signed_tls(tmp_path_factory.mktemp("tls"))
+    server = FakeUpstream(tls=context)
+    yield server, ca_bundle
+    server.close()
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "werkzeug"])
+def test_an_https_upstream_streams(server, tls_upstream, make_app, serve, monkeypatch):
+    # Every real provider is HTTPS. Under gunicorn the app is imported before gevent patches
+    # ssl (the logger class lives in the app): urllib3 kept the unpatched SSLContext.
+    upstream, ca_bundle = tls_upstream
+    upstream.reset(Reply(chunks=hostile_chunks(BODIES["openai"](TRICKY_TEXT))))
+    if server == "gunicorn":
+        process = gunicorn(free_port(), {**provider_env(upstream.url), "REQUESTS_CA_BUNDLE": ca_bundle})
+        url = process.url
+    else:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_bundle)
+        url = serve(make_app(**provider_env(upstream.url)))
+    try:
+        events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
+        assert text_of(events) == "".join(TRICKY_TEXT) and events[-1].event == "done", events[-1]
+    finally:
+        if server == "gunicorn":
+            assert "MonkeyPatchWarning" not in process.output()
+            process.stop()
 
 
 def test_the_fast_upstream_reader_is_in_use_with_the_installed_urllib3():
