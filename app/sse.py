@@ -98,7 +98,7 @@ class StreamLog:
         self.frames: list[bytes] = []
         self.closed = False
         # Set when this process is going away but the answer is not: readers end their
-        # response without a last event and resume elsewhere (app/lifecycle.py).
+        # response without a last event and resume elsewhere (the draining worker in gunicorn.conf.py).
         self.detached = False
         self._waiters: list[threading.Event] = []
 

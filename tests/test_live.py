@@ -217,9 +217,10 @@ def test_an_https_upstream_streams(server, tls_upstream, make_app, serve, monkey
     try:
         events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
         assert text_of(events) == "".join(TRICKY_TEXT) and events[-1].event == "done", events[-1]
-    finally:
         if server == "gunicorn":
             assert "MonkeyPatchWarning" not in process.output()
+    finally:
+        if server == "gunicorn":
             process.stop()
 
 

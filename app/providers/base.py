@@ -220,7 +220,6 @@ class Provider:
         raise NotImplementedError
 
 
-
 def idle_wait(cancel: Cancellation, seconds: float) -> Generator[Idle, None, bool]:
     """Wait `seconds` unless cancelled (returns True then). With `idle_after` set: `WAITING`
     first, then `IDLE` every `idle_after` seconds of the wait."""
