@@ -192,12 +192,13 @@ class Access:
         self.rate = parse_rate(settings.RATE_LIMIT)
         self.max_streams = settings.MAX_STREAMS_PER_CLIENT
         self.max_tickets = settings.MAX_TICKETS_PER_CLIENT
+        self.max_readers = settings.MAX_READERS_PER_CLIENT
         self.trusted_proxies = settings.TRUSTED_PROXIES
         origins = [o.strip().rstrip("/") for o in settings.CORS_ORIGINS.split(",") if o.strip()]
         self.any_origin = "*" in origins
         self.origins = set(origins) - {"*"}
         self.store = store
-        self.held: set[tuple[str, str]] = set()  # this process's live stream slots, refreshed together
+        self.held: set[tuple[str, str]] = set()  # this process's live stream and reader slots, refreshed together
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
         self._warned_proxy = False
@@ -238,7 +239,13 @@ class Access:
             self._warned_proxy = True
             log.warning("requests carry X-Forwarded-For but TRUSTED_PROXIES=0: behind a proxy every client "
                         "shares the proxy's address, so per-client limits count them together")
-        return Caller(f"ip:{req.remote_addr}", False)
+        return Caller(self.client_id(req), False)
+
+    @staticmethod
+    def client_id(req: Request) -> str:
+        """The identity of a caller without credentials: its address (the proxy's, unless
+        TRUSTED_PROXIES lets the app see past it)."""
+        return f"ip:{req.remote_addr}"
 
     def identify(self, token: str) -> str | None:
         for known in self.tokens:
@@ -281,27 +288,39 @@ class Access:
 
     def open_stream(self, caller_id: str, stream_id: str) -> None:
         """Take a slot for an answer in progress; release with `close_stream`."""
-        if not self.max_streams:
+        self._take(f"streams:{caller_id}", stream_id, self.max_streams, "too_many_streams",
+                   f"{self.max_streams} answers are already in progress for this client")
+
+    def close_stream(self, caller_id: str, stream_id: str) -> None:
+        self._give(f"streams:{caller_id}", stream_id, self.max_streams)
+
+    def open_reader(self, caller_id: str, reader_id: str) -> None:
+        """Take a slot for a response reading a POST-SSE stream; release with `close_reader`."""
+        self._take(f"readers:{caller_id}", reader_id, self.max_readers, "too_many_readers",
+                   f"{self.max_readers} stream responses are already open for this client")
+
+    def close_reader(self, caller_id: str, reader_id: str) -> None:
+        self._give(f"readers:{caller_id}", reader_id, self.max_readers)
+
+    def _take(self, key: str, member: str, limit: int, refusal: str, message: str) -> None:
+        """A slot of `key` (at most `limit` live at once, 0 = no cap), kept alive until given back."""
+        if not limit:
             return
-        slot = (f"streams:{caller_id}", stream_id)
-        if not self.store.acquire(*slot, self.max_streams, SLOT_TTL):
-            self.on_refusal("too_many_streams")
-            raise ApiError(429, "too_many_streams",
-                           f"{self.max_streams} answers are already in progress for this client",
-                           {"Retry-After": "5"})
+        if not self.store.acquire(key, member, limit, SLOT_TTL):
+            self.on_refusal(refusal)
+            raise ApiError(429, refusal, message, {"Retry-After": "5"})
         with self._lock:
-            self.held.add(slot)
+            self.held.add((key, member))
             if self._keeper is None or not self._keeper.is_alive():
                 self._keeper = threading.Thread(target=self._keep, name="relay-slot-keeper", daemon=True)
                 self._keeper.start()
 
-    def close_stream(self, caller_id: str, stream_id: str) -> None:
-        if not self.max_streams:
+    def _give(self, key: str, member: str, limit: int) -> None:
+        if not limit:
             return
-        slot = (f"streams:{caller_id}", stream_id)
         with self._lock:
-            self.held.discard(slot)
-        self.store.release(*slot)
+            self.held.discard((key, member))
+        self.store.release(key, member)
 
     def hold_ticket(self, caller_id: str, ticket_id: str, ttl: float) -> None:
         """An unopened POST-SSE payload counts against its creator until opened or expired."""

@@ -100,6 +100,10 @@ class Settings:
     MAX_STREAMS_PER_CLIENT: int = 8
     # POST-SSE payloads stored but not yet opened, per caller: what step 1 can pile up.
     MAX_TICKETS_PER_CLIENT: int = 16
+    # Open responses reading POST-SSE streams (resumes, other tabs) per caller: each holds a
+    # server thread (a mod_wsgi stream thread), so one stream id opened again and again
+    # must not take them all.
+    MAX_READERS_PER_CLIENT: int = 16
     # Proxies in front of the app whose X-Forwarded-* headers are trusted (gunicorn
     # behind Apache/nginx: 1); 0 under mod_wsgi, where REMOTE_ADDR is the client.
     TRUSTED_PROXIES: int = 0
@@ -129,8 +133,8 @@ class Settings:
                 raise ConfigError(f"{name} must be positive")
         if settings.LOG_FORMAT not in ("text", "json"):
             raise ConfigError("LOG_FORMAT must be text or json")
-        for name in ("MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "TRUSTED_PROXIES", "JWT_LEEWAY",
-                     "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES"):
+        for name in ("MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "MAX_READERS_PER_CLIENT", "TRUSTED_PROXIES",
+                     "JWT_LEEWAY", "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES"):
             if getattr(settings, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         return settings

@@ -114,7 +114,8 @@ def create_stream():
 def open_stream(stream_id: str):
     """POST-SSE step 2, from any worker or host; resumes after Last-Event-ID."""
     last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-    reading = service().open_stream(g.caller, stream_id, last)
+    reader = g.caller.id if g.caller is not None else service().access.client_id(request)
+    reading = service().open_stream(g.caller, stream_id, last, reader)
     if reading is None:
         return Response(status=204)  # finished and the reader has it all: EventSource stops here
     return sse(reading)

@@ -154,13 +154,40 @@ class ChatService:
             raise
         return {"id": ticket_id, "stream_url": f"/api/chat/streams/{ticket_id}", "conversation_id": conversation_id}
 
-    def open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None) -> Reading | None:
+    def open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None,
+                    reader: str | None = None) -> Reading | None:
         """Step 2, from any worker or host: the stream after `last_event_id`, or None when the
         reader already has all of a finished stream (then EventSource must stop: 204).
 
         The id is the credential (EventSource sends no headers); a caller who does present
-        credentials must be the creator.
+        credentials must be the creator. `reader` (the client's identity) holds one of its
+        MAX_READERS_PER_CLIENT slots while the reading is open, taken before anything else.
         """
+        if reader is None:
+            return self._open_stream(caller, stream_id, last_event_id)
+        slot = new_id()
+        self.access.open_reader(reader, slot)
+        try:
+            reading = self._open_stream(caller, stream_id, last_event_id)
+        except BaseException:
+            self.access.close_reader(reader, slot)
+            raise
+        if reading is None:
+            self.access.close_reader(reader, slot)
+            return None
+        left = reading.on_close
+
+        def on_close(completed: bool) -> None:
+            try:
+                if left is not None:
+                    left(completed)
+            finally:
+                self.access.close_reader(reader, slot)
+
+        reading.on_close = on_close
+        return reading
+
+    def _open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None) -> Reading | None:
         self._valid_id(stream_id, "stream")
         position = self.event_position(last_event_id)
         generation = self.relay.generations.get(stream_id)

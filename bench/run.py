@@ -155,6 +155,7 @@ class Target:
 def start_targets(names: list[str], upstream_url: str, workdir: str) -> dict[str, Target]:
     relay_env = {"OPENAI_API_KEY": "bench", "OPENAI_BASE_URL": upstream_url, "LOG_LEVEL": "WARNING",
                  "UPSTREAM_POOL_SIZE": "4096", "MAX_STREAMS_PER_CLIENT": "0", "MAX_TICKETS_PER_CLIENT": "0",
+                 "MAX_READERS_PER_CLIENT": "0",
                  "STREAM_GRACE_SECONDS": "0"}
     targets = {}
     for name in names:

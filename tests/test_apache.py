@@ -228,7 +228,8 @@ def test_graceful_restart_continues_the_running_answers(relay_env, upstream):
     long_answer = [f"w{i} " for i in range(60)]
     upstream.reset(*[Reply(chunks=BODIES["openai"](long_answer), delay=0.1)] * 3,
                    Reply(chunks=BODIES["openai"](["THE END."])))
-    server = apache(free_port(), {**relay_env, "MAX_STREAMS_PER_CLIENT": "0", "MAX_TICKETS_PER_CLIENT": "0"})
+    server = apache(free_port(), {**relay_env, "MAX_STREAMS_PER_CLIENT": "0", "MAX_TICKETS_PER_CLIENT": "0",
+                                     "MAX_READERS_PER_CLIENT": "0"})
     try:
         tickets = [requests.post(f"{server.url}/api/chat/streams", json={"provider": "openai", "prompt": f"q{i}"},
                                  timeout=10).json() for i in range(3)]

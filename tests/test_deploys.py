@@ -62,6 +62,7 @@ def test_rolling_restart_under_running_streams_loses_no_answer(streams, fake_ups
     server = gunicorn(free_port(), {**provider_env(fake_upstream.url), "WEB_CONCURRENCY": "2",
                                     "STORE_URL": f"sqlite:///{tmp_path}/relay.sqlite3", "SSE_HEARTBEAT_SECONDS": "1",
                                     "MAX_STREAMS_PER_CLIENT": "0", "MAX_TICKETS_PER_CLIENT": "0",
+                                    "MAX_READERS_PER_CLIENT": "0",
                                     "STREAM_GRACE_SECONDS": "0", "DRAIN_SECONDS": "60"})
     try:
         tickets = [requests.post(f"{server.url}/api/chat/streams", json={"provider": "openai", "prompt": f"q{i}"},

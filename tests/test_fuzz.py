@@ -107,7 +107,8 @@ def server(request, fake_upstream):
 
     extra = {"API_TOKENS": TOKEN, "JWT_SECRET": "fuzz-secret-of-sufficient-length"} if request.param == "auth" else {}
     app = create_app(app_config(fake_upstream.url, DEMO_TOKENS_PER_SECOND=100_000, UPSTREAM_MAX_RETRIES=0,
-                                MAX_STREAMS_PER_CLIENT=0, MAX_TICKETS_PER_CLIENT=0, MAX_PROMPT_CHARS=2000,
+                                MAX_STREAMS_PER_CLIENT=0, MAX_TICKETS_PER_CLIENT=0, MAX_READERS_PER_CLIENT=0,
+                                MAX_PROMPT_CHARS=2000,
                                 ANTHROPIC_API_KEY="", GEMINI_API_KEY="", GROQ_API_KEY="", MISTRAL_API_KEY="",
                                 OPENAI_COMPATIBLE_BASE_URL="", **extra))
     live = LiveServer(app)

@@ -233,6 +233,30 @@ def test_unopened_tickets_are_capped_per_client_and_stored_once(make_app, tmp_pa
     assert client.post("/api/chat/streams", json=DEMO).status_code == 201
 
 
+def test_readers_of_one_stream_are_capped_per_client(make_app, serve):
+    # One stream id, opened again and again: each reader holds a server thread (a mod_wsgi
+    # stream thread), so without a cap one client could take them all.
+    url = serve(make_app(MAX_READERS_PER_CLIENT=3, DEMO_TOKENS_PER_SECOND=5))
+    stream_url = url + requests.post(f"{url}/api/chat/streams", json={"prompt": "hi"}, timeout=10).json()["stream_url"]
+    readers = [requests.get(stream_url, stream=True, timeout=10) for _ in range(3)]
+    assert all(r.status_code == 200 for r in readers)
+    refused = requests.get(stream_url, timeout=10)
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "too_many_readers"
+    readers.pop().close()  # a reader that leaves frees its place
+
+    def another_reader_fits() -> bool:
+        response = requests.get(stream_url, stream=True, timeout=10)
+        if response.status_code == 200:
+            readers.append(response)
+            return True
+        response.close()
+        return False
+
+    wait_until(another_reader_fits, timeout=10, interval=0.3, what="the departed reader's slot to be free")
+    for reader in readers:
+        reader.close()
+
+
 def test_expiry_runs_whatever_routes_are_used(make_app, tmp_path, monkeypatch):
     import sqlite3
 
