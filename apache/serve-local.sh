@@ -144,7 +144,10 @@ Group $RUN_GROUP
     ServerLimit $(( (MAX_WORKERS + PER_CHILD - 1) / PER_CHILD ))
     ThreadsPerChild $PER_CHILD
     MaxRequestWorkers $MAX_WORKERS
-    StartServers 2
+    # Every child from the start, and none reaped when idle (apache/README.md, step 5).
+    StartServers $(( (MAX_WORKERS + PER_CHILD - 1) / PER_CHILD ))
+    MinSpareThreads $PER_CHILD
+    MaxSpareThreads $MAX_WORKERS
 </IfModule>
 
 WSGISocketPrefix $ROOT/run/wsgi

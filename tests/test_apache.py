@@ -7,6 +7,7 @@ import gzip
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -140,6 +141,39 @@ def test_open_streams_do_not_starve_pages(relay_env, upstream):
         upstream.wait_for_request(4, timeout=10)  # a thread freed: the queued stream starts
         queued.join(5)
     finally:
+        server.stop()
+
+
+def test_health_checks_answer_while_every_thread_of_the_pages_group_is_busy(relay_env):
+    """A load balancer's health check must not queue behind the pages' group: here each of its
+    threads waits for a request body that trickles in (as under a burst of stream creations,
+    when every thread is busy at its turn of the GIL)."""
+    env = {**relay_env, "RELAY_APP_PROCESSES": "1", "RELAY_APP_THREADS": "2"}
+    server = apache(free_port(), env)
+    slow = []
+    try:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10)
+            sock.sendall(b"POST /api/chat/streams HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 4000\r\n\r\n{\"prompt\": \"")
+            slow.append(sock)
+        time.sleep(0.5)  # both bodies are being read by the group's two threads
+        def load_page():
+            try:
+                requests.get(f"{server.url}/", timeout=30)
+            except requests.RequestException:
+                pass  # cut when the server stops at the end of the test
+
+        page = threading.Thread(target=load_page, daemon=True)
+        page.start()
+        page.join(1.0)
+        assert page.is_alive(), "the pages' group was not busy: this test proves nothing"
+        started = time.monotonic()
+        assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
+        assert time.monotonic() - started < 2
+    finally:
+        for sock in slow:
+            sock.close()
         server.stop()
 
 
