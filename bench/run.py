@@ -128,9 +128,10 @@ class Target:
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        # Ready means every process group answers: under Apache /healthz is served by the app
-        # group while the stream group may still be loading Python (an unknown stream is its 404).
-        probes = [url + "/stats"] if mode == "openai" else [url + "/healthz", url + "/api/chat/streams/ready-probe"]
+        # Ready means every process group answers: under Apache /healthz, the page and streams
+        # each have their own, and one may still be loading Python (an unknown stream is a 404).
+        probes = [url + "/stats"] if mode == "openai" else [
+            url + "/healthz", url + "/", url + "/api/chat/streams/ready-probe"]
         for _ in range(900):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited: {Path(self.log.name).read_text()[-2000:]}")
@@ -200,25 +201,17 @@ def pct(values: list[float], q: float) -> float | None:
 def measure(target: Target, streams: int, tokens: int, ramp: float, probe_health: bool) -> dict:
     tree = process_tree(target.proc.pid)
     cpu0 = cpu_seconds(tree)
-    health: list[float] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        while not stop.wait(0.5):
-            t = time.monotonic()
-            try:
-                requests.get(target.url + "/healthz", timeout=10)
-                health.append((time.monotonic() - t) * 1000)
-            except requests.RequestException:
-                health.append(10_000.0)
-
-    prober = threading.Thread(target=probe, daemon=True)
+    prober = None
     if probe_health:
-        prober.start()
+        prober = subprocess.Popen([sys.executable, "-m", "bench.health_probe", target.url], cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     with RssPeak(target.proc.pid) as rss:
         result: Result = asyncio.run(run_load(target.url, target.mode, streams, tokens, ramp=ramp,
                                               timeout=max(60, tokens / 5)))
-    stop.set()
+    health: list[float] = []
+    if prober is not None:
+        out, _ = prober.communicate("", timeout=30)  # stdin closed: it stops after its current probe
+        health = [float(line) for line in out.split()]
     cpu = cpu_seconds(process_tree(target.proc.pid)) - cpu0
     return {
         "completed": result.completed, "failed": streams - result.completed, "failures": result.failures,
