@@ -195,7 +195,7 @@ def test_full_or_read_only_sqlite_store_is_a_503(make_app, tmp_path):
     client = app.test_client()
     store = app.extensions["llm_sse_relay"].store
     assert client.post("/api/chat", json=DEMO).status_code == 200
-    db = store._db()  # the test client runs the app on this thread: this is its connection
+    db = store._write_db()  # the connection every write of this process goes through
     db.execute("PRAGMA query_only = 1")  # what a read-only file or mount does
     response = client.post("/api/chat/streams", json=DEMO)
     assert_json_error(response, 503, "store_unavailable")

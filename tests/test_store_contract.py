@@ -7,6 +7,7 @@ made for speed cannot change behaviour unnoticed.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -189,3 +190,49 @@ def test_as_many_readers_wait_at_once_as_a_process_has_threads(store):
     for thread in threads:
         thread.join(30)
     assert errors == [] and got == [[(1, b"token")]] * readers
+
+
+def test_sqlite_connections_do_not_grow_with_the_threads_that_use_the_store(tmp_path):
+    """A mod_wsgi daemon keeps hundreds of request threads alive. A SQLite connection holds
+    about 160 kB (its lookaside, schema and statement caches), so one per thread that ever
+    touched the store cost ~160 kB per stream thread under Apache. Counted here by the
+    descriptors open on the database file while 60 live threads have used the store."""
+    import threading
+
+    path = tmp_path / "threads.sqlite3"
+    store = open_store(f"sqlite:///{path}", str(tmp_path))
+    threads_count = 60
+    used = threading.Barrier(threads_count + 1)
+    finish = threading.Event()
+
+    def user(n: int) -> None:
+        store.append_message(f"c{n}", {"role": "user", "content": "hi"}, 60, owner="o")
+        assert store.messages(f"c{n}") == [{"role": "user", "content": "hi"}]
+        store.open_log(f"s{n}", ttl=60)
+        assert store.log_state(f"s{n}") == "open"
+        used.wait()
+        finish.wait(30)  # alive, as a mod_wsgi thread between requests
+
+    def open_on_database() -> int:
+        fds = os.listdir("/proc/self/fd")
+        return sum(1 for fd in fds if _points_to(f"/proc/self/fd/{fd}", str(path)))
+
+    threads = [threading.Thread(target=user, args=(n,)) for n in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    try:
+        used.wait(30)
+        assert open_on_database() <= sqlite_store.IDLE_READERS + 1
+    finally:
+        finish.set()
+        for thread in threads:
+            thread.join(30)
+        store.close()
+    assert open_on_database() == 0
+
+
+def _points_to(link: str, target: str) -> bool:
+    try:
+        return os.readlink(link) == target
+    except OSError:
+        return False

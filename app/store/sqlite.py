@@ -1,8 +1,10 @@
 """The default store: one SQLite file shared by every process on the host.
 
-WAL mode lets readers run while the producer writes; each thread has its own
-connection. Stream frames are written in batches by the producer's log writer, so the
-per-token path never waits for the disk; readers in other processes poll.
+WAL mode lets readers run while the producer writes. Each process has one connection
+for its writes (they take turns anyway) and a few for reads, lent to whichever thread
+reads: not one per thread, which under mod_wsgi cost ~160 kB per request thread. Stream
+frames are written in batches by the producer's log writer, so the per-token path never
+waits for the disk; readers in other processes poll.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from app.gevent_native import gevent_threadpool, unpatched
@@ -63,13 +65,20 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
 # Blocking SQLite calls run on gevent's native thread pool when the worker is gevent's.
 _gevent_pool = gevent_threadpool()
 
+# Read connections a process keeps between reads. More readers at one instant open more,
+# closed again when returned past this number. A connection holds ~160 kB (SQLite's
+# lookaside, schema and statement caches), and mod_wsgi keeps hundreds of threads alive.
+IDLE_READERS = 8
+
 
 class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         self.path = path
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        self._local = threading.local()
+        self._writer: sqlite3.Connection | None = None  # used under _write_lock only
+        self._readers: list[sqlite3.Connection] = []  # idle; list.pop/append are atomic
+        self._pid = os.getpid()
         self._last_sweep = time.time()
         # Writers of this process queue here, in order, so only one of them at a time
         # competes for SQLite's file lock with the other processes (hundreds of mod_wsgi
@@ -79,7 +88,7 @@ class SqliteStore(Store):
 
     def _create_schema(self) -> None:
         with self._write_lock:
-            db = self._db()
+            db = self._write_db()
             self._retry_locked(lambda: db.execute("BEGIN IMMEDIATE"))
             try:
                 for statement in SCHEMA.split(";"):
@@ -90,18 +99,47 @@ class SqliteStore(Store):
                 db.execute("ROLLBACK")
                 raise _store_error(exc) from exc
 
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            # Autocommit, and no busy timeout: SQLite's own busy handler sleeps inside C,
-            # which would stall every stream of a gevent worker; _write waits politely.
-            db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+    def _connect(self) -> sqlite3.Connection:
+        # Autocommit, and no busy timeout: SQLite's own busy handler sleeps inside C,
+        # which would stall every stream of a gevent worker; _write waits politely.
+        db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        try:
             # Switching a fresh file to WAL takes its lock: several workers starting at once
             # meet "database is locked" here, so this waits like every other write.
             self._retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
+        except BaseException:
+            db.close()
+            raise
         return db
+
+    def _forget_connections_of_parent(self) -> None:
+        """A process forked after the store was opened (gunicorn --preload) must not use, or
+        close, its parent's connections: SQLite's locks would be shared by two processes."""
+        if self._pid != os.getpid():
+            self._inherited = [self._writer, *self._readers]  # kept, never closed here
+            self._pid, self._writer, self._readers = os.getpid(), None, []
+
+    def _write_db(self) -> sqlite3.Connection:
+        self._forget_connections_of_parent()
+        if self._writer is None:
+            self._writer = self._connect()
+        return self._writer
+
+    @contextmanager
+    def _read_db(self) -> Iterator[sqlite3.Connection]:
+        self._forget_connections_of_parent()
+        try:
+            db = self._readers.pop()
+        except IndexError:
+            db = self._connect()
+        try:
+            yield db
+        finally:
+            if len(self._readers) < IDLE_READERS:
+                self._readers.append(db)
+            else:
+                db.close()
 
     @staticmethod
     def _retry_locked(call: Callable[[], T]) -> T:
@@ -138,7 +176,7 @@ class SqliteStore(Store):
             self._write_lock.release()
 
     def _write_locked(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        db = self._db()
+        db = self._write_db()
         self._retry_locked(lambda: db.execute("BEGIN IMMEDIATE"))
         try:
             if time.time() - self._last_sweep >= SWEEP_SECONDS:
@@ -162,8 +200,8 @@ class SqliteStore(Store):
 
     def _query_here(self, sql: str, params: Any) -> list[Any]:
         try:
-            db = self._db()
-            return self._retry_locked(lambda: db.execute(sql, params).fetchall())
+            with self._read_db() as db:
+                return self._retry_locked(lambda: db.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
             raise _store_error(exc) from exc
 
@@ -348,7 +386,10 @@ class SqliteStore(Store):
         return self._write(delete)
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """Close the idle connections (a read in progress closes its own when it returns)."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        while self._readers:
+            self._readers.pop().close()
