@@ -158,6 +158,7 @@ def test_health_checks_answer_while_every_thread_of_the_pages_group_is_busy(rela
                          b"Content-Length: 4000\r\n\r\n{\"prompt\": \"")
             slow.append(sock)
         time.sleep(0.5)  # both bodies are being read by the group's two threads
+
         def load_page():
             try:
                 requests.get(f"{server.url}/", timeout=30)
@@ -168,9 +169,8 @@ def test_health_checks_answer_while_every_thread_of_the_pages_group_is_busy(rela
         page.start()
         page.join(1.0)
         assert page.is_alive(), "the pages' group was not busy: this test proves nothing"
-        started = time.monotonic()
+        # Queued behind the slow bodies, it would wait for mod_reqtimeout to cut them (20 s).
         assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
-        assert time.monotonic() - started < 2
     finally:
         for sock in slow:
             sock.close()

@@ -386,7 +386,7 @@ class SqliteStore(Store):
         return self._write(delete)
 
     def close(self) -> None:
-        """Close the idle connections (a read in progress closes its own when it returns)."""
+        """Close the connections not in use (for the end of a process or a test)."""
         with self._write_lock:
             if self._writer is not None:
                 self._writer.close()
