@@ -147,16 +147,24 @@ def test_open_streams_do_not_starve_pages(relay_env, upstream):
 def test_health_checks_answer_while_every_thread_of_the_pages_group_is_busy(relay_env):
     """A load balancer's health check must not queue behind the pages' group: here each of its
     threads waits for a request body that trickles in (as under a burst of stream creations,
-    when every thread is busy at its turn of the GIL)."""
+    when every thread is busy at its turn of the GIL). Nor can bodies sent to /healthz itself
+    hold the health group's own two threads: a check has no body, so Apache refuses one
+    before it reaches the group."""
     env = {**relay_env, "RELAY_APP_PROCESSES": "1", "RELAY_APP_THREADS": "2"}
     server = apache(free_port(), env)
+    port = int(server.url.rsplit(":", 1)[1])
     slow = []
+
+    def trickle(head: bytes) -> socket.socket:
+        """A request whose body never finishes arriving."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(head + b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n")
+        slow.append(sock)
+        return sock
+
     try:
         for _ in range(2):
-            sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10)
-            sock.sendall(b"POST /api/chat/streams HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 4000\r\n\r\n{\"prompt\": \"")
-            slow.append(sock)
+            trickle(b"POST /api/chat/streams HTTP/1.1\r\n").sendall(b"Content-Length: 4000\r\n\r\n{\"prompt\": \"")
         time.sleep(0.5)  # both bodies are being read by the group's two threads
 
         def load_page():
@@ -169,8 +177,17 @@ def test_health_checks_answer_while_every_thread_of_the_pages_group_is_busy(rela
         page.start()
         page.join(1.0)
         assert page.is_alive(), "the pages' group was not busy: this test proves nothing"
+        bodies_to_health = [
+            trickle(b"POST /healthz HTTP/1.1\r\n"), trickle(b"GET /healthz HTTP/1.1\r\n"),
+            trickle(b"GET /healthz/x HTTP/1.1\r\n"), trickle(b"GET /healthz HTTP/1.1\r\n")]
+        for sock in bodies_to_health[:3]:
+            sock.sendall(b"Content-Length: 4000\r\n\r\n{")
+        bodies_to_health[3].sendall(b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+        time.sleep(0.5)  # had they reached the health group, they would hold both its threads
         # Queued behind the slow bodies, it would wait for mod_reqtimeout to cut them (20 s).
         assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
+        assert requests.head(f"{server.url}/healthz", timeout=10).status_code == 200
+        assert requests.get(f"{server.url}/healthz", headers={"Content-Length": "0"}, timeout=10).ok
     finally:
         for sock in slow:
             sock.close()
