@@ -63,14 +63,45 @@ class Finish:
 
 
 class ToolCall:
-    """A complete tool call the model asked for; `arguments` is the raw JSON text."""
+    """A complete tool call the model asked for; `arguments` is the raw JSON text.
 
-    __slots__ = ("id", "name", "arguments")
+    `signature`, when set, is `{"provider": <provider name>, "value": <opaque text>}`: a
+    signature the provider attached to this call (Gemini's `thoughtSignature`) that must go
+    back unchanged, on the same call, in the next request to that provider, and to no other.
+    """
 
-    def __init__(self, id: str, name: str, arguments: str) -> None:
+    __slots__ = ("id", "name", "arguments", "signature")
+
+    def __init__(self, id: str, name: str, arguments: str, signature: dict[str, str] | None = None) -> None:
         self.id = id
         self.name = name
         self.arguments = arguments
+        self.signature = signature
+
+
+class Reasoning:
+    """A piece of the model's visible reasoning (thinking, or a reasoning summary), exactly as
+    the provider sent it. Never part of the answer text: it goes out as its own event."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class Signed:
+    """Reasoning state a provider requires back unchanged with the turn it belongs to:
+    Anthropic `thinking` (with its `signature`) and `redacted_thinking` blocks, a Gemini
+    `thoughtSignature` on a text part, an OpenAI Responses `reasoning` item. `item` is the
+    provider's own JSON object, kept exactly as received; `provider` is the name of the
+    provider that produced it: it is sent back to that provider only, and dropped (never
+    forged) when the next turn goes to another one."""
+
+    __slots__ = ("provider", "item")
+
+    def __init__(self, provider: str, item: dict[str, Any]) -> None:
+        self.provider = provider
+        self.item = item
 
 
 class Meta:
@@ -96,7 +127,7 @@ class Idle:
 WAITING = Idle(False)
 IDLE = Idle(True)
 
-Delta = Text | Usage | Finish | ToolCall | Meta | Idle
+Delta = Text | Reasoning | Signed | Usage | Finish | ToolCall | Meta | Idle
 
 
 class ProviderError(Exception):
@@ -137,6 +168,17 @@ class Task:
     "arguments"}]}` (arguments as JSON text) and its results `{"role": "tool",
     "tool_call_id", "name", "content", "is_error"?}`. `tools` are `{name, description,
     parameters}`; `tool_choice` is "auto", "none", "required" or a tool's name.
+
+    What today's models add (each adapter translates it, or leaves out what its wire lacks):
+    - a user message's `content` may be a list of parts: `{"type": "text", "text"}` and
+      `{"type": "image", "media_type", "data"}` (base64, already validated) or
+      `{"type": "image", "url"}` (an https URL the relay never fetches itself);
+    - an assistant turn may carry `"reasoning"` (its visible thinking, kept for the record,
+      never sent back as text), `"signed": [{"provider", "item"}]` (the `Signed` deltas of
+      that turn, in the order they came) and tool calls with a `"signature"` (see
+      `ToolCall`); an adapter sends back only what its own provider name produced;
+    - `reasoning` is the requested effort: "low", "medium", "high" or None (the provider's
+      default, usually no visible reasoning).
     """
 
     messages: list[dict[str, Any]]
@@ -147,6 +189,7 @@ class Task:
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str | None = None
     stop: list[str] = field(default_factory=list)
+    reasoning: str | None = None
 
 
 class Cancellation:
