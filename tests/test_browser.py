@@ -260,3 +260,90 @@ def test_a_prompt_too_long_for_a_get_url_goes_by_post(page, site, upstream):
     }""")
     assert result == {"used": "postsse", "text": "long prompt ok"}
     assert len(upstream.last().body["messages"][0]["content"]) == 9000
+
+
+def png(width: int, height: int) -> bytes:
+    """A real PNG of `width`×`height` grey pixels (what a user would attach)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\x80" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_reasoning_streams_in_a_thinking_block_that_folds_when_the_answer_starts(page, make_app, serve):
+    url = serve(make_app(DEMO_TOKENS_PER_SECOND=60))
+    page.goto(url + "/")
+    page.click("#toggle-settings")
+    page.select_option("#reasoning", "medium")
+    # Sample what the page shows, every 10 ms: reasoning must be visible before any answer text.
+    page.evaluate("""() => { window.__seen = [];
+        setInterval(() => { const m = document.querySelector('.msg.assistant');
+            if (!m) return;
+            const t = m.querySelector('.thinking-text'), d = m.querySelector('.thinking');
+            window.__seen.push([t ? t.textContent.length : 0, m.querySelector('.body').textContent.length,
+                                d ? d.open : null]); }, 10); }""")
+    page.fill("#prompt", "why is the sky blue?")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=20_000)
+    seen = page.evaluate("window.__seen")
+    assert any(thought > 0 and text == 0 and is_open for thought, text, is_open in seen), seen[:50]
+    block = answer(page).locator(".thinking")
+    thinking = block.locator(".thinking-text").text_content()
+    assert thinking.strip()
+    assert block.evaluate("d => d.open") is False
+    assert block.locator("summary").text_content().startswith("Thought for")
+    body = answer(page).locator(".body").text_content()
+    assert body.strip() and thinking not in body  # the reasoning is never part of the answer
+    page.reload()  # the record keeps the reasoning apart: it comes back folded
+    page.wait_for_selector(".msg.assistant .thinking")
+    assert page.locator(".msg.assistant .thinking-text").text_content() == thinking
+    assert page.locator(".msg.assistant .body").text_content() == body
+    assert page.problems == []
+
+
+def test_an_image_attached_by_button_paste_or_drop_reaches_the_model(page, make_app, serve):
+    url = serve(make_app(DEMO_TOKENS_PER_SECOND=200))
+    page.goto(url + "/")
+    page.set_input_files("#image-input", files=[{"name": "a.png", "mimeType": "image/png", "buffer": png(3, 2)}])
+    page.wait_for_selector("#attachments .attachment img.thumb")
+    page.fill("#prompt", "what is this?")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=20_000)
+    assert page.locator(".msg.user img.thumb").get_attribute("src").startswith("data:image/png;base64,")
+    assert page.is_hidden("#attachments")
+    described = answer(page).locator(".body").text_content()
+    assert "PNG" in described and "3×2" in described, described
+
+    # Paste, then drop, an image into the same conversation (files built in the page).
+    for how in ("paste", "drop"):
+        page.evaluate("""async ([how, bytes]) => {
+            const file = new File([new Uint8Array(bytes)], "b.png", {type: "image/png"});
+            const data = new DataTransfer(); data.items.add(file);
+            const target = document.getElementById(how === "paste" ? "prompt" : "composer");
+            const event = how === "paste" ? new ClipboardEvent("paste", {clipboardData: data, bubbles: true})
+                                          : new DragEvent("drop", {dataTransfer: data, bubbles: true});
+            target.dispatchEvent(event);
+        }""", [how, list(png(5, 4))])
+        page.wait_for_selector("#attachments .attachment img.thumb")
+        page.fill("#prompt", f"and this one ({how})?")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".msg.assistant:last-of-type[data-state=done]", timeout=20_000)
+        assert "5×4" in answer(page).locator(".body").text_content()
+    assert page.locator(".msg.user img.thumb").count() == 3
+    page.reload()  # the stored conversation shows its images again
+    page.wait_for_selector(".msg.user img.thumb >> nth=2")
+    assert page.problems == []
+
+
+def test_a_file_that_is_not_an_image_is_refused_on_the_page(page, live):
+    page.goto(live() + "/")
+    page.set_input_files("#image-input", files=[{"name": "x.svg", "mimeType": "image/svg+xml",
+                                                  "buffer": b"<svg xmlns='http://www.w3.org/2000/svg'/>"}])
+    assert "only PNG, JPEG, GIF or WebP" in page.locator("#attachments .note").text_content()
+    assert page.locator("#attachments img").count() == 0
+    assert page.problems == []

@@ -1,6 +1,7 @@
-// The demo chat page: pickers, history, the answer growing token by token, Stop, errors,
-// time to first token and tokens per second, and Markdown rendered into DOM nodes only:
-// model output is never parsed as HTML, so it cannot inject markup or script.
+// The demo chat page: pickers, history, the answer growing token by token, the model's
+// reasoning in a collapsible "Thinking" block above it, images attached by button, paste or
+// drop, Stop, errors, time to first token and tokens per second, and Markdown rendered into
+// DOM nodes only: model output is never parsed as HTML, so it cannot inject markup or script.
 
 import { EventTransportClient } from "./transport.js";
 
@@ -10,7 +11,13 @@ const STORAGE_KEY = "llm-sse-relay:chat";
 const TOKEN_KEY = "llm-sse-relay:token";
 
 // The server keeps the conversation (history, tool calls); the page keeps only its id.
-const state = { client: null, conversationId: null };
+// `images` are the attachments of the message being written: {type, url (a data: URL)}.
+const state = { client: null, conversationId: null, images: [] };
+// What the relay takes (docs/http-api.md, images): checked here too, so a wrong file is
+// refused at once with a clear note instead of after the upload.
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+const MAX_IMAGE_BYTES = 5 * 1024 * 1024;
+const MAX_IMAGES = 4;
 
 // ------------------------------------------------------------------ Markdown (safe)
 
@@ -138,10 +145,26 @@ function toolNote(el, tool, body) {
   else note.textContent = `🔧 ${tool.name}(${tool.arguments}) → ${tool.result_preview ?? tool.result ?? ""}`;
 }
 
-function addMessage(role, text = "") {
+function thumbnail(url) {
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "attached image";
+  // Only data: URLs made from the user's own file (or stored with the conversation) are
+  // shown; the page never loads an image from elsewhere (the CSP allows 'self' and data:).
+  if (url.startsWith("data:image/")) img.src = url;
+  return img;
+}
+
+function addMessage(role, text = "", images = []) {
   $("messages").querySelector(".empty")?.remove();
   const el = document.createElement("article");
   el.className = `msg ${role}`;
+  if (images.length) {
+    const strip = document.createElement("div");
+    strip.className = "images";
+    strip.append(...images.map(thumbnail));
+    el.append(strip);
+  }
   const body = document.createElement("div");
   body.className = "body";
   el.append(body);
@@ -150,6 +173,47 @@ function addMessage(role, text = "") {
   $("messages").append(el);
   el.scrollIntoView({ block: "end" });
   return el;
+}
+
+// The model's visible reasoning: open while it streams, folded once the answer starts.
+function thinkingBlock(el) {
+  let block = el.querySelector(".thinking");
+  if (!block) {
+    block = document.createElement("details");
+    block.className = "thinking";
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking…";
+    const text = document.createElement("div");
+    text.className = "thinking-text";
+    block.append(summary, text);
+    el.insertBefore(block, el.querySelector(".body"));
+  }
+  return block;
+}
+
+function addReasoning(el, text) {
+  const block = thinkingBlock(el);
+  block.querySelector(".thinking-text").append(text); // plain text, never markup
+  return block;
+}
+
+function foldThinking(el, seconds) {
+  const block = el.querySelector(".thinking");
+  if (!block || block.dataset.folded) return;
+  block.dataset.folded = "1";
+  block.open = false;
+  block.querySelector("summary").textContent = seconds === null ? "Thoughts" : `Thought for ${seconds.toFixed(1)} s`;
+}
+
+// A user record's content: a string, or a list of text and image parts.
+function contentOf(content) {
+  if (typeof content === "string") return { text: content, images: [] };
+  const parts = Array.isArray(content) ? content : [];
+  const text = parts.filter((p) => p.type === "text").map((p) => p.text).join("");
+  const images = parts
+    .filter((p) => p.type === "image_url" || p.type === "image")
+    .map((p) => p.image_url?.url || (p.data ? `data:${p.media_type};base64,${p.data}` : p.url || ""));
+  return { text, images };
 }
 
 function showError(el, message) {
@@ -184,8 +248,8 @@ function setBusy(busy) {
   $("prompt").disabled = busy;
 }
 
-async function send(prompt) {
-  addMessage("user", prompt);
+async function send(prompt, images) {
+  addMessage("user", prompt, images.map((image) => image.url));
   const el = addMessage("assistant");
   el.dataset.state = "streaming";
   const body = el.querySelector(".body");
@@ -193,14 +257,27 @@ async function send(prompt) {
   cursor.className = "cursor";
   body.append(cursor);
 
+  // With images the new message is a list of parts (OpenAI's shape), else a plain prompt.
+  const message = images.length
+    ? {
+        messages: [{
+          role: "user",
+          content: [
+            ...(prompt ? [{ type: "text", text: prompt }] : []),
+            ...images.map((image) => ({ type: "image_url", image_url: { url: image.url } })),
+          ],
+        }],
+      }
+    : { prompt };
   const payload = {
-    prompt,
+    ...message,
     conversation_id: state.conversationId || undefined,
     provider: $("provider").value,
     model: $("model").value || undefined,
     temperature: Number($("temperature").value),
     system: $("system").value.trim() || undefined,
     tools: $("tools").checked || undefined,
+    reasoning: $("reasoning").value || undefined,
   };
   const token = $("token").value.trim() || null;
   const client = new EventTransportClient({ transport: $("transport").value, payload, capabilities, token });
@@ -218,9 +295,17 @@ async function send(prompt) {
     if (el.dataset.state === "streaming") body.append(cursor);
     el.scrollIntoView({ block: "end" });
   };
+  let thinkingSince = null;
   const onEvent = (event, data) => {
-    if (event === "token") {
-      if (firstTokenAt === null) firstTokenAt = performance.now();
+    if (event === "reasoning") {
+      if (thinkingSince === null) thinkingSince = performance.now();
+      const block = addReasoning(el, data.text);
+      if (!block.dataset.folded) block.open = true;
+    } else if (event === "token") {
+      if (firstTokenAt === null) {
+        firstTokenAt = performance.now();
+        foldThinking(el, thinkingSince === null ? null : (firstTokenAt - thinkingSince) / 1000);
+      }
       tokens += 1;
       text += data.text;
       if (!scheduled) {
@@ -250,6 +335,7 @@ async function send(prompt) {
     setBusy(false);
   }
   el.dataset.state = outcome;
+  foldThinking(el, thinkingSince === null ? null : (performance.now() - thinkingSince) / 1000);
   paint();
   const meta = document.createElement("div");
   meta.className = "meta";
@@ -280,9 +366,14 @@ async function restore() {
   const { messages } = await response.json();
   for (const record of messages) {
     if (record.role !== "user" && record.role !== "assistant") continue;
-    const el = addMessage(record.role, record.content);
+    const { text, images } = contentOf(record.content);
+    const el = addMessage(record.role, text, images);
     if (record.role !== "assistant") continue;
     el.dataset.state = record.status;
+    if (record.reasoning) {
+      addReasoning(el, record.reasoning);
+      foldThinking(el, null);
+    }
     for (const tool of record.tools || []) toolNote(el, tool, el.querySelector(".body"));
     if (record.error) showError(el, record.error.message);
   }
@@ -299,6 +390,63 @@ function setupToken() {
   }
 }
 
+// ------------------------------------------------------------------ attachments
+
+function showAttachments() {
+  const box = $("attachments");
+  box.replaceChildren(
+    ...state.images.map((image, i) => {
+      const item = document.createElement("span");
+      item.className = "attachment";
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "remove";
+      remove.textContent = "×";
+      remove.title = "Remove this image";
+      remove.addEventListener("click", () => {
+        state.images.splice(i, 1);
+        showAttachments();
+      });
+      item.append(thumbnail(image.url), remove);
+      return item;
+    }),
+  );
+  box.hidden = state.images.length === 0 && !box.querySelector(".note");
+}
+
+function attachmentNote(text) {
+  const note = document.createElement("span");
+  note.className = "note";
+  note.setAttribute("role", "status");
+  note.textContent = text;
+  $("attachments").append(note);
+  $("attachments").hidden = false;
+}
+
+function readAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function attach(files) {
+  showAttachments(); // clears an earlier note
+  for (const file of files) {
+    if (!IMAGE_TYPES.includes(file.type)) attachmentNote(`${file.name || "that file"}: only PNG, JPEG, GIF or WebP`);
+    else if (file.size > MAX_IMAGE_BYTES) attachmentNote(`${file.name || "that image"} is over 5 MB`);
+    else if (state.images.length >= MAX_IMAGES) attachmentNote(`at most ${MAX_IMAGES} images a message`);
+    else {
+      state.images.push({ type: file.type, url: await readAsDataUrl(file) });
+      const notes = [...$("attachments").querySelectorAll(".note")];
+      showAttachments();
+      $("attachments").append(...notes);
+    }
+  }
+}
+
 fillPickers();
 setupToken();
 restore();
@@ -306,10 +454,36 @@ restore();
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const prompt = $("prompt").value.trim();
-  if (!prompt || state.client) return;
+  if ((!prompt && !state.images.length) || state.client) return;
+  const images = state.images;
   $("prompt").value = "";
-  send(prompt);
+  state.images = [];
+  showAttachments();
+  send(prompt, images);
 });
+$("attach").addEventListener("click", () => $("image-input").click());
+$("image-input").addEventListener("change", async () => {
+  await attach([...$("image-input").files]);
+  $("image-input").value = "";
+});
+$("prompt").addEventListener("paste", (e) => {
+  const files = [...(e.clipboardData?.files || [])];
+  if (files.length) {
+    e.preventDefault();
+    attach(files);
+  }
+});
+for (const target of [$("composer"), $("messages")]) {
+  target.addEventListener("dragover", (e) => {
+    if ([...(e.dataTransfer?.types || [])].includes("Files")) e.preventDefault(); // allow the drop
+  });
+  target.addEventListener("drop", (e) => {
+    const files = [...(e.dataTransfer?.files || [])];
+    if (!files.length) return;
+    e.preventDefault();
+    attach(files);
+  });
+}
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) {
     e.preventDefault();
