@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from app import images
 from app.config import Settings
 from app.errors import ApiError
 from app.providers import Provider, Task
@@ -71,7 +72,9 @@ def message_list(value: Any, settings: Settings, shape: str) -> list[Any]:
     return value
 
 
-def parse_messages(value: Any, settings: Settings) -> list[dict[str, str]]:
+def parse_messages(value: Any, settings: Settings) -> list[dict[str, Any]]:
+    """`[{role, content}]`; a user message's content may also be OpenAI-style parts (text and
+    `image_url`), checked by app/images.py."""
     value = message_list(value, settings, "{role, content}")
     messages = []
     for i, message in enumerate(value):
@@ -80,12 +83,20 @@ def parse_messages(value: Any, settings: Settings) -> list[dict[str, str]]:
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise invalid(f"messages[{i}].role must be one of {sorted(ROLES)}")
-        if not isinstance(content, str):
-            raise invalid(f"messages[{i}].content must be a string")
+        if role == "user" and isinstance(content, list):
+            content = images.openai_content(content, f"messages[{i}]", settings.MAX_IMAGE_BYTES)
+        elif not isinstance(content, str):
+            raise invalid(f"messages[{i}].content must be a string"
+                          + (" or a list of text and image_url parts" if role == "user" else ""))
         messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+    if messages[-1]["role"] != "user" or not has_content(messages[-1]["content"]):
         raise invalid("the last message must be a non-empty 'user' message")
     return messages
+
+
+def has_content(content: Any) -> bool:
+    """Whether a message says anything: some text that is not blank, or an image."""
+    return bool(images.text_of(content).strip()) or any(images.images_in([{"content": content}]))
 
 
 def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: Mapping[str, Provider],
@@ -134,7 +145,7 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     system = data.get("system")
     if system is not None:
         system = _text(system, "system", limit) or None
-    total = sum(len(m["content"]) for m in messages) + len(system or "")
+    total = sum(len(images.text_of(m["content"])) for m in messages) + len(system or "")
     if total > limit:
         raise ApiError(413, "prompt_too_large", f"the prompt is {total} characters; the limit is {limit}")
 
@@ -155,6 +166,7 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     if conversation_id is not None and not (isinstance(conversation_id, str) and ID_PATTERN.fullmatch(conversation_id)):
         raise invalid("'conversation_id' must be 1-64 characters of letters, digits, '_' or '-'")
 
+    images.check_images(messages, settings.MAX_IMAGES, settings.MAX_IMAGE_TOTAL_BYTES)
     tools = parse_tools(data.get("tools"))
     task = Task(messages=messages, model=model, system=system, temperature=temperature, max_tokens=max_tokens)
     return ChatRequest(provider, task, conversation_id, tools)

@@ -52,6 +52,12 @@ class Settings:
     UPSTREAM_POOL_SIZE: int = 256
     MAX_PROMPT_CHARS: int = 32_000
     MAX_BODY_BYTES: int = 1_048_576
+    # Images a request may carry (history included): each at most MAX_IMAGE_BYTES decoded
+    # (Anthropic's own per-image limit is 5 MB), all together at most MAX_IMAGE_TOTAL_BYTES.
+    # A JSON body may be MAX_BODY_BYTES plus the images' base64 (4/3 of their bytes).
+    MAX_IMAGES: int = 20
+    MAX_IMAGE_BYTES: int = 5_242_880
+    MAX_IMAGE_TOTAL_BYTES: int = 10_485_760
     MAX_MESSAGES: int = 200
     MAX_OUTPUT_TOKENS: int = 128_000
     # The longest request line the server in front accepts (gunicorn.conf.py sets it; Apache's
@@ -76,7 +82,7 @@ class Settings:
     # One conversation's size: past either cap a request must start a new conversation
     # (a chat of 500 records is far longer than any history budget replays anyway).
     MAX_CONVERSATION_MESSAGES: int = 500
-    MAX_CONVERSATION_BYTES: int = 4_194_304
+    MAX_CONVERSATION_BYTES: int = 33_554_432
     # Tool-calling rounds per request before the model must answer without tools.
     TOOL_MAX_ROUNDS: int = 4
     API_TOKENS: str = ""
@@ -128,16 +134,22 @@ class Settings:
         for name in ("SSE_HEARTBEAT_SECONDS", "CLIENT_WRITE_TIMEOUT", "UPSTREAM_CONNECT_TIMEOUT",
                      "UPSTREAM_READ_TIMEOUT",
                      "MAX_PROMPT_CHARS", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_OUTPUT_TOKENS",
-                     "MAX_CONVERSATION_MESSAGES", "MAX_CONVERSATION_BYTES", "JWT_MAX_LIFETIME"):
+                     "MAX_CONVERSATION_MESSAGES", "MAX_CONVERSATION_BYTES", "JWT_MAX_LIFETIME", "MAX_IMAGE_BYTES",
+                     "MAX_IMAGE_TOTAL_BYTES"):
             if getattr(settings, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if settings.LOG_FORMAT not in ("text", "json"):
             raise ConfigError("LOG_FORMAT must be text or json")
-        for name in ("MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "MAX_READERS_PER_CLIENT", "TRUSTED_PROXIES",
+        for name in ("MAX_IMAGES", "MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "MAX_READERS_PER_CLIENT", "TRUSTED_PROXIES",
                      "JWT_LEEWAY", "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES"):
             if getattr(settings, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         return settings
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: the text limit plus room for the images' base64."""
+        return self.MAX_BODY_BYTES + (self.MAX_IMAGE_TOTAL_BYTES * 4 // 3 if self.MAX_IMAGES else 0)
 
     @property
     def demo_enabled(self) -> bool:

@@ -27,7 +27,7 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT, logs.configured_secrets(env))
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     try:
@@ -58,7 +58,7 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
         n = settings.TRUSTED_PROXIES
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
 
-    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.MAX_BODY_BYTES}
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.max_body_bytes}
     app.register_blueprint(bp)
     app.register_blueprint(websocket.bp)
     app.register_blueprint(openai_api.bp)
