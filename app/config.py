@@ -35,6 +35,9 @@ class Settings:
     # The offline demo answers from this server's CPU: offered when it is the default
     # provider, otherwise only when switched on (None = "when LLM_PROVIDER is demo").
     DEMO_ENABLED: bool | None = None
+    # Which OpenAI API the `openai` provider speaks: "chat" (chat completions) or "responses"
+    # (the Responses API: reasoning summaries, and reasoning kept across tool rounds).
+    OPENAI_API: str = "chat"
     # Heartbeat comment cadence: below every common idle timeout (nginx/Apache proxies
     # default to 60 s, many load balancers to 30-60 s) and how fast a departed reader is noticed.
     SSE_HEARTBEAT_SECONDS: float = 15.0
@@ -140,7 +143,11 @@ class Settings:
                 raise ConfigError(f"{name} must be positive")
         if settings.LOG_FORMAT not in ("text", "json"):
             raise ConfigError("LOG_FORMAT must be text or json")
-        for name in ("MAX_IMAGES", "MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "MAX_READERS_PER_CLIENT", "TRUSTED_PROXIES",
+        if settings.OPENAI_API not in ("chat", "responses"):
+            raise ConfigError("OPENAI_API must be chat or responses")
+        if settings.MAX_IMAGES < 0:
+            raise ConfigError("MAX_IMAGES must not be negative")
+        for name in ("MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "MAX_READERS_PER_CLIENT", "TRUSTED_PROXIES",
                      "JWT_LEEWAY", "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES"):
             if getattr(settings, name) < 0:
                 raise ConfigError(f"{name} must not be negative")

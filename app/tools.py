@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from app.providers.base import Cancellation, Delta, Finish, Meta, Provider, Task, Text, ToolCall
+from app.providers.base import Cancellation, Delta, Finish, Meta, Provider, Signed, Task, Text, ToolCall
 
 PREVIEW_CHARS = 200
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
@@ -166,11 +166,14 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
             yield Meta({"tool": {"status": "round_limit", "rounds": max_rounds}})
         calls: list[ToolCall] = []
         text: list[str] = []
+        signed: list[dict[str, Any]] = []  # reasoning state the provider wants back with this turn
         for delta in provider.stream(task, cancel):
             kind = delta.__class__
             if kind is ToolCall:
                 calls.append(delta)
                 continue
+            if kind is Signed:
+                signed.append({"provider": delta.provider, "item": delta.item})
             if kind is Finish and calls:
                 continue  # "tool_calls" is not how the answer ends
             if kind is Text:
@@ -187,16 +190,21 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
             yield Meta({"tool": {"id": call.id, "name": call.name, "arguments": call.arguments,
                                  "status": "done" if result.ok else "error",
                                  "result_preview": result.content[:PREVIEW_CHARS], "result": result.content}})
-        round_messages = tool_round_messages("".join(text), results)
+        round_messages = tool_round_messages("".join(text), results, signed)
         task.messages.extend(round_messages)
         exchange.extend(round_messages)
 
 
-def tool_round_messages(text: str, results: list[ToolResult]) -> list[dict[str, Any]]:
+def tool_round_messages(text: str, results: list[ToolResult],
+                        signed: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """A tool round in the provider-neutral message format (each adapter translates it):
-    the assistant's turn with its calls, then one `tool` message per result."""
+    the assistant's turn with its calls (and its `signed` reasoning state, if any), then one
+    `tool` message per result."""
     calls = [{"id": r.call.id, "name": r.call.name, "arguments": r.call.arguments} for r in results]
-    return [{"role": "assistant", "content": text, "tool_calls": calls}] + [
+    assistant: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": calls}
+    if signed:
+        assistant["signed"] = signed
+    return [assistant] + [
         {"role": "tool", "tool_call_id": r.call.id, "name": r.call.name, "content": r.content, "is_error": not r.ok}
         for r in results]
 

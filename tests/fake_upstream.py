@@ -352,3 +352,181 @@ def gemini_function_call_body(name: str, args: dict[str, Any]) -> list[bytes]:
                                              "role": "model"}, "finishReason": "STOP", "index": 0}],
                  "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2, "totalTokenCount": 6}},
                 eol="\r\n")]
+
+
+# ------------------------------------------------------------------ OpenAI Responses API
+# Events as openai-python's `types/responses` define them (each with `sequence_number`,
+# `event:` equal to `type`), and the refusals of a stateless (`store: false`) call.
+
+RESPONSES_USAGE = {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                   "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 8}, "total_tokens": 31}
+
+
+def responses_body(pieces: list[str] = (), *, summary: list[list[str]] | None = None,
+                   calls: list[tuple[str, str, str]] = (), end: str | None = "completed",
+                   incomplete_reason: str = "max_output_tokens", reasoning_id: str = "rs_1",
+                   encrypted: str = "gAAAAB-fake-encrypted-1", error_event: bool = False) -> list[bytes]:
+    """A streamed response: a reasoning item when `summary` is given (a list of summary parts,
+    each a list of text pieces; the item carries `encrypted`), a message of `pieces`, then one
+    function_call item per (call_id, name, arguments JSON), arguments in pieces. `end` is
+    "completed", "incomplete" (with `incomplete_reason`), "failed", or None (the stream is cut);
+    `error_event` sends an `error` event after the first piece instead."""
+    frames: list[bytes] = []
+    sequence = iter(range(10**6))
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-5-mini", "status": "in_progress",
+                "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
+                "incomplete_details": None, "instructions": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0,
+                "usage": None}
+
+    def event(kind: str, **data: Any) -> None:
+        frames.append(sse({"type": kind, "sequence_number": next(sequence), **data}, kind))
+
+    event("response.created", response=response)
+    event("response.in_progress", response=response)
+    output: list[dict[str, Any]] = []
+    if summary is not None:
+        index = len(output)
+        event("response.output_item.added", output_index=index,
+              item={"id": reasoning_id, "type": "reasoning", "summary": [], "status": "in_progress"})
+        for part_index, part in enumerate(summary):
+            text = "".join(part)
+            event("response.reasoning_summary_part.added", item_id=reasoning_id, output_index=index,
+                  summary_index=part_index, part={"type": "summary_text", "text": ""})
+            for piece in part:
+                event("response.reasoning_summary_text.delta", item_id=reasoning_id, output_index=index,
+                      summary_index=part_index, delta=piece)
+            event("response.reasoning_summary_text.done", item_id=reasoning_id, output_index=index,
+                  summary_index=part_index, text=text)
+            event("response.reasoning_summary_part.done", item_id=reasoning_id, output_index=index,
+                  summary_index=part_index, part={"type": "summary_text", "text": text})
+        item = {"id": reasoning_id, "type": "reasoning", "status": "completed", "encrypted_content": encrypted,
+                "summary": [{"type": "summary_text", "text": "".join(p)} for p in summary]}
+        event("response.output_item.done", output_index=index, item=item)
+        output.append(item)
+    if pieces:
+        index, item_id = len(output), f"msg_{len(output)}"
+        event("response.output_item.added", output_index=index,
+              item={"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []})
+        event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
+              part={"type": "output_text", "text": "", "annotations": []})
+        for i, piece in enumerate(pieces):
+            event("response.output_text.delta", item_id=item_id, output_index=index, content_index=0, delta=piece,
+                  logprobs=[])
+            if error_event and i == 0:
+                event("error", code="server_error", message="The server had an error processing your request.",
+                      param=None)
+                return frames
+        text = "".join(pieces)
+        event("response.output_text.done", item_id=item_id, output_index=index, content_index=0, text=text,
+              logprobs=[])
+        part = {"type": "output_text", "text": text, "annotations": []}
+        event("response.content_part.done", item_id=item_id, output_index=index, content_index=0, part=part)
+        item = {"id": item_id, "type": "message", "role": "assistant", "status": "completed", "content": [part]}
+        event("response.output_item.done", output_index=index, item=item)
+        output.append(item)
+    for call_id, name, arguments in calls:
+        index, item_id = len(output), f"fc_{len(output)}"
+        event("response.output_item.added", output_index=index,
+              item={"id": item_id, "type": "function_call", "status": "in_progress", "call_id": call_id,
+                    "name": name, "arguments": ""})
+        for i in range(0, len(arguments), 4):
+            event("response.function_call_arguments.delta", item_id=item_id, output_index=index,
+                  delta=arguments[i:i + 4])
+        event("response.function_call_arguments.done", item_id=item_id, output_index=index, name=name,
+              arguments=arguments)
+        item = {"id": item_id, "type": "function_call", "status": "completed", "call_id": call_id, "name": name,
+                "arguments": arguments}
+        event("response.output_item.done", output_index=index, item=item)
+        output.append(item)
+    if end == "completed":
+        event("response.completed", response={**response, "status": "completed", "output": output,
+                                              "usage": RESPONSES_USAGE})
+    elif end == "incomplete":
+        event("response.incomplete", response={**response, "status": "incomplete", "output": output,
+                                               "incomplete_details": {"reason": incomplete_reason},
+                                               "usage": RESPONSES_USAGE})
+    elif end == "failed":
+        event("response.failed", response={**response, "status": "failed", "output": output,
+                                           "error": {"code": "server_error",
+                                                     "message": "upstream internals: shard 7 on fire"}})
+    return frames
+
+
+def responses_refusal(body: Any, issued: dict[str, dict[str, Any]]) -> str | None:
+    """Why OpenAI would refuse this stateless request's input (None: it would not).
+
+    `issued` maps each call_id this fake sent to the reasoning item sent before it: replaying
+    that call needs that reasoning item, unchanged, before it in the same model turn (after
+    the last user message or tool output); every function_call_output needs its
+    function_call earlier in the input.
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("input"), list):
+        return "'input' must be a list of items"
+    items = body["input"]
+    called: set[str] = set()
+    for position, item in enumerate(items):
+        kind = item.get("type")
+        if kind == "function_call":
+            called.add(item.get("call_id"))
+            reasoning = issued.get(item.get("call_id"))
+            if reasoning is None:
+                continue
+            turn = []  # the items of the model's turn before this call (back to a user or tool item)
+            for earlier in reversed(items[:position]):
+                if earlier.get("role") == "user" or earlier.get("type") == "function_call_output":
+                    break
+                turn.append(earlier)
+            sent = next((i for i in turn if i.get("type") == "reasoning" and i.get("id") == reasoning["id"]), None)
+            if sent is None:
+                return (f"Item '{item.get('call_id')}' of type 'function_call' was provided without its "
+                        f"required 'reasoning' item: '{reasoning['id']}'.")
+            if sent.get("encrypted_content") != reasoning["encrypted_content"]:
+                return f"The encrypted content for item {reasoning['id']} could not be verified."
+        elif kind == "function_call_output" and item.get("call_id") not in called:
+            return f"No tool call found for function call output with call_id {item.get('call_id')}."
+    return None
+
+
+def issued_reasoning(chunks: list[bytes]) -> dict[str, dict[str, Any]]:
+    """From a Responses stream about to be sent: each call_id and the reasoning item before it."""
+    issued: dict[str, dict[str, Any]] = {}
+    reasoning = None
+    for frame in b"".join(chunks).split(b"\n\n"):
+        data = next((line[6:] for line in frame.split(b"\n") if line.startswith(b"data: ")), None)
+        try:
+            event = json.loads(data) if data else None
+        except ValueError:
+            continue
+        if not isinstance(event, dict) or event.get("type") != "response.output_item.done":
+            continue
+        item = event["item"]
+        if item.get("type") == "reasoning":
+            reasoning = item
+        elif item.get("type") == "function_call" and reasoning is not None:
+            issued[item["call_id"]] = reasoning
+    return issued
+
+
+class ResponsesUpstream(FakeUpstream):
+    """The fake upstream, answering `/responses` as OpenAI does a stateless call: a request
+    whose input replays a call it issued without the reasoning item before it (or a tool
+    output without its call) gets OpenAI's 400 instead of the queued reply."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(tls)
+        self.issued: dict[str, dict[str, Any]] = {}
+
+    def reset(self, *replies: Reply) -> None:
+        super().reset(*replies)
+        self.issued = {}
+
+    def _send(self, conn: socket.socket, reply: Reply, seen: Seen) -> None:
+        if seen.path.endswith("/responses"):
+            refusal = responses_refusal(seen.body, self.issued)
+            if refusal is not None:
+                error = {"error": {"message": refusal, "type": "invalid_request_error", "param": "input",
+                                   "code": None}}
+                reply = Reply(status=400, chunks=[json.dumps(error).encode()], content_type="application/json")
+            elif reply.status == 200:
+                self.issued.update(issued_reasoning(reply.chunks))
+        super()._send(conn, reply, seen)

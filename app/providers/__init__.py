@@ -15,6 +15,7 @@ from app.providers.base import HttpProvider, Provider, ProviderError, Task, Upst
 from app.providers.demo import DemoProvider
 from app.providers.gemini import GeminiProvider
 from app.providers.openai import CompatibleProvider, GroqProvider, MistralProvider, OpenAIProvider
+from app.providers.openai_responses import OpenAIResponsesProvider
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ SPECS: dict[str, ProviderSpec] = {
     "openai-compatible": ProviderSpec(CompatibleProvider, "OPENAI_COMPATIBLE_API_KEY", "OPENAI_COMPATIBLE_BASE_URL",
                                       "", "llama3.2"),
 }
+
+# The adapter of the `openai` provider for each OPENAI_API setting.
+OPENAI_APIS: dict[str, type[HttpProvider]] = {"chat": OpenAIProvider, "responses": OpenAIResponsesProvider}
 
 
 def build_providers(env: Mapping[str, Any], settings: Any) -> dict[str, Provider]:
@@ -75,7 +79,8 @@ def build_providers(env: Mapping[str, Any], settings: Any) -> dict[str, Provider
         model = spec.model
         if settings.LLM_PROVIDER == name and settings.LLM_MODEL:
             model = settings.LLM_MODEL
-        providers[name] = spec.adapter(name, base or spec.base_url, env.get(spec.key_env), model, policy, spec.models)
+        adapter = OPENAI_APIS[settings.OPENAI_API] if name == "openai" else spec.adapter
+        providers[name] = adapter(name, base or spec.base_url, env.get(spec.key_env), model, policy, spec.models)
     return providers
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from app.decoders import DecodeError, NdjsonDecoder, SseDecoder
+from app.decoders import DecodeError, NdjsonDecoder, SseDecoder, SseEvent
 from app.providers import upstream_body
 from app.providers.upstream_body import iter_body, shut
 
@@ -43,14 +43,18 @@ class Text:
 
 
 class Usage:
-    """Token counts so far: `input_tokens`, `output_tokens`, `total_tokens`."""
+    """Token counts so far: `input_tokens`, `output_tokens`, `total_tokens`, and
+    `reasoning_tokens` (part of the output) when the provider reports them."""
 
     __slots__ = ("usage",)
 
-    def __init__(self, input_tokens: int | None, output_tokens: int | None, total: int | None = None) -> None:
+    def __init__(self, input_tokens: int | None, output_tokens: int | None, total: int | None = None,
+                 reasoning_tokens: int | None = None) -> None:
         if total is None and input_tokens is not None and output_tokens is not None:
             total = input_tokens + output_tokens
         self.usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": total}
+        if reasoning_tokens is not None:
+            self.usage["reasoning_tokens"] = reasoning_tokens
 
 
 class Finish:
@@ -284,6 +288,15 @@ def system_text(task: Task) -> str | None:
     and any system messages, joined."""
     parts = ([task.system] if task.system else []) + [m["content"] for m in task.messages if m.get("role") == "system"]
     return "\n\n".join(parts) or None
+
+
+def event_object(event: SseEvent) -> dict[str, Any] | None:
+    """An SSE event's data as a JSON object; None for anything else, which a parser skips."""
+    try:
+        data = json.loads(event.data)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def parsed_arguments(arguments: str) -> dict[str, Any]:
