@@ -14,7 +14,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, request
 
-from app.chat_request import invalid, message_list, parse_chat_request
+from app import images
+from app.chat_request import has_content, invalid, message_list, parse_chat_request
 from app.errors import ApiError
 from app.protocols import UiMessageStream
 from app.request_body import parse_json_object
@@ -27,16 +28,26 @@ TRANSPORT_FIELDS = {"id", "messages", "trigger", "messageId"}
 IGNORED_PARTS = {"step-start", "reasoning", "source-url", "source-document"}
 
 
-def _text(parts: list[Any], where: str) -> str:
-    """A user or system message's text; files and other media are not relayed."""
-    texts = []
-    for part in parts:
+def _content(parts: list[Any], where: str, max_image_bytes: int | None) -> str | list[dict[str, Any]]:
+    """A user or system message's content: its text, and for a user (`max_image_bytes` set) its
+    image `file` parts (a data: or https URL with an image `mediaType`); other files are refused."""
+    out: list[dict[str, Any]] = []
+    for i, part in enumerate(parts):
         kind = _kind(part, where)
         if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            out.append({"type": "text", "text": part["text"]})
+        elif kind == "file" and max_image_bytes is not None:
+            media_type = part.get("mediaType")
+            if not isinstance(media_type, str) or media_type.lower() not in images.IMAGE_TYPES:
+                raise invalid(f"{where}.parts[{i}]: only PNG, JPEG, GIF or WebP image files are supported "
+                              f"(got {str(media_type)[:40]!r})")
+            image = images.url_part(part.get("url"), f"{where}.parts[{i}]", max_image_bytes)
+            if image.get("media_type", media_type.lower()) != media_type.lower():
+                raise invalid(f"{where}.parts[{i}]: the file is not the {media_type[:40]} it claims to be")
+            out.append(image)
         elif kind not in IGNORED_PARTS and not kind.startswith("data-"):
             raise invalid(f"{where}: parts of type {kind[:40]!r} are not supported")
-    return "".join(texts)
+    return images.neutral_content(out)
 
 
 def _kind(part: dict[str, Any], where: str) -> str:
@@ -93,12 +104,13 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
             raise invalid(f"{where} must be a UI message with 'parts'")
         role = message.get("role")
         if role in ("user", "system"):
-            messages.append({"role": role, "content": _text(parts, where)})
+            messages.append({"role": role, "content": _content(parts, where,
+                                                               settings.MAX_IMAGE_BYTES if role == "user" else None)})
         elif role == "assistant":
             messages.extend(assistant_turns(parts, where))
         else:
             raise invalid(f"{where}.role must be user, assistant or system")
-    if not messages or messages[-1]["role"] not in ("user", "tool") or not messages[-1]["content"].strip():
+    if not messages or messages[-1]["role"] not in ("user", "tool") or not has_content(messages[-1]["content"]):
         raise invalid("the last message must be a non-empty user message")
     return messages
 

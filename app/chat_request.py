@@ -94,6 +94,14 @@ def parse_messages(value: Any, settings: Settings) -> list[dict[str, Any]]:
     return messages
 
 
+def check_images(messages: list[dict[str, Any]], settings: Settings, provider: Provider) -> None:
+    """A request's images within the limits, and in a form its provider takes (the relay never
+    fetches an image URL on a provider's behalf)."""
+    images.check_images(messages, settings.MAX_IMAGES, settings.MAX_IMAGE_TOTAL_BYTES)
+    if not provider.takes_image_urls and any(part.get("url") for part in images.images_in(messages)):
+        raise invalid(f"provider '{provider.name}' takes images as data: URLs only, not by web URL")
+
+
 def has_content(content: Any) -> bool:
     """Whether a message says anything: some text that is not blank, or an image."""
     return bool(images.text_of(content).strip()) or any(images.images_in([{"content": content}]))
@@ -166,7 +174,7 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     if conversation_id is not None and not (isinstance(conversation_id, str) and ID_PATTERN.fullmatch(conversation_id)):
         raise invalid("'conversation_id' must be 1-64 characters of letters, digits, '_' or '-'")
 
-    images.check_images(messages, settings.MAX_IMAGES, settings.MAX_IMAGE_TOTAL_BYTES)
+    check_images(messages, settings, provider)
     tools = parse_tools(data.get("tools"))
     task = Task(messages=messages, model=model, system=system, temperature=temperature, max_tokens=max_tokens)
     return ChatRequest(provider, task, conversation_id, tools)

@@ -21,6 +21,7 @@ from typing import Any
 from app.access import Access, Caller
 from app.chat_request import ChatRequest
 from app.errors import ApiError
+from app.images import image_bytes, images_in, text_of
 from app.providers.base import Task
 from app.relay import Answer, new_id
 from app.store import Store
@@ -38,6 +39,8 @@ class Conversations:
         self.ttl = settings.CONVERSATION_TTL
         self.cap_messages = settings.MAX_CONVERSATION_MESSAGES
         self.cap_bytes = settings.MAX_CONVERSATION_BYTES
+        self.max_images = settings.MAX_IMAGES
+        self.max_image_bytes = settings.MAX_IMAGE_TOTAL_BYTES * 4 // 3  # as sent: base64
 
     def begin(self, caller: Caller, chat: ChatRequest, request_id: str) -> tuple[str, Task, int]:
         """Store the request's messages; return the conversation id, the task to send, and the
@@ -59,7 +62,8 @@ class Conversations:
             history = self.replayable(self.store.messages(conversation_id, max(0, info.messages - self.max_messages)))
         info = self.store.append_messages(conversation_id, records, self.ttl, owner=caller.id)
         new = chat.task.messages
-        history = self.bounded(history, reserve=sum(len(m.get("content") or "") for m in new), reserved=len(new))
+        history = self.bounded(history, reserve=sum(len(text_of(m.get("content"))) for m in new), reserved=len(new),
+                               images_reserved=list(images_in(new)))
         return conversation_id, replace(chat.task, messages=history + new), info.messages
 
     def history_at(self, conversation_id: str, position: int, request_id: str) -> list[dict[str, Any]]:
@@ -132,14 +136,21 @@ class Conversations:
                 messages.append({"role": role, "content": r["content"]})
         return messages
 
-    def bounded(self, messages: list[dict[str, Any]], reserve: int = 0, reserved: int = 0) -> list[dict[str, Any]]:
+    def bounded(self, messages: list[dict[str, Any]], reserve: int = 0, reserved: int = 0,
+                images_reserved: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """The most recent stored messages within the history budget (less what the request's own
-        `reserved` messages of `reserve` characters take), starting with a user message."""
+        `reserved` messages of `reserve` characters and `images_reserved` take), starting with a
+        user message. Images are sent again with every turn, so older ones fall out of the history
+        once the request's image limits are reached."""
         kept: list[dict[str, Any]] = []
         chars = reserve
+        seen = list(images_reserved or ())
         for message in reversed(messages):
-            chars += len(message.get("content") or "")
-            if (kept or reserved) and (len(kept) + reserved >= self.max_messages or chars > self.max_chars):
+            chars += len(text_of(message.get("content")))
+            seen.extend(images_in([message]))
+            if (kept or reserved) and (len(kept) + reserved >= self.max_messages or chars > self.max_chars
+                                       or len(seen) > self.max_images
+                                       or sum(map(image_bytes, seen)) > self.max_image_bytes):
                 break
             kept.append(message)
         kept.reverse()

@@ -47,7 +47,7 @@ class Picture:
 
 
 def invalid(message: str) -> ApiError:
-    return ApiError(400, "invalid_image", message)
+    return ApiError(400, "invalid_request", message)
 
 
 # ------------------------------------------------------------------ reading headers
@@ -91,16 +91,17 @@ def _jpeg(data: bytes) -> tuple[int, int] | None:
 
 
 def _webp(data: bytes) -> tuple[int, int] | None:
-    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or len(data) < 30:
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or len(data) < 25:
         return None
     chunk = data[12:16]
-    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # lossy: key frame start code, then 14-bit sizes
+    # lossy: a key frame's start code, then 14-bit sizes
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a" and len(data) >= 30:
         width, height = struct.unpack("<HH", data[26:30])
         return width & 0x3FFF, height & 0x3FFF
     if chunk == b"VP8L" and data[20] == 0x2F:  # lossless: 14-bit width-1 and height-1, packed
         bits = int.from_bytes(data[21:25], "little")
         return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8X":  # extended: 24-bit canvas width-1 and height-1
+    if chunk == b"VP8X" and len(data) >= 30:  # extended: 24-bit canvas width-1 and height-1
         return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
     return None
 

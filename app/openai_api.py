@@ -17,7 +17,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from app.chat_request import MODEL_PATTERN, ChatRequest, invalid, message_list, number_option
+from app import images
+from app.chat_request import MODEL_PATTERN, ChatRequest, check_images, invalid, message_list, number_option
 from app.errors import ApiError
 from app.protocols import OpenAIChunks, openai_finish, openai_usage
 from app.providers import Provider, ProviderError, offered
@@ -85,20 +86,10 @@ def model_list(providers: dict[str, Provider], settings: Any) -> list[dict[str, 
 
 
 def _text_of(content: Any, where: str) -> str:
-    """A message's content as text: a string, or a list of text parts."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise invalid(f"{where}: only text content parts are supported (got {str(kind)[:40]!r})")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise invalid(f"{where}: content must be a string or a list of text parts")
+    """A system, assistant or tool message's content as text: a string, or text parts."""
+    text = images.openai_content(content, where, 0, images=False)
+    assert isinstance(text, str)  # text parts only
+    return text
 
 
 def _tool_calls(value: Any, where: str) -> list[dict[str, str]]:
@@ -125,7 +116,8 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
         if role in ("system", "developer"):
             messages.append({"role": "system", "content": _text_of(m.get("content"), where)})
         elif role == "user":
-            messages.append({"role": "user", "content": _text_of(m.get("content"), where)})
+            messages.append({"role": "user", "content": images.openai_content(m.get("content"), where,
+                                                                               settings.MAX_IMAGE_BYTES)})
         elif role == "assistant":
             message: dict[str, Any] = {"role": "assistant", "content": _text_of(m.get("content"), where)}
             if m.get("tool_calls"):
@@ -142,7 +134,7 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
             raise invalid(f"{where}.role must be system, developer, user, assistant or tool")
     if messages[-1]["role"] not in ("user", "tool"):
         raise invalid("the last message must be from the user or a tool result")
-    total = sum(len(m.get("content") or "") + sum(len(c["arguments"]) for c in m.get("tool_calls", ()))
+    total = sum(len(images.text_of(m.get("content"))) + sum(len(c["arguments"]) for c in m.get("tool_calls", ()))
                 for m in messages)
     if total > settings.MAX_PROMPT_CHARS:
         raise ApiError(413, "prompt_too_large", f"the messages are {total} characters; the limit is "
@@ -196,6 +188,7 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
         raise invalid("only response_format {type: text} is supported")
     provider, model = resolve_model(data.get("model"), service.providers, settings)
     messages = neutral_messages(data.get("messages"), settings)
+    check_images(messages, settings, provider)
     tools = client_tools(data.get("tools"))
     temperature = data.get("temperature")
     if temperature is not None:

@@ -151,7 +151,7 @@ def test_errors_have_openai_shape_and_status(client, upstream, live):
         client.chat.completions.create(model="openai/gpt-4.1", messages=HELLO, n=2)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="openai/gpt-4.1", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
+            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}])  # images: test_images.py
     # An upstream failure before the stream: the provider's status and message.
     upstream.reset(Reply(status=429, content_type="application/json",
                          chunks=[b'{"error": {"message": "Rate limit reached for requests"}}']))

@@ -44,7 +44,7 @@ def anthropic_messages(task: Task) -> list[dict[str, Any]]:
             blocks += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": parsed_arguments(c["arguments"])}
                        for c in m["tool_calls"]]
         else:
-            blocks = [{"type": "text", "text": m["content"]}]
+            blocks = anthropic_blocks(m["content"])
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] += blocks
         else:
@@ -54,6 +54,23 @@ def anthropic_messages(task: Task) -> list[dict[str, Any]]:
         if len(turn["content"]) == 1 and turn["content"][0]["type"] == "text":
             turn["content"] = turn["content"][0]["text"]
     return turns
+
+
+def anthropic_blocks(content: Any) -> list[dict[str, Any]]:
+    """Neutral content as Anthropic content blocks: text, and `image` blocks with a base64 or
+    url source (the API fetches a URL itself; the relay never does)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks = []
+    for part in content:
+        if part["type"] == "text":
+            blocks.append({"type": "text", "text": part["text"]})
+        elif part.get("url"):
+            blocks.append({"type": "image", "source": {"type": "url", "url": part["url"]}})
+        else:
+            blocks.append({"type": "image", "source": {"type": "base64", "media_type": part["media_type"],
+                                                       "data": part["data"]}})
+    return blocks
 
 
 def anthropic_tool_choice(choice: str) -> dict[str, Any] | None:

@@ -251,6 +251,9 @@ class Provider:
     name = "provider"
     default_model = ""
     models: tuple[str, ...] = ()
+    # Whether the provider takes an image by its https URL (fetching it itself); one that does
+    # not gets images as bytes only, and a URL is refused before the call (app/images.py).
+    takes_image_urls = True
 
     @property
     def configured(self) -> bool:

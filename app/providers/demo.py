@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from app.images import describe, images_in, text_of
 from app.providers.base import Cancellation, Delta, Finish, Provider, Task, Text, ToolCall, Usage, idle_wait
 
 NOTES = {
@@ -100,14 +101,16 @@ def named_tool_call(prompt: str, tools: list[dict[str, Any]]) -> ToolCall | None
     return None
 
 
-def demo_answer(prompt: str) -> str:
-    """The demo's answer to `prompt`: an echo, then the notes its words ask for."""
+def demo_answer(prompt: str, seen: list[str] | None = None) -> str:
+    """The demo's answer to `prompt`: what it sees in the attached images (their type and size,
+    read from their headers), an echo, then the notes its words ask for."""
     words = prompt.lower()
     chosen = [text for key, text in NOTES.items() if key in words]
     quoted = " ".join(prompt.split())
     if len(quoted) > 120:
         quoted = quoted[:117] + "…"
-    head = f"You asked: “{quoted}”.\n\n" if quoted else ""
+    head = f"I see {'; '.join(seen)}.\n\n" if seen else ""
+    head += f"You asked: “{quoted}”.\n\n" if quoted else ""
     return head + ("\n".join(chosen) if chosen else GENERAL)
 
 
@@ -131,7 +134,8 @@ class DemoProvider(Provider):
 
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         last = task.messages[-1] if task.messages else {}
-        prompt = next((m["content"] for m in reversed(task.messages) if m["role"] == "user"), "")
+        asked = next((m for m in reversed(task.messages) if m["role"] == "user"), {})
+        prompt = text_of(asked.get("content"))
         if last.get("role") == "tool":  # answer with what the tool returned
             text = f"The tool `{last.get('name') or 'you ran'}` says: **{last['content']}**."
         else:
@@ -140,7 +144,7 @@ class DemoProvider(Provider):
                 yield call
                 yield Finish("tool_calls")
                 return
-            text = demo_answer(str(prompt))
+            text = demo_answer(prompt, [describe(image) for image in images_in([asked])])
         pieces = split_tokens(text)
         paced = task.model != "demo-fast"
         if paced and (yield from idle_wait(cancel, self.first_token_delay)):
@@ -150,6 +154,6 @@ class DemoProvider(Provider):
             yield Text(piece)
             if paced and self.interval and (yield from idle_wait(cancel, self.interval)):
                 return
-        input_tokens = sum(len(split_tokens(str(m.get("content") or ""))) for m in task.messages)
+        input_tokens = sum(len(split_tokens(text_of(m.get("content")))) for m in task.messages)
         yield Usage(input_tokens, min(limit, len(pieces)))
         yield Finish("length" if limit < len(pieces) else "stop")

@@ -28,6 +28,24 @@ FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_fil
                   "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter"}
 
 
+def gemini_parts(content: Any) -> list[dict[str, Any]]:
+    """Neutral content as Gemini parts: text, and images inline (`inlineData`). Gemini takes
+    no image by web URL (only files uploaded to it): such a request is refused before it is
+    sent (`takes_image_urls`), and never fetched here."""
+    if isinstance(content, str):
+        return [{"text": content}]
+    parts = []
+    for part in content:
+        if part["type"] == "text":
+            parts.append({"text": part["text"]})
+        elif part.get("data"):
+            parts.append({"inlineData": {"mimeType": part["media_type"], "data": part["data"]}})
+        else:
+            raise ProviderError("invalid_request", "gemini takes images as data: URLs only, not by web URL",
+                                status=400)
+    return parts
+
+
 def gemini_contents(task: Task) -> list[dict[str, Any]]:
     """Chat messages as Gemini contents: calls as `functionCall` parts of a model turn,
     results as `functionResponse` parts of a user turn, consecutive turns of one role merged."""
@@ -46,7 +64,7 @@ def gemini_contents(task: Task) -> list[dict[str, Any]]:
                 names[call["id"]] = call["name"]
                 parts.append({"functionCall": {"name": call["name"], "args": parsed_arguments(call["arguments"])}})
         else:
-            parts = [{"text": m["content"]}]
+            parts = gemini_parts(m["content"])
         if contents and contents[-1]["role"] == role:
             contents[-1]["parts"] += parts
         else:
@@ -112,6 +130,8 @@ class GeminiStreamParser:
 
 
 class GeminiProvider(HttpProvider):
+    takes_image_urls = False  # only files uploaded to Gemini's own Files API
+
     def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
         body: dict[str, Any] = {"contents": gemini_contents(task)}
         system = system_text(task)

@@ -38,8 +38,22 @@ def openai_messages(task: Task) -> list[dict[str, Any]]:
         elif m.get("role") == "tool":
             messages.append({"role": "tool", "tool_call_id": m["tool_call_id"], "content": m["content"]})
         else:
-            messages.append({"role": m["role"], "content": m["content"]})
+            messages.append({"role": m["role"], "content": openai_content(m["content"])})
     return messages
+
+
+def openai_content(content: Any) -> Any:
+    """Neutral content in chat completions' shape: a string as is; images as `image_url` parts,
+    with their bytes as a data: URL (what OpenAI, Groq, Mistral and compatible servers take)."""
+    if isinstance(content, str):
+        return content
+    return [{"type": "image_url", "image_url": {"url": image_url(p)}} if p["type"] == "image"
+            else {"type": "text", "text": p["text"]} for p in content]
+
+
+def image_url(part: dict[str, Any]) -> str:
+    """A neutral image part as a URL: its https URL, or its bytes as a data: URL."""
+    return part.get("url") or f"data:{part['media_type']};base64,{part['data']}"
 
 
 def openai_tool_choice(choice: str) -> Any:
