@@ -43,14 +43,18 @@ class Text:
 
 
 class Usage:
-    """Token counts so far: `input_tokens`, `output_tokens`, `total_tokens`."""
+    """Token counts so far: `input_tokens`, `output_tokens`, `total_tokens`, and
+    `reasoning_tokens` (the part of the output spent thinking) only when the provider reports it."""
 
     __slots__ = ("usage",)
 
-    def __init__(self, input_tokens: int | None, output_tokens: int | None, total: int | None = None) -> None:
+    def __init__(self, input_tokens: int | None, output_tokens: int | None, total: int | None = None,
+                 reasoning_tokens: int | None = None) -> None:
         if total is None and input_tokens is not None and output_tokens is not None:
             total = input_tokens + output_tokens
         self.usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": total}
+        if reasoning_tokens is not None:
+            self.usage["reasoning_tokens"] = reasoning_tokens
 
 
 class Finish:
