@@ -32,9 +32,12 @@ MAX_TOOLS = 128
 # Options that only shape sampling details the relay does not forward; accepted so SDK
 # defaults and common client code work unchanged.
 IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "top_p", "presence_penalty", "frequency_penalty",
-           "seed", "service_tier", "prompt_cache_key", "safety_identifier", "reasoning_effort", "verbosity"}
+           "seed", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity"}
 KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-         "stop", "n", "tools", "tool_choice", "logprobs", "response_format"} | IGNORED
+         "stop", "n", "tools", "tool_choice", "logprobs", "response_format", "reasoning_effort"} | IGNORED
+# OpenAI's reasoning_effort values as the relay's reasoning levels ("none": no visible reasoning).
+REASONING_EFFORTS = {"none": None, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                     "xhigh": "high"}
 
 
 def service() -> ChatService:
@@ -211,8 +214,12 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
     options = data.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise invalid("'stream' must be a boolean and 'stream_options' an object")
+    effort = data.get("reasoning_effort")
+    if effort is not None and (not isinstance(effort, str) or effort not in REASONING_EFFORTS):
+        raise invalid(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}")
     task = Task(messages=messages, model=model, temperature=temperature, max_tokens=limit, tools=tools,
-                tool_choice=tool_choice(data.get("tool_choice"), tools), stop=stop)
+                tool_choice=tool_choice(data.get("tool_choice"), tools), stop=stop,
+                reasoning=REASONING_EFFORTS.get(effort) if effort else None)
     # The conversation record keeps this turn only (what followed the last assistant message).
     last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     chat = ChatRequest(provider, task, None, [], records=messages[last_answer + 1:])
@@ -245,6 +252,8 @@ def chat_completions():
         status = err.status if err.status and 400 <= err.status < 600 else 502
         raise ApiError(502 if status in (401, 403) else status, err.type, err.message) from None
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
+    if answer.reasoning:  # where DeepSeek and LiteLLM put it
+        message["reasoning_content"] = answer.reasoning_text
     if answer.tool_calls:
         message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name,
                                                                                "arguments": c.arguments}}

@@ -2,11 +2,11 @@
 
 A `Generation` produces normalized deltas; a protocol object turns them into encoded SSE
 frames for its log, once per stream (every reader of the log copies bytes). Each
-protocol has the same methods: `opening`, `text`, `meta`, `tool_call` and `closing`,
+protocol has the same methods: `opening`, `text`, `reasoning`, `meta`, `tool_call` and `closing`,
 and keeps what it needs between them (event ids, the tool call index). The SSE framing
 itself lives in app/sse.py.
 
-- `RelayEvents`: msgid, token, meta, done, error (docs/http-api.md). Event ids count
+- `RelayEvents`: msgid, token, reasoning, meta, done, error (docs/http-api.md). Event ids count
   frames, so a reader resumes at log position = Last-Event-ID.
 - `OpenAIChunks`: `chat.completion.chunk` objects and `data: [DONE]`, as the official
   OpenAI SDKs read them (docs/openai-api.md).
@@ -57,6 +57,9 @@ class RelayEvents:
     def text(self, text: str) -> bytes:
         return encode_token(self._take_id(), text)
 
+    def reasoning(self, text: str) -> bytes:
+        return encode_event(self._take_id(), "reasoning", {"text": text})
+
     def meta(self, data: dict[str, Any]) -> bytes | None:
         return encode_event(self._take_id(), "meta", data)
 
@@ -88,8 +91,12 @@ class RelayEvents:
 def openai_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     if usage is None:
         return None
-    return {"prompt_tokens": usage.get("input_tokens") or 0, "completion_tokens": usage.get("output_tokens") or 0,
-            "total_tokens": usage.get("total_tokens") or 0}
+    out: dict[str, Any] = {"prompt_tokens": usage.get("input_tokens") or 0,
+                           "completion_tokens": usage.get("output_tokens") or 0,
+                           "total_tokens": usage.get("total_tokens") or 0}
+    if usage.get("reasoning_tokens") is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage["reasoning_tokens"]}
+    return out
 
 
 def openai_finish(reason: str | None) -> str:
@@ -126,6 +133,10 @@ class OpenAIChunks:
     def text(self, text: str) -> bytes:
         return self._delta({"content": text})
 
+    def reasoning(self, text: str) -> bytes:
+        # Not in OpenAI's own chunks: the field DeepSeek and LiteLLM stream reasoning in.
+        return self._delta({"reasoning_content": text})
+
     def meta(self, data: dict[str, Any]) -> bytes | None:
         return None  # retries, rate limits: nothing an OpenAI client expects
 
@@ -159,13 +170,15 @@ UI_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "co
 
 
 class UiMessageStream:
-    """The AI SDK's UI message stream: start, text-start/delta/end, tool parts, finish, [DONE]."""
+    """The AI SDK's UI message stream: start, reasoning-start/delta/end, text-start/delta/end,
+    tool parts, finish, [DONE]. One block (reasoning or text) is open at a time."""
 
     resumable = False
     HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 
     def __init__(self) -> None:
         self.text_id: str | None = None  # the open text block, if any
+        self.reasoning_id: str | None = None  # the open reasoning block, if any
         self.blocks = 0
         self.message_id = ""
 
@@ -176,6 +189,11 @@ class UiMessageStream:
     def _close_text(self) -> bytes:
         frame = self._part({"type": "text-end", "id": self.text_id}) if self.text_id else b""
         self.text_id = None
+        return frame + self._close_reasoning()
+
+    def _close_reasoning(self) -> bytes:
+        frame = self._part({"type": "reasoning-end", "id": self.reasoning_id}) if self.reasoning_id else b""
+        self.reasoning_id = None
         return frame
 
     def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
@@ -188,8 +206,17 @@ class UiMessageStream:
             return self._part({"type": "text-delta", "id": self.text_id, "delta": text})
         self.blocks += 1
         self.text_id = f"text-{self.blocks}"
-        return (self._part({"type": "text-start", "id": self.text_id})
+        return (self._close_reasoning() + self._part({"type": "text-start", "id": self.text_id})
                 + self._part({"type": "text-delta", "id": self.text_id, "delta": text}))
+
+    def reasoning(self, text: str) -> bytes:
+        if self.reasoning_id is not None:
+            return self._part({"type": "reasoning-delta", "id": self.reasoning_id, "delta": text})
+        opened = self._close_text()
+        self.blocks += 1
+        self.reasoning_id = f"reasoning-{self.blocks}"
+        return (opened + self._part({"type": "reasoning-start", "id": self.reasoning_id})
+                + self._part({"type": "reasoning-delta", "id": self.reasoning_id, "delta": text}))
 
     def meta(self, data: dict[str, Any]) -> bytes | None:
         tool = data.get("tool")
@@ -210,7 +237,7 @@ class UiMessageStream:
         return None  # server-side tools announce themselves through meta
 
     def closing(self, ending: Ending) -> list[bytes]:
-        frames = [self._close_text()] if self.text_id else []
+        frames = [self._close_text()] if self.text_id or self.reasoning_id else []
         if ending.error is not None:
             return frames + [self._part({"type": "error", "errorText": ending.error.get("message") or "error"}),
                              OpenAIChunks.DONE]
