@@ -2,7 +2,8 @@
 
 A `Generation` produces normalized deltas; a protocol object turns them into encoded SSE
 frames for its log, once per stream (every reader of the log copies bytes). Each
-protocol has the same methods: `opening`, `text`, `reasoning`, `meta`, `tool_call` and `closing`,
+protocol has the same methods: `opening`, `text`, `reasoning`, `signed`, `meta`, `tool_call` and
+`closing`,
 and keeps what it needs between them (event ids, the tool call index). The SSE framing
 itself lives in app/sse.py.
 
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from app.providers.base import ToolCall
+from app.providers.base import Signed, ToolCall
 from app.sse import encode_event, encode_json, encode_token
 
 
@@ -66,6 +67,9 @@ class RelayEvents:
     def tool_call(self, call: ToolCall) -> bytes | None:
         return None  # server-side tools report through `meta`; calls are kept in the record
 
+    def signed(self, item: Signed) -> bytes | None:
+        return None  # kept in the conversation record, which later turns replay
+
     @staticmethod
     def text_of(frames: list[bytes]) -> str:
         """The answer text that a stream's frames carry (for a producer that continues it)."""
@@ -97,6 +101,26 @@ def openai_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     if usage.get("reasoning_tokens") is not None:
         out["completion_tokens_details"] = {"reasoning_tokens": usage["reasoning_tokens"]}
     return out
+
+
+THINKING_BLOCKS = ("thinking", "redacted_thinking")
+
+
+def openai_tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """A tool call in OpenAI's shape; a Gemini thought signature rides along where Gemini's own
+    OpenAI-compatible API puts it (`extra_content.google.thought_signature`), so a client that
+    sends the call back sends the signature back too."""
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    out.update({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+    if call.signature:
+        out["extra_content"] = {"google": {"thought_signature": call.signature["value"]}}
+    return out
+
+
+def thinking_blocks(signed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anthropic thinking blocks among an answer's signed items, for OpenAI clients: the
+    `thinking_blocks` field LiteLLM gives an assistant message (and reads back from it)."""
+    return [s["item"] for s in signed if s["item"].get("type") in THINKING_BLOCKS]
 
 
 def openai_finish(reason: str | None) -> str:
@@ -144,8 +168,12 @@ class OpenAIChunks:
         # Calls reach the relay whole; one fragment with all its arguments is what OpenAI sends
         # for short calls too, and clients concatenate fragments per index either way.
         index, self.tool_index = self.tool_index, self.tool_index + 1
-        return self._delta({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                            "function": {"name": call.name, "arguments": call.arguments}}]})
+        return self._delta({"tool_calls": [openai_tool_call(call, index)]})
+
+    def signed(self, item: Signed) -> bytes | None:
+        if item.item.get("type") not in THINKING_BLOCKS:
+            return None
+        return self._delta({"thinking_blocks": [item.item]})
 
     def closing(self, ending: Ending) -> list[bytes]:
         if ending.error is not None:
@@ -235,6 +263,9 @@ class UiMessageStream:
 
     def tool_call(self, call: ToolCall) -> bytes | None:
         return None  # server-side tools announce themselves through meta
+
+    def signed(self, item: Signed) -> bytes | None:
+        return None  # the tool rounds that need it run here, within the request
 
     def closing(self, ending: Ending) -> list[bytes]:
         frames = [self._close_text()] if self.text_id or self.reasoning_id else []

@@ -296,7 +296,8 @@ class Generation:
                     yield SILENT if delta.silent else WAITING
                     continue
                 frame = (wire.reasoning(delta.text) if kind is Reasoning else wire.meta(delta.data) if kind is Meta
-                         else wire.tool_call(delta) if kind is ToolCall else None)
+                         else wire.tool_call(delta) if kind is ToolCall else wire.signed(delta) if kind is Signed
+                         else None)
                 if frame is not None:
                     append(frame)
                 answer.note(delta)

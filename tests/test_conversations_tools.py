@@ -339,10 +339,9 @@ def test_tool_rounds_with_thinking_send_the_signatures_back(provider, upstream, 
         assert model_turn[1]["parts"] == [{"text": "It is 42.", "thoughtSignature": thought_signature("answer")}]
 
 
-def test_the_fake_refuses_tool_rounds_without_their_thinking_state(upstream, live):
+def test_the_fake_refuses_tool_rounds_without_their_thinking_state(upstream):
     """What the relay did before it kept signatures: the second round is refused, as the real APIs do."""
     upstream.reset(Reply(chunks=BODIES["anthropic"](["x"])))
-    url = live()
     tool_round = [{"role": "user", "content": "q"},
                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "1"}]}]

@@ -348,7 +348,8 @@ def test_anthropic_thinking_request_budget_temperature_and_tool_choice():
     mock("anthropic", BODIES["anthropic"](["x"]))
     run(provider("anthropic"), task(temperature=0.2, tools=[{"name": "f"}], tool_choice="f"))
     body = sent_body()
-    assert "thinking" not in body and body["temperature"] == 0.2 and body["tool_choice"] == {"type": "tool", "name": "f"}
+    assert "thinking" not in body and body["temperature"] == 0.2
+    assert body["tool_choice"] == {"type": "tool", "name": "f"}
 
 
 @responses.activate
