@@ -147,6 +147,8 @@ class Conversations:
         chars = reserve
         for message in reversed(messages):
             chars += len(message.get("content") or "")
+            if message.get("signed"):  # thinking blocks go back upstream with their turn
+                chars += sum(len(to_json(s["item"])) for s in message["signed"])
             if (kept or reserved) and (len(kept) + reserved >= self.max_messages or chars > self.max_chars):
                 break
             kept.append(message)

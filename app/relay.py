@@ -30,20 +30,8 @@ from typing import Any
 
 from app.logs import REQUEST_ID
 from app.protocols import Ending, RelayEvents
-from app.providers.base import (
-    Cancellation,
-    Finish,
-    Idle,
-    Meta,
-    Provider,
-    ProviderError,
-    Reasoning,
-    Signed,
-    Task,
-    Text,
-    ToolCall,
-    Usage,
-)
+from app.providers import Provider, ProviderError, Task
+from app.providers.base import Cancellation, Finish, Idle, Meta, Reasoning, Signed, Text, ToolCall, Usage
 from app.sse import StreamLog, encode_event
 from app.store import Store
 from app.tools import Tool, answer_deltas
