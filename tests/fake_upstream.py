@@ -471,8 +471,9 @@ def refusal(path: str, body: Any) -> Reply | None:
       other than 1; a forced tool_choice; and, in a tool round (the last message carries
       tool_result blocks), an assistant turn with tool_use that does not start with its
       thinking block, or whose thinking block is not the one the fake signed.
-    - Gemini: thinkingLevel and thinkingBudget together; on a Gemini 3 model, a functionCall
-      part of the current turn (after the last user text) without its thoughtSignature.
+    - Gemini: thinkingLevel and thinkingBudget together; on a Gemini 3 model, the first
+      functionCall part of a model turn in the current turn (after the last user text)
+      without its thoughtSignature, or with one the fake did not give.
     """
     if not isinstance(body, dict):
         return None
@@ -537,9 +538,8 @@ def _gemini_refusal(path: str, body: dict[str, Any]) -> Reply | None:
     start = max((i for i, c in enumerate(contents) if c.get("role") == "user"
                  and any("text" in p for p in c.get("parts") or ())), default=-1)
     for position, content in enumerate(contents[start + 1:], start + 1):
-        for part in content.get("parts") or ():
-            if "functionCall" not in part:
-                continue
+        # Of parallel calls only the first carries a signature, and only it is checked.
+        for part in [p for p in content.get("parts") or () if "functionCall" in p][:1]:
             expected = thought_signature(part["functionCall"].get("name", ""))
             if "thoughtSignature" not in part:
                 return refuse(f"Function call is missing a thought_signature in functionCall parts. This is required "
