@@ -3,7 +3,7 @@
 `useChat` with its default transport posts `{id, messages, trigger, messageId, ...body}`,
 with UI messages made of `parts`, and reads the UI message stream protocol. This route
 accepts that request, adds the relay's own options from `body` (provider, model,
-system, temperature, max_tokens, tools), goes through the same front door as every
+system, temperature, max_tokens, tools, reasoning), goes through the same front door as every
 route, and answers with `app.protocols.UiMessageStream`. Details: docs/ai-sdk.md.
 """
 

@@ -20,7 +20,8 @@ from app.providers import Provider, Task
 from app.tools import Tool, toolbox
 
 OPTIONS = {"prompt", "messages", "system", "provider", "model", "temperature", "max_tokens", "conversation_id",
-           "tools"}
+           "tools", "reasoning"}
+REASONING_LEVELS = ("low", "medium", "high")
 ROLES = {"system", "user", "assistant"}
 # fullmatch, never match() with "$": "$" also matches before a trailing newline.
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -176,8 +177,19 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
 
     check_images(messages, settings, provider)
     tools = parse_tools(data.get("tools"))
-    task = Task(messages=messages, model=model, system=system, temperature=temperature, max_tokens=max_tokens)
+    task = Task(messages=messages, model=model, system=system, temperature=temperature, max_tokens=max_tokens,
+                reasoning=reasoning_option(data.get("reasoning")))
     return ChatRequest(provider, task, conversation_id, tools)
+
+
+def reasoning_option(value: Any) -> str | None:
+    """The requested reasoning level: "low", "medium" or "high"; absent or empty for the
+    provider's default (usually no visible reasoning)."""
+    if value is None or value == "":
+        return None
+    if value not in REASONING_LEVELS:
+        raise invalid("'reasoning' must be one of low, medium, high")
+    return value
 
 
 def parse_tools(value: Any) -> list[Tool]:

@@ -26,6 +26,7 @@ from app.providers.base import Task
 from app.relay import Answer, new_id
 from app.store import Store
 from app.store.base import to_json
+from app.tools import neutral_call
 
 NOT_FOUND = "no such conversation"
 
@@ -85,8 +86,12 @@ class Conversations:
         if answer.tool_records:
             record["tools"] = answer.tool_records
             record["tool_messages"] = answer.tool_messages  # replayed to the model in later turns
+        if answer.reasoning:  # the model's visible thinking, apart from the answer
+            record["reasoning"] = answer.reasoning_text
+        if answer.signed:  # provider reasoning state, sent back to that provider in later turns
+            record["signed"] = answer.signed
         if answer.tool_calls:  # calls the model made of tools the client defined
-            record["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in answer.tool_calls]
+            record["tool_calls"] = [neutral_call(c) for c in answer.tool_calls]
         if answer.error:
             record["error"] = answer.error
         if answer.failovers:  # who wrote which part: each entry says after how many characters
@@ -126,10 +131,13 @@ class Conversations:
                 content = r.get("content") or ""
                 content = content[len(said):] if content.startswith(said) else content
                 calls = r.get("tool_calls")  # calls of client-defined tools (OpenAI API, AI SDK)
+                turn: dict[str, Any] = {"role": "assistant", "content": content}
                 if calls:
-                    messages.append({"role": "assistant", "content": content, "tool_calls": calls})
-                elif content:
-                    messages.append({"role": "assistant", "content": content})
+                    turn["tool_calls"] = calls
+                if r.get("signed"):
+                    turn["signed"] = r["signed"]
+                if calls or content:
+                    messages.append(turn)
             elif role == "tool":
                 messages.append({k: r[k] for k in ("role", "tool_call_id", "name", "content", "is_error") if k in r})
             elif r.get("content") and (role == "user" or (role == "system" and r.get("request_id") == request_id)):
@@ -147,6 +155,8 @@ class Conversations:
         seen = list(images_reserved or ())
         for message in reversed(messages):
             chars += len(text_of(message.get("content")))
+            if message.get("signed"):  # thinking blocks go back upstream with their turn
+                chars += sum(len(to_json(s["item"])) for s in message["signed"])
             seen.extend(images_in([message]))
             if (kept or reserved) and (len(kept) + reserved >= self.max_messages or chars > self.max_chars
                                        or len(seen) > self.max_images

@@ -20,11 +20,12 @@ from flask import Blueprint, current_app, g, jsonify, request
 from app import images
 from app.chat_request import MODEL_PATTERN, ChatRequest, check_images, invalid, message_list, number_option
 from app.errors import ApiError
-from app.protocols import OpenAIChunks, openai_finish, openai_usage
+from app.protocols import THINKING_BLOCKS, OpenAIChunks, openai_finish, openai_tool_call, openai_usage, thinking_blocks
 from app.providers import Provider, ProviderError, offered
 from app.providers.base import Task
 from app.request_body import parse_json_object
 from app.service import ChatService
+from app.store.base import to_json
 
 bp = Blueprint("openai", __name__)
 
@@ -33,9 +34,12 @@ MAX_TOOLS = 128
 # Options that only shape sampling details the relay does not forward; accepted so SDK
 # defaults and common client code work unchanged.
 IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "top_p", "presence_penalty", "frequency_penalty",
-           "seed", "service_tier", "prompt_cache_key", "safety_identifier", "reasoning_effort", "verbosity"}
+           "seed", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity"}
 KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-         "stop", "n", "tools", "tool_choice", "logprobs", "response_format"} | IGNORED
+         "stop", "n", "tools", "tool_choice", "logprobs", "response_format", "reasoning_effort"} | IGNORED
+# OpenAI's reasoning_effort values as the relay's reasoning levels ("none": no visible reasoning).
+REASONING_EFFORTS = {"none": None, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                     "xhigh": "high"}
 
 
 def service() -> ChatService:
@@ -92,7 +96,7 @@ def _text_of(content: Any, where: str) -> str:
     return text
 
 
-def _tool_calls(value: Any, where: str) -> list[dict[str, str]]:
+def _tool_calls(value: Any, where: str, provider: str) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise invalid(f"{where}.tool_calls must be a list")
     calls = []
@@ -101,12 +105,27 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, str]]:
         if not isinstance(function, dict) or not isinstance(call.get("id"), str) \
                 or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments", ""), str):
             raise invalid(f"{where}.tool_calls[{i}] must be {{id, type: function, function: {{name, arguments}}}}")
-        calls.append({"id": call["id"], "name": function["name"], "arguments": function.get("arguments") or "{}"})
+        neutral = {"id": call["id"], "name": function["name"], "arguments": function.get("arguments") or "{}"}
+        extra = call.get("extra_content")
+        signature = ((extra.get("google") or {}) if isinstance(extra, dict) else {}).get("thought_signature")
+        if isinstance(signature, str) and signature:  # sent back as it came (see protocols.openai_tool_call)
+            neutral["signature"] = {"provider": provider, "value": signature}
+        calls.append(neutral)
     return calls
 
 
-def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
-    """OpenAI chat messages as the relay's provider-neutral messages."""
+def _thinking_blocks(value: Any, where: str, provider: str) -> list[dict[str, Any]]:
+    """An assistant message's `thinking_blocks` (see protocols.thinking_blocks), as signed items
+    of the provider the request goes to: the only one that could have signed them."""
+    if not isinstance(value, list) or not all(isinstance(b, dict) and b.get("type") in THINKING_BLOCKS
+                                              for b in value):
+        raise invalid(f"{where}.thinking_blocks must be a list of thinking or redacted_thinking blocks")
+    return [{"provider": provider, "item": block} for block in value]
+
+
+def neutral_messages(value: Any, settings: Any, provider: str = "") -> list[dict[str, Any]]:
+    """OpenAI chat messages as the relay's provider-neutral messages (`provider`: the name of
+    the provider they go to, whose reasoning state the client may send back)."""
     value = message_list(value, settings, "chat messages")
     messages: list[dict[str, Any]] = []
     names: dict[str, str] = {}
@@ -121,8 +140,10 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
         elif role == "assistant":
             message: dict[str, Any] = {"role": "assistant", "content": _text_of(m.get("content"), where)}
             if m.get("tool_calls"):
-                message["tool_calls"] = _tool_calls(m["tool_calls"], where)
+                message["tool_calls"] = _tool_calls(m["tool_calls"], where, provider)
                 names.update((c["id"], c["name"]) for c in message["tool_calls"])
+            if m.get("thinking_blocks"):
+                message["signed"] = _thinking_blocks(m["thinking_blocks"], where, provider)
             messages.append(message)
         elif role == "tool":
             call_id = m.get("tool_call_id")
@@ -134,8 +155,11 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
             raise invalid(f"{where}.role must be system, developer, user, assistant or tool")
     if messages[-1]["role"] not in ("user", "tool"):
         raise invalid("the last message must be from the user or a tool result")
-    total = sum(len(images.text_of(m.get("content"))) + sum(len(c["arguments"]) for c in m.get("tool_calls", ()))
-                for m in messages)
+    # Thinking blocks and signatures a client sends back go upstream and into the record too.
+    total = sum(len(images.text_of(m.get("content")))
+                + sum(len(c["arguments"]) + len((c.get("signature") or {}).get("value", ""))
+                      for c in m.get("tool_calls", ()))
+                + sum(len(to_json(s["item"])) for s in m.get("signed", ())) for m in messages)
     if total > settings.MAX_PROMPT_CHARS:
         raise ApiError(413, "prompt_too_large", f"the messages are {total} characters; the limit is "
                                                 f"{settings.MAX_PROMPT_CHARS}")
@@ -187,7 +211,7 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
     if response_format not in (None, {"type": "text"}):
         raise invalid("only response_format {type: text} is supported")
     provider, model = resolve_model(data.get("model"), service.providers, settings)
-    messages = neutral_messages(data.get("messages"), settings)
+    messages = neutral_messages(data.get("messages"), settings, provider.name)
     check_images(messages, settings, provider)
     tools = client_tools(data.get("tools"))
     temperature = data.get("temperature")
@@ -204,8 +228,12 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
     options = data.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise invalid("'stream' must be a boolean and 'stream_options' an object")
+    effort = data.get("reasoning_effort")
+    if effort is not None and (not isinstance(effort, str) or effort not in REASONING_EFFORTS):
+        raise invalid(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}")
     task = Task(messages=messages, model=model, temperature=temperature, max_tokens=limit, tools=tools,
-                tool_choice=tool_choice(data.get("tool_choice"), tools), stop=stop)
+                tool_choice=tool_choice(data.get("tool_choice"), tools), stop=stop,
+                reasoning=REASONING_EFFORTS.get(effort) if effort else None)
     # The conversation record keeps this turn only (what followed the last assistant message).
     last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     chat = ChatRequest(provider, task, None, [], records=messages[last_answer + 1:])
@@ -238,10 +266,12 @@ def chat_completions():
         status = err.status if err.status and 400 <= err.status < 600 else 502
         raise ApiError(502 if status in (401, 403) else status, err.type, err.message) from None
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
+    if answer.reasoning:  # where DeepSeek and LiteLLM put it
+        message["reasoning_content"] = answer.reasoning_text
+    if thinking_blocks(answer.signed):
+        message["thinking_blocks"] = thinking_blocks(answer.signed)
     if answer.tool_calls:
-        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name,
-                                                                               "arguments": c.arguments}}
-                                 for c in answer.tool_calls]
+        message["tool_calls"] = [openai_tool_call(c) for c in answer.tool_calls]
     return jsonify(id=f"chatcmpl-{request_id}", object="chat.completion", created=int(time.time()),
                    model=how["model"], choices=[{"index": 0, "message": message, "logprobs": None,
                                                  "finish_reason": openai_finish(answer.finish_reason)}],

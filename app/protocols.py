@@ -2,11 +2,12 @@
 
 A `Generation` produces normalized deltas; a protocol object turns them into encoded SSE
 frames for its log, once per stream (every reader of the log copies bytes). Each
-protocol has the same methods: `opening`, `text`, `meta`, `tool_call` and `closing`,
+protocol has the same methods: `opening`, `text`, `reasoning`, `signed`, `meta`, `tool_call` and
+`closing`,
 and keeps what it needs between them (event ids, the tool call index). The SSE framing
 itself lives in app/sse.py.
 
-- `RelayEvents`: msgid, token, meta, done, error (docs/http-api.md). Event ids count
+- `RelayEvents`: msgid, token, reasoning, meta, done, error (docs/http-api.md). Event ids count
   frames, so a reader resumes at log position = Last-Event-ID.
 - `OpenAIChunks`: `chat.completion.chunk` objects and `data: [DONE]`, as the official
   OpenAI SDKs read them (docs/openai-api.md).
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from app.providers.base import ToolCall
+from app.providers.base import Signed, ToolCall
 from app.sse import encode_event, encode_json, encode_token
 
 
@@ -57,11 +58,17 @@ class RelayEvents:
     def text(self, text: str) -> bytes:
         return encode_token(self._take_id(), text)
 
+    def reasoning(self, text: str) -> bytes:
+        return encode_event(self._take_id(), "reasoning", {"text": text})
+
     def meta(self, data: dict[str, Any]) -> bytes | None:
         return encode_event(self._take_id(), "meta", data)
 
     def tool_call(self, call: ToolCall) -> bytes | None:
         return None  # server-side tools report through `meta`; calls are kept in the record
+
+    def signed(self, item: Signed) -> bytes | None:
+        return None  # kept in the conversation record, which later turns replay
 
     @staticmethod
     def text_of(frames: list[bytes]) -> str:
@@ -88,8 +95,32 @@ class RelayEvents:
 def openai_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     if usage is None:
         return None
-    return {"prompt_tokens": usage.get("input_tokens") or 0, "completion_tokens": usage.get("output_tokens") or 0,
-            "total_tokens": usage.get("total_tokens") or 0}
+    out: dict[str, Any] = {"prompt_tokens": usage.get("input_tokens") or 0,
+                           "completion_tokens": usage.get("output_tokens") or 0,
+                           "total_tokens": usage.get("total_tokens") or 0}
+    if usage.get("reasoning_tokens") is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage["reasoning_tokens"]}
+    return out
+
+
+THINKING_BLOCKS = ("thinking", "redacted_thinking")
+
+
+def openai_tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """A tool call in OpenAI's shape; a Gemini thought signature rides along where Gemini's own
+    OpenAI-compatible API puts it (`extra_content.google.thought_signature`), so a client that
+    sends the call back sends the signature back too."""
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    out.update({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+    if call.signature:
+        out["extra_content"] = {"google": {"thought_signature": call.signature["value"]}}
+    return out
+
+
+def thinking_blocks(signed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anthropic thinking blocks among an answer's signed items, for OpenAI clients: the
+    `thinking_blocks` field LiteLLM gives an assistant message (and reads back from it)."""
+    return [s["item"] for s in signed if s["item"].get("type") in THINKING_BLOCKS]
 
 
 def openai_finish(reason: str | None) -> str:
@@ -126,6 +157,10 @@ class OpenAIChunks:
     def text(self, text: str) -> bytes:
         return self._delta({"content": text})
 
+    def reasoning(self, text: str) -> bytes:
+        # Not in OpenAI's own chunks: the field DeepSeek and LiteLLM stream reasoning in.
+        return self._delta({"reasoning_content": text})
+
     def meta(self, data: dict[str, Any]) -> bytes | None:
         return None  # retries, rate limits: nothing an OpenAI client expects
 
@@ -133,8 +168,12 @@ class OpenAIChunks:
         # Calls reach the relay whole; one fragment with all its arguments is what OpenAI sends
         # for short calls too, and clients concatenate fragments per index either way.
         index, self.tool_index = self.tool_index, self.tool_index + 1
-        return self._delta({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                            "function": {"name": call.name, "arguments": call.arguments}}]})
+        return self._delta({"tool_calls": [openai_tool_call(call, index)]})
+
+    def signed(self, item: Signed) -> bytes | None:
+        if item.item.get("type") not in THINKING_BLOCKS:
+            return None
+        return self._delta({"thinking_blocks": [item.item]})
 
     def closing(self, ending: Ending) -> list[bytes]:
         if ending.error is not None:
@@ -159,13 +198,15 @@ UI_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "co
 
 
 class UiMessageStream:
-    """The AI SDK's UI message stream: start, text-start/delta/end, tool parts, finish, [DONE]."""
+    """The AI SDK's UI message stream: start, reasoning-start/delta/end, text-start/delta/end,
+    tool parts, finish, [DONE]. One block (reasoning or text) is open at a time."""
 
     resumable = False
     HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 
     def __init__(self) -> None:
         self.text_id: str | None = None  # the open text block, if any
+        self.reasoning_id: str | None = None  # the open reasoning block, if any
         self.blocks = 0
         self.message_id = ""
 
@@ -176,6 +217,11 @@ class UiMessageStream:
     def _close_text(self) -> bytes:
         frame = self._part({"type": "text-end", "id": self.text_id}) if self.text_id else b""
         self.text_id = None
+        return frame + self._close_reasoning()
+
+    def _close_reasoning(self) -> bytes:
+        frame = self._part({"type": "reasoning-end", "id": self.reasoning_id}) if self.reasoning_id else b""
+        self.reasoning_id = None
         return frame
 
     def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
@@ -188,8 +234,17 @@ class UiMessageStream:
             return self._part({"type": "text-delta", "id": self.text_id, "delta": text})
         self.blocks += 1
         self.text_id = f"text-{self.blocks}"
-        return (self._part({"type": "text-start", "id": self.text_id})
+        return (self._close_reasoning() + self._part({"type": "text-start", "id": self.text_id})
                 + self._part({"type": "text-delta", "id": self.text_id, "delta": text}))
+
+    def reasoning(self, text: str) -> bytes:
+        if self.reasoning_id is not None:
+            return self._part({"type": "reasoning-delta", "id": self.reasoning_id, "delta": text})
+        opened = self._close_text()
+        self.blocks += 1
+        self.reasoning_id = f"reasoning-{self.blocks}"
+        return (opened + self._part({"type": "reasoning-start", "id": self.reasoning_id})
+                + self._part({"type": "reasoning-delta", "id": self.reasoning_id, "delta": text}))
 
     def meta(self, data: dict[str, Any]) -> bytes | None:
         tool = data.get("tool")
@@ -209,8 +264,11 @@ class UiMessageStream:
     def tool_call(self, call: ToolCall) -> bytes | None:
         return None  # server-side tools announce themselves through meta
 
+    def signed(self, item: Signed) -> bytes | None:
+        return None  # the tool rounds that need it run here, within the request
+
     def closing(self, ending: Ending) -> list[bytes]:
-        frames = [self._close_text()] if self.text_id else []
+        frames = [self._close_text()] if self.text_id or self.reasoning_id else []
         if ending.error is not None:
             return frames + [self._part({"type": "error", "errorText": ending.error.get("message") or "error"}),
                              OpenAIChunks.DONE]

@@ -30,7 +30,8 @@ from typing import Any
 
 from app.logs import REQUEST_ID
 from app.protocols import Ending, RelayEvents
-from app.providers.base import Cancellation, Finish, Idle, Meta, Provider, ProviderError, Task, Text, ToolCall, Usage
+from app.providers import Provider, ProviderError, Task
+from app.providers.base import Cancellation, Finish, Idle, Meta, Reasoning, Signed, Text, ToolCall, Usage
 from app.sse import StreamLog, encode_event
 from app.store import Store
 from app.tools import Tool, answer_deltas
@@ -48,6 +49,8 @@ class Answer:
     """What a generation produced so far; the same record for streamed and REST answers."""
 
     parts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)  # visible thinking, never part of the text
+    signed: list[dict[str, Any]] = field(default_factory=list)  # {"provider", "item"}, in the order they came
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
@@ -62,10 +65,18 @@ class Answer:
     def text(self) -> str:
         return "".join(self.parts)
 
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(self.reasoning)
+
     def note(self, delta: Any) -> None:
         """Keep what a non-text delta says (text is appended by the caller, on its hot path)."""
         kind = delta.__class__
-        if kind is Usage:
+        if kind is Reasoning:
+            self.reasoning.append(delta.text)
+        elif kind is Signed:
+            self.signed.append({"provider": delta.provider, "item": delta.item})
+        elif kind is Usage:
             self.usage = delta.usage
         elif kind is Finish:
             self.finish_reason = delta.reason
@@ -272,7 +283,9 @@ class Generation:
                 if kind is Idle:
                     yield SILENT if delta.silent else WAITING
                     continue
-                frame = wire.meta(delta.data) if kind is Meta else wire.tool_call(delta) if kind is ToolCall else None
+                frame = (wire.reasoning(delta.text) if kind is Reasoning else wire.meta(delta.data) if kind is Meta
+                         else wire.tool_call(delta) if kind is ToolCall else wire.signed(delta) if kind is Signed
+                         else None)
                 if frame is not None:
                     append(frame)
                 answer.note(delta)

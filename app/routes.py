@@ -143,6 +143,7 @@ def chat_rest():
         provider=chat.provider.name,
         model=chat.task.model,
         content=answer.text,
+        reasoning=answer.reasoning_text or None,
         finish_reason=answer.finish_reason,
         usage=answer.usage,
         tools=answer.tool_records,

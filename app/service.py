@@ -67,11 +67,12 @@ class Ticket:
     temperature: float | None = None
     max_tokens: int | None = None
     tools: tuple[str, ...] = ()
+    reasoning: str | None = None
 
     def task(self, messages: list[dict[str, Any]]) -> Task:
         """The request to send, with the history read from its conversation."""
         return Task(messages=messages, model=self.model, system=self.system, temperature=self.temperature,
-                    max_tokens=self.max_tokens)
+                    max_tokens=self.max_tokens, reasoning=self.reasoning)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "tools": list(self.tools)}
@@ -147,7 +148,8 @@ class ChatService:
         try:
             conversation_id, task, position = self.conversations.begin(caller, chat, ticket_id)
             ticket = Ticket(caller.id, chat.provider.name, task.model, conversation_id, position, task.system,
-                            task.temperature, task.max_tokens, tuple(t.name for t in chat.tools))
+                            task.temperature, task.max_tokens, tuple(t.name for t in chat.tools),
+                            reasoning=task.reasoning)
             self.store.put_ticket(ticket_id, ticket.to_dict(), ttl)
         except BaseException:
             self.access.release_ticket(caller.id, ticket_id)

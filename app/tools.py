@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from app.providers.base import Cancellation, Delta, Finish, Meta, Provider, Signed, Task, Text, ToolCall
+from app.providers.base import Cancellation, Delta, Finish, Meta, Provider, Reasoning, Signed, Task, Text, ToolCall
 
 PREVIEW_CHARS = 200
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
@@ -166,20 +166,27 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
             yield Meta({"tool": {"status": "round_limit", "rounds": max_rounds}})
         calls: list[ToolCall] = []
         text: list[str] = []
-        signed: list[dict[str, Any]] = []  # reasoning state the provider wants back with this turn
+        thoughts: list[str] = []
+        # Held until the round ends: a round with tool calls keeps them on its assistant turn
+        # (they go back in the next round), the final round hands them to the answer.
+        signed: list[Signed] = []
         for delta in provider.stream(task, cancel):
             kind = delta.__class__
             if kind is ToolCall:
                 calls.append(delta)
                 continue
             if kind is Signed:
-                signed.append({"provider": delta.provider, "item": delta.item})
+                signed.append(delta)
+                continue
             if kind is Finish and calls:
                 continue  # "tool_calls" is not how the answer ends
             if kind is Text:
                 text.append(delta.text)
+            elif kind is Reasoning:
+                thoughts.append(delta.text)
             yield delta
         if not calls or cancel.is_set():
+            yield from signed
             return
         results = []
         for call in calls:
@@ -190,21 +197,30 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
             yield Meta({"tool": {"id": call.id, "name": call.name, "arguments": call.arguments,
                                  "status": "done" if result.ok else "error",
                                  "result_preview": result.content[:PREVIEW_CHARS], "result": result.content}})
-        round_messages = tool_round_messages("".join(text), results, signed)
+        round_messages = tool_round_messages("".join(text), results, "".join(thoughts), signed)
         task.messages.extend(round_messages)
         exchange.extend(round_messages)
 
 
-def tool_round_messages(text: str, results: list[ToolResult],
-                        signed: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def neutral_call(call: ToolCall) -> dict[str, Any]:
+    """A tool call as the neutral messages carry it (its provider's signature, if any, with it)."""
+    out: dict[str, Any] = {"id": call.id, "name": call.name, "arguments": call.arguments}
+    if call.signature:
+        out["signature"] = call.signature
+    return out
+
+
+def tool_round_messages(text: str, results: list[ToolResult], reasoning: str = "",
+                        signed: list[Signed] | None = None) -> list[dict[str, Any]]:
     """A tool round in the provider-neutral message format (each adapter translates it):
-    the assistant's turn with its calls (and its `signed` reasoning state, if any), then one
-    `tool` message per result."""
-    calls = [{"id": r.call.id, "name": r.call.name, "arguments": r.call.arguments} for r in results]
-    assistant: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": calls}
+    the assistant's turn with its calls (and its reasoning and signed items, which the
+    provider that made them gets back), then one `tool` message per result."""
+    turn: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": [neutral_call(r.call) for r in results]}
+    if reasoning:
+        turn["reasoning"] = reasoning
     if signed:
-        assistant["signed"] = signed
-    return [assistant] + [
+        turn["signed"] = [{"provider": s.provider, "item": s.item} for s in signed]
+    return [turn] + [
         {"role": "tool", "tool_call_id": r.call.id, "name": r.call.name, "content": r.content, "is_error": not r.ok}
         for r in results]
 

@@ -5,11 +5,15 @@ Bodies are built by `openai_body`, `anthropic_body`, `gemini_body`, … from a l
 text pieces, then cut into network chunks by `hostile_chunks` so lines, CRLF pairs and
 multi-byte UTF-8 characters straddle chunk boundaries. Every request, and the moment
 the relay closed each connection, is recorded.
+
+Like the real APIs, it refuses (400, before any queued reply is taken) what they refuse
+about reasoning: see `refusal`.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import json
 import socket
@@ -132,7 +136,8 @@ class FakeUpstream:
             seen = Seen(lines[0].split(" ")[1], headers, parsed, time.monotonic(), connection=conn.fileno())
             with self._lock:
                 self.seen.append(seen)
-            reply = self._next_reply()
+            refused = refusal(seen.path, parsed)
+            reply = self._next_reply() if refused is None else refused
             try:
                 self._send(conn, reply, seen)
             except OSError:
@@ -530,3 +535,196 @@ class ResponsesUpstream(FakeUpstream):
             elif reply.status == 200:
                 self.issued.update(issued_reasoning(reply.chunks))
         super()._send(conn, reply, seen)
+
+
+# ------------------------------------------------------------------ reasoning and signatures
+
+
+def thinking_signature(thinking: str) -> str:
+    """The signature this fake gives a thinking block: tied to its text, so a block sent back
+    changed (or a signature made up) is refused, as Anthropic refuses it."""
+    return "EqQBCkYIBRgC" + hashlib.sha256(thinking.encode()).hexdigest()[:24]
+
+
+def thought_signature(name: str) -> str:
+    """The thoughtSignature this fake puts on a Gemini part (opaque base64-like text)."""
+    return "CiQB" + hashlib.sha256(name.encode()).hexdigest()[:32] + "=="
+
+
+def anthropic_thinking_body(thoughts: list[str], pieces: list[str] = (), tool: tuple[str, str, str] | None = None,
+                            redacted: str | None = None) -> list[bytes]:
+    """An Anthropic stream with thinking on: a thinking block (thinking_delta pieces, then its
+    signature_delta), an optional redacted_thinking block, then text and/or one tool_use."""
+    frames = [sse({"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 1}}},
+                  "message_start"),
+              sse({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "thinking", "thinking": "", "signature": ""}}, "content_block_start")]
+    for piece in thoughts:
+        frames.append(sse({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "thinking_delta", "thinking": piece}}, "content_block_delta"))
+    signature = thinking_signature("".join(thoughts))
+    frames.append(sse({"type": "content_block_delta", "index": 0,
+                       "delta": {"type": "signature_delta", "signature": signature}}, "content_block_delta"))
+    frames.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+    index = 1
+    if redacted is not None:
+        frames.append(sse({"type": "content_block_start", "index": index,
+                           "content_block": {"type": "redacted_thinking", "data": redacted}}, "content_block_start"))
+        frames.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
+        index += 1
+    if pieces:
+        frames.append(sse({"type": "content_block_start", "index": index,
+                           "content_block": {"type": "text", "text": ""}}, "content_block_start"))
+        for piece in pieces:
+            frames.append(sse({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "text_delta", "text": piece}}, "content_block_delta"))
+        frames.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
+        index += 1
+    if tool is not None:
+        call_id, name, arguments = tool
+        frames.append(sse({"type": "content_block_start", "index": index,
+                           "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}}},
+                          "content_block_start"))
+        frames.append(sse({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "input_json_delta", "partial_json": arguments}}, "content_block_delta"))
+        frames.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
+    frames.append(sse({"type": "message_delta", "delta": {"stop_reason": "tool_use" if tool else "end_turn"},
+                       "usage": {"output_tokens": 40}}, "message_delta"))
+    frames.append(sse({"type": "message_stop"}, "message_stop"))
+    return frames
+
+
+def gemini_thinking_body(thoughts: list[str], pieces: list[str] = (),
+                         call: tuple[str, dict[str, Any]] | None = None) -> list[bytes]:
+    """A Gemini stream with thoughts (`thought: true` parts), then text and/or one functionCall
+    part carrying its thoughtSignature (as Gemini 3 sends it); an answer without a call ends
+    with an empty part that carries the signature. thoughtsTokenCount in usageMetadata."""
+    def chunk(parts: list[dict[str, Any]], finish: bool = False) -> bytes:
+        candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
+        if finish:
+            candidate["finishReason"] = "STOP"
+        return sse({"candidates": [candidate], "usageMetadata": {
+            "promptTokenCount": 4, "candidatesTokenCount": len(pieces) + (call is not None),
+            "thoughtsTokenCount": 30, "totalTokenCount": 34 + len(pieces) + (call is not None)}}, eol="\r\n")
+
+    frames = [chunk([{"text": piece, "thought": True}]) for piece in thoughts]
+    frames += [chunk([{"text": piece}]) for piece in pieces]
+    if call is not None:
+        name, args = call
+        part = {"functionCall": {"name": name, "args": args}, "thoughtSignature": thought_signature(name)}
+        frames.append(chunk([part], finish=True))
+    else:
+        frames.append(chunk([{"text": "", "thoughtSignature": thought_signature("answer")}], finish=True))
+    return frames
+
+
+def openai_reasoning_body(thoughts: list[str], pieces: list[str], field: str = "reasoning_content") -> list[bytes]:
+    """An OpenAI-compatible stream that reasons first: `delta.reasoning_content` (DeepSeek,
+    vLLM, llama.cpp) or `delta.reasoning` (Groq, OpenRouter, Ollama), then content; usage
+    with completion_tokens_details.reasoning_tokens."""
+    base = {"id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    frames = [sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None, field: ""},
+                                        "finish_reason": None}]})]
+    for piece in thoughts:
+        frames.append(sse({**base, "choices": [{"index": 0, "delta": {"content": None, field: piece},
+                                                "finish_reason": None}]}))
+    for piece in pieces:
+        frames.append(sse({**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}))
+    frames.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    frames.append(sse({**base, "choices": [], "usage": {
+        "prompt_tokens": 5, "completion_tokens": len(thoughts) + len(pieces), "total_tokens": 5 + len(thoughts)
+        + len(pieces), "completion_tokens_details": {"reasoning_tokens": len(thoughts)}}}))
+    frames.append(b"data: [DONE]\n\n")
+    return frames
+
+
+def _error_reply(status: int, body: dict[str, Any]) -> Reply:
+    return Reply(status=status, chunks=[json.dumps(body).encode()], content_type="application/json")
+
+
+def refusal(path: str, body: Any) -> Reply | None:
+    """The 400 a real API answers to this request, for the reasoning rules it enforces; else None.
+
+    - Anthropic with thinking on: a budget under 1024 or not below max_tokens; a temperature
+      other than 1; a forced tool_choice; and, in a tool round (the last message carries
+      tool_result blocks), an assistant turn with tool_use that does not start with its
+      thinking block, or whose thinking block is not the one the fake signed.
+    - Gemini: thinkingLevel and thinkingBudget together; on a Gemini 3 model, the first
+      functionCall part of a model turn in the current turn (after the last user text)
+      without its thoughtSignature, or with one the fake did not give.
+    """
+    if not isinstance(body, dict):
+        return None
+    if path.endswith("/v1/messages"):
+        return _anthropic_refusal(body)
+    if ":streamGenerateContent" in path:
+        return _gemini_refusal(path, body)
+    return None
+
+
+def _anthropic_refusal(body: dict[str, Any]) -> Reply | None:
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return None
+
+    def refuse(message: str) -> Reply:
+        return _error_reply(400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
+
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or budget < 1024:
+        return refuse("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
+    if budget >= body.get("max_tokens", 0):
+        return refuse("`max_tokens` must be greater than `thinking.budget_tokens`")
+    if "temperature" in body and body["temperature"] != 1:
+        return refuse("`temperature` may only be set to 1 when thinking is enabled")
+    if (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
+        return refuse("Thinking may not be enabled when tool_choice forces tool use.")
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else {}
+    in_tool_round = isinstance(last.get("content"), list) and any(
+        b.get("type") == "tool_result" for b in last["content"])
+    assistants = [m for m in messages if m.get("role") == "assistant"]
+    if not in_tool_round or not assistants:
+        return None
+    content = assistants[-1].get("content")
+    blocks = content if isinstance(content, list) else [{"type": "text", "text": content}]
+    if any(b.get("type") == "tool_use" for b in blocks):
+        first = blocks[0]
+        if first.get("type") not in ("thinking", "redacted_thinking"):
+            return refuse(f"messages.{messages.index(assistants[-1])}.content.0.type: Expected `thinking` or "
+                          f"`redacted_thinking`, but found `{first.get('type')}`. When `thinking` is enabled, a final "
+                          "`assistant` message must start with a thinking block (preceeding the lastmost set of "
+                          "`tool_use` and `tool_result` blocks).")
+        for block in blocks:
+            if block.get("type") == "thinking" and block.get("signature") != thinking_signature(
+                    block.get("thinking", "")):
+                return refuse("Invalid `signature` in `thinking` block")
+    return None
+
+
+def _gemini_refusal(path: str, body: dict[str, Any]) -> Reply | None:
+    def refuse(message: str) -> Reply:
+        return _error_reply(400, {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}})
+
+    config = (body.get("generationConfig") or {}).get("thinkingConfig") or {}
+    if "thinkingLevel" in config and "thinkingBudget" in config:
+        return refuse("You can only set only one of thinking budget and thinking level.")
+    model = path.split("/models/", 1)[-1].split(":", 1)[0]
+    if not model.startswith("gemini-3"):
+        return None
+    contents = body.get("contents") or []
+    start = max((i for i, c in enumerate(contents) if c.get("role") == "user"
+                 and any("text" in p for p in c.get("parts") or ())), default=-1)
+    for position, content in enumerate(contents[start + 1:], start + 1):
+        # Of parallel calls only the first carries a signature, and only it is checked.
+        for part in [p for p in content.get("parts") or () if "functionCall" in p][:1]:
+            expected = thought_signature(part["functionCall"].get("name", ""))
+            if "thoughtSignature" not in part:
+                return refuse(f"Function call is missing a thought_signature in functionCall parts. This is required "
+                              f"for tools to work correctly, and missing thought_signature may lead to degraded "
+                              f"model performance. Additional data, function call `default_api:"
+                              f"{part['functionCall'].get('name')}` , position {position}. Please refer to "
+                              f"https://ai.google.dev/gemini-api/docs/thought-signatures for more details.")
+            if part["thoughtSignature"] != expected:
+                return refuse("Corrupted thought signature.")
+    return None

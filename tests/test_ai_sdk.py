@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
+
 import requests
 
 from tests.conftest import run_node
-from tests.fake_upstream import BODIES, TRICKY_TEXT, Reply, hostile_chunks
+from tests.fake_upstream import BODIES, TRICKY_TEXT, Reply, gemini_thinking_body, hostile_chunks, thought_signature
 
 
 def test_use_chat_transport_assembles_the_upstream_text(upstream, live):
@@ -62,3 +64,28 @@ def test_bad_ui_messages_are_a_clear_400(client):
     assert too_many.status_code == 413 and too_many.get_json()["error"]["type"] == "prompt_too_large"
     extra = {"id": "c", "messages": [{"role": "user", "parts": [{"type": "text", "text": "x"}]}], "bogus": 1}
     assert client.post("/api/chat/ui", json=extra).get_json()["error"]["message"].startswith("unknown option")
+
+
+def test_reasoning_and_server_tool_rounds_with_thinking_as_ui_parts(upstream, live):
+    """Gemini 3 thinks, calls a server-side tool, thinks again and answers: the reasoning arrives
+    as reasoning-start/delta/end parts, and the second round carries the call's signature (the
+    fake refuses it otherwise)."""
+    upstream.reset(Reply(chunks=gemini_thinking_body(["Need ", "a tool."], call=("calculate", {"expression": "6*7"}))),
+                   Reply(chunks=gemini_thinking_body(["Got 42."], ["It is ", "42."])))
+    body = {"id": "c", "trigger": "submit-message", "provider": "gemini", "model": "gemini-3-pro-preview",
+            "tools": True, "reasoning": "high",
+            "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "6*7?"}]}]}
+    response = requests.post(f"{live()}/api/chat/ui", json=body, timeout=10)
+    parts = [json.loads(frame[6:]) for frame in response.text.split("\n\n") if frame.startswith("data: {")]
+    kinds = [p["type"] for p in parts]
+    assert kinds == ["start", "start-step",
+                     "reasoning-start", "reasoning-delta", "reasoning-delta", "reasoning-end",
+                     "tool-input-available", "tool-output-available",
+                     "reasoning-start", "reasoning-delta", "reasoning-end",
+                     "text-start", "text-delta", "text-delta", "text-end", "finish-step", "finish"], kinds
+    ids = {p["id"] for p in parts if p["type"].startswith("reasoning-")}
+    assert len(ids) == 2  # one block per round
+    assert "".join(p["delta"] for p in parts if p["type"] == "reasoning-delta") == "Need a tool.Got 42."
+    assert upstream.last().body["contents"][1]["parts"][0]["thoughtSignature"] == thought_signature("calculate")
+    assert upstream.seen[0].body["generationConfig"]["thinkingConfig"] == {"includeThoughts": True,
+                                                                           "thinkingLevel": "high"}

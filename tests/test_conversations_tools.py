@@ -7,8 +7,18 @@ import pytest
 import requests
 
 from app.tools import schema_from_signature, toolbox
-from tests.conftest import open_stream, text_of
-from tests.fake_upstream import BODIES, Reply, anthropic_tool_use_body, openai_tool_call_body
+from tests.conftest import close_ws, open_stream, text_of
+from tests.fake_upstream import (
+    BODIES,
+    Reply,
+    anthropic_thinking_body,
+    anthropic_tool_use_body,
+    gemini_thinking_body,
+    openai_reasoning_body,
+    openai_tool_call_body,
+    thinking_signature,
+    thought_signature,
+)
 
 
 def conversation(url, conversation_id):
@@ -264,3 +274,145 @@ def test_later_turns_replay_the_tool_exchange_in_the_providers_format(provider, 
         assert sent[1]["content"][1]["type"] == "tool_use" and sent[1]["content"][1]["input"] == {"expression": "6*7"}
         assert sent[2]["content"][0]["type"] == "tool_result" and sent[2]["content"][0]["content"] == "42"
         assert sent[3]["content"] == "It is 42."
+
+
+# ------------------------------------------------------------------ tool rounds with thinking
+
+
+def thinking_rounds(provider):
+    """The fake's two rounds of a thinking model that calls `calculate`, then answers."""
+    if provider == "anthropic":
+        return (Reply(chunks=anthropic_thinking_body(["I should ", "calculate."],
+                                                     tool=("toolu_1", "calculate", '{"expression": "6*7"}'))),
+                Reply(chunks=anthropic_thinking_body(["It returned 42."], ["It is ", "42."])))
+    return (Reply(chunks=gemini_thinking_body(["I should ", "calculate."], call=("calculate", {"expression": "6*7"}))),
+            Reply(chunks=gemini_thinking_body(["It returned 42."], ["It is ", "42."])))
+
+
+THINKING_MODELS = {"anthropic": "claude-sonnet-4-5", "gemini": "gemini-3-flash-preview"}
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "gemini"])
+def test_tool_rounds_with_thinking_send_the_signatures_back(provider, upstream, live):
+    """Both APIs refuse the second round unless the first round's thinking state comes back
+    unchanged (the fake refuses it as they do); the reasoning streams as its own events."""
+    upstream.reset(*thinking_rounds(provider))
+    url = live()
+    events = open_stream(f"{url}/api/chat/stream", json_body={
+        "provider": provider, "model": THINKING_MODELS[provider], "prompt": "6*7?", "tools": True,
+        "reasoning": "low", "temperature": 0.5}).read_all()
+    assert events[-1].event == "done", events[-1].data
+    assert text_of(events) == "It is 42."
+    assert "".join(e.data["text"] for e in events if e.event == "reasoning") == "I should calculate.It returned 42."
+    names = [e.event for e in events]
+    assert names.index("reasoning") < names.index("token")
+    first, second = upstream.seen
+    if provider == "anthropic":
+        assert first.body["thinking"] == {"type": "enabled", "budget_tokens": 1024} and "temperature" not in first.body
+        turn = second.body["messages"][1]["content"]
+        assert [b["type"] for b in turn] == ["thinking", "tool_use"]
+        assert turn[0]["thinking"] == "I should calculate." and turn[0]["signature"] == thinking_signature(
+            "I should calculate.")
+    else:
+        assert first.body["generationConfig"]["thinkingConfig"] == {"includeThoughts": True, "thinkingLevel": "low"}
+        call = second.body["contents"][1]["parts"][0]
+        assert call == {"functionCall": {"name": "calculate", "args": {"expression": "6*7"}},
+                        "thoughtSignature": thought_signature("calculate")}
+    record = conversation(url, events[0].data["conversation_id"])[-1]
+    assert record["content"] == "It is 42." and record["reasoning"] == "I should calculate.It returned 42."
+    assert record["usage"].get("reasoning_tokens") == (30 if provider == "gemini" else None)
+    assert record["tool_messages"][0]["reasoning"] == "I should calculate."
+
+    # A later turn of the conversation sends both rounds' signed state back to the same provider.
+    upstream.reset(Reply(chunks=BODIES[provider](["Yes."])))
+    later = open_stream(f"{url}/api/chat/stream", json_body={
+        "provider": provider, "model": THINKING_MODELS[provider], "prompt": "Sure?", "reasoning": "low",
+        "conversation_id": events[0].data["conversation_id"]}).read_all()
+    assert later[-1].event == "done" and text_of(later) == "Yes."
+    sent = upstream.last().body
+    if provider == "anthropic":
+        assert [[b["type"] for b in m["content"]] for m in sent["messages"] if m["role"] == "assistant"] == [
+            ["thinking", "tool_use"], ["thinking", "text"]]
+    else:
+        model_turn = [c for c in sent["contents"] if c["role"] == "model"]
+        assert model_turn[0]["parts"][0]["thoughtSignature"] == thought_signature("calculate")
+        assert model_turn[1]["parts"] == [{"text": "It is 42.", "thoughtSignature": thought_signature("answer")}]
+
+
+def test_the_fake_refuses_tool_rounds_without_their_thinking_state(upstream):
+    """What the relay did before it kept signatures: the second round is refused, as the real APIs do."""
+    upstream.reset(Reply(chunks=BODIES["anthropic"](["x"])))
+    tool_round = [{"role": "user", "content": "q"},
+                  {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "1"}]}]
+    anthropic = {"model": "c", "max_tokens": 2048, "messages": tool_round,
+                 "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    refused = requests.post(f"{upstream.url}/v1/messages", json=anthropic, timeout=10)
+    assert refused.status_code == 400 and "must start with a thinking block" in refused.text
+    hot = requests.post(f"{upstream.url}/v1/messages", json={**anthropic, "messages": tool_round[:1],
+                                                             "temperature": 0.5}, timeout=10)
+    assert hot.status_code == 400 and "temperature" in hot.text
+    contents = [{"role": "user", "parts": [{"text": "q"}]},
+                {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]},
+                {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"result": "1"}}}]}]
+    gemini = requests.post(f"{upstream.url}/models/gemini-3-pro-preview:streamGenerateContent?alt=sse",
+                           json={"contents": contents}, timeout=10)
+    assert gemini.status_code == 400 and "missing a thought_signature" in gemini.text
+    older = requests.post(f"{upstream.url}/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                          json={"contents": contents}, timeout=10)
+    assert older.status_code == 200  # 2.5 models do not enforce it
+
+
+def test_signed_state_is_dropped_for_another_provider(upstream, live):
+    """After a turn answered by Anthropic with thinking, a turn sent to Gemini gets the text only."""
+    upstream.reset(Reply(chunks=anthropic_thinking_body(["Hmm."], ["Hello."])))
+    url = live()
+    first = open_stream(f"{url}/api/chat/stream", json_body={"provider": "anthropic", "prompt": "hi",
+                                                              "reasoning": "medium"}).read_all()
+    assert [e.event for e in first].count("reasoning") == 1
+    upstream.reset(Reply(chunks=BODIES["gemini"](["Hi again."])))
+    open_stream(f"{url}/api/chat/stream", json_body={"provider": "gemini", "prompt": "again", "reasoning": "low",
+                                                      "conversation_id": first[0].data["conversation_id"]}).read_all()
+    assert upstream.last().body["contents"][1] == {"role": "model", "parts": [{"text": "Hello."}]}
+
+
+def test_reasoning_on_rest_post_sse_and_websocket(upstream, live):
+    from simple_websocket import Client
+
+    url = live()
+    upstream.reset(Reply(chunks=openai_reasoning_body(["Think", "ing."], ["Four."])))
+    rest = requests.post(f"{url}/api/chat", json={"provider": "openai-compatible", "prompt": "2+2",
+                                                  "reasoning": "high"}, timeout=10).json()
+    assert rest["content"] == "Four." and rest["reasoning"] == "Thinking."
+    assert upstream.last().body["reasoning_effort"] == "high"
+    assert rest["usage"]["reasoning_tokens"] == 2
+
+    ticket = requests.post(f"{url}/api/chat/streams", json={"provider": "openai-compatible", "prompt": "2+2",
+                                                            "reasoning": "low"}, timeout=10).json()
+    events = open_stream(url + ticket["stream_url"]).read_all()
+    assert [e.data["text"] for e in events if e.event == "reasoning"] == ["Think", "ing."]
+    assert upstream.last().body["reasoning_effort"] == "low"  # the ticket kept the option
+
+    query = open_stream(f"{url}/api/chat/stream?provider=openai-compatible&prompt=q&reasoning=medium").read_all()
+    assert text_of(query) == "Four." and upstream.last().body["reasoning_effort"] == "medium"
+
+    ws = Client.connect(url.replace("http", "ws") + "/api/chat/ws")
+    try:
+        ws.send(json.dumps({"provider": "openai-compatible", "prompt": "q", "reasoning": "low"}))
+        received = ""
+        while "event: done" not in received:
+            received += ws.receive(timeout=5) or ""
+    finally:
+        close_ws(ws)
+    assert 'event: reasoning\ndata: {"text":"Think"}' in received
+
+
+def test_bad_reasoning_option_is_a_400(client):
+    response = client.post("/api/chat", json={"prompt": "q", "reasoning": "max"})
+    assert response.status_code == 400 and "'reasoning' must be one of" in response.get_json()["error"]["message"]
+
+
+def test_demo_thinks_offline(live):
+    events = open_stream(f"{live()}/api/chat/stream?provider=demo&prompt=hi&reasoning=medium").read_all()
+    names = [e.event for e in events]
+    assert names.count("reasoning") > 3 and names.index("reasoning") < names.index("token")

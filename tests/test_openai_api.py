@@ -17,10 +17,15 @@ from tests.fake_upstream import (
     BODIES,
     TRICKY_TEXT,
     Reply,
+    anthropic_thinking_body,
     anthropic_tool_use_body,
     gemini_function_call_body,
+    gemini_thinking_body,
     hostile_chunks,
+    openai_reasoning_body,
     openai_tool_call_body,
+    thinking_signature,
+    thought_signature,
 )
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
@@ -242,3 +247,66 @@ def test_the_demo_provider_calls_client_tools_offline(client):
               {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
     answer = client.chat.completions.create(model="demo/demo-fast", messages=follow, tools=[WEATHER])
     assert answer.choices[0].message.content == "The tool `get_weather` says: **sunny**."
+
+
+# ------------------------------------------------------------------ reasoning
+
+
+def test_reasoning_effort_streams_reasoning_content_apart(client, upstream):
+    upstream.reset(Reply(chunks=hostile_chunks(anthropic_thinking_body(["Six ", "sevens."], ["42."]))))
+    chunks = list(client.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=HELLO, stream=True,
+                                                 reasoning_effort="medium"))
+    assert upstream.last().body["thinking"] == {"type": "enabled", "budget_tokens": 4096}
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Six sevens."
+    assert "".join(d.content or "" for d in deltas) == "42."
+    upstream.reset(Reply(chunks=openai_reasoning_body(["Hm", "m."], ["Four."])))
+    whole = client.chat.completions.create(model="openai/o4-mini", messages=HELLO, reasoning_effort="minimal")
+    assert upstream.last().body["reasoning_effort"] == "low"
+    assert whole.choices[0].message.content == "Four." and whole.choices[0].message.reasoning_content == "Hmm."
+    assert whole.usage.completion_tokens_details.reasoning_tokens == 2
+    upstream.reset(Reply(chunks=BODIES["openai"](["x"])))
+    client.chat.completions.create(model="openai/gpt-4.1", messages=HELLO, reasoning_effort="none")
+    assert "reasoning_effort" not in upstream.last().body
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        client.chat.completions.create(model="openai/gpt-4.1", messages=HELLO, reasoning_effort="maximum")
+
+
+@pytest.mark.parametrize("provider,model,first", [
+    ("anthropic", "claude-sonnet-4-5",
+     lambda: anthropic_thinking_body(["Weather tool."], tool=("toolu_1", "get_weather", '{"city": "Köln"}'))),
+    ("gemini", "gemini-3-flash-preview",
+     lambda: gemini_thinking_body(["Weather tool."], call=("get_weather", {"city": "Köln"}))),
+])
+def test_client_tool_rounds_with_thinking_carry_their_signatures(provider, model, first, client, upstream):
+    """A client that sends back the message it got (as the SDKs' examples do) sends back the
+    thinking state with it: `thinking_blocks` (LiteLLM's field) and Gemini's own
+    `extra_content.google.thought_signature`. The fake refuses the round otherwise."""
+    upstream.reset(Reply(chunks=first()))
+    whole = client.chat.completions.create(model=f"{provider}/{model}", messages=HELLO, tools=[WEATHER],
+                                           reasoning_effort="low")
+    message = whole.choices[0].message
+    assert message.reasoning_content == "Weather tool." and message.tool_calls[0].function.name == "get_weather"
+    if provider == "anthropic":
+        assert message.thinking_blocks == [{"type": "thinking", "thinking": "Weather tool.",
+                                            "signature": thinking_signature("Weather tool.")}]
+    else:
+        assert message.tool_calls[0].extra_content == {"google": {"thought_signature": thought_signature(
+            "get_weather")}}
+    upstream.reset(Reply(chunks=BODIES[provider](["It is sunny."])))
+    follow = [*HELLO, message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "sunny"}]
+    answer = client.chat.completions.create(model=f"{provider}/{model}", messages=follow, tools=[WEATHER],
+                                            reasoning_effort="low")
+    assert answer.choices[0].message.content == "It is sunny."
+
+    upstream.reset(Reply(chunks=first()))
+    streamed = [c.choices[0].delta for c in client.chat.completions.create(
+        model=f"{provider}/{model}", messages=HELLO, tools=[WEATHER], reasoning_effort="low", stream=True)
+        if c.choices]
+    if provider == "anthropic":
+        assert [d.thinking_blocks for d in streamed if getattr(d, "thinking_blocks", None)] == [
+            message.thinking_blocks]
+    else:
+        call = next(d.tool_calls[0] for d in streamed if d.tool_calls)
+        assert call.extra_content == message.tool_calls[0].extra_content

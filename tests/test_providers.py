@@ -13,6 +13,8 @@ from app.providers.base import (
     Finish,
     Meta,
     ProviderError,
+    Reasoning,
+    Signed,
     Task,
     Text,
     ToolCall,
@@ -20,7 +22,16 @@ from app.providers.base import (
     retry_after_from_headers,
 )
 from tests.conftest import PROVIDERS, provider_env
-from tests.fake_upstream import BODIES, TRICKY_TEXT, sse
+from tests.fake_upstream import (
+    BODIES,
+    TRICKY_TEXT,
+    anthropic_thinking_body,
+    gemini_thinking_body,
+    openai_reasoning_body,
+    sse,
+    thinking_signature,
+    thought_signature,
+)
 
 BASE = "http://upstream.test"
 URLS = {
@@ -45,6 +56,10 @@ def run(p, t=None):
 
 def texts(deltas):
     return "".join(d.text for d in deltas if isinstance(d, Text))
+
+
+def reasoning(deltas):
+    return "".join(d.text for d in deltas if isinstance(d, Reasoning))
 
 
 def mock(name, frames, status=200, headers=None):
@@ -132,11 +147,12 @@ def test_gemini_request_body():
 
 
 @responses.activate
-def test_gemini_skips_thoughts_and_reports_blocked_prompts():
+def test_gemini_thoughts_are_not_answer_text_and_blocked_prompts_are_reported():
     frames = [sse({"candidates": [{"content": {"parts": [{"text": "hmm", "thought": True}, {"text": "Yes"}]},
                                    "finishReason": "STOP"}]})]
     mock("gemini", frames)
-    assert texts(run(provider("gemini"))) == "Yes"
+    deltas = run(provider("gemini"))
+    assert texts(deltas) == "Yes" and reasoning(deltas) == "hmm"
     responses.replace(responses.POST, URLS["gemini"], body=sse({"promptFeedback": {"blockReason": "SAFETY"}}),
                       )
     with pytest.raises(ProviderError, match="SAFETY"):
@@ -273,3 +289,156 @@ def test_demo_is_offline_and_respects_max_tokens():
                              Cancellation()))
     assert sum(isinstance(d, Text) for d in short) == 3
     assert [d.reason for d in short if isinstance(d, Finish)] == ["length"]
+
+
+# ------------------------------------------------------------------ reasoning and signatures
+
+
+def sent_body():
+    return json.loads(responses.calls[-1].request.body)
+
+
+@pytest.mark.parametrize("name,effort", [("openai", "medium"), ("groq", "medium"), ("openai-compatible", "medium"),
+                                         ("mistral", "high")])
+@responses.activate
+def test_reasoning_effort_on_the_openai_format(name, effort):
+    mock(name, BODIES[name](["x"]))
+    run(provider(name), task(reasoning="medium"))
+    assert sent_body()["reasoning_effort"] == effort
+    mock(name, BODIES[name](["x"]))
+    run(provider(name))
+    assert "reasoning_effort" not in sent_body()
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+@responses.activate
+def test_openai_compatible_reasoning_streams_apart_with_its_token_count(field):
+    mock("openai-compatible", openai_reasoning_body(["Let ", "me think."], ["Four", "."], field=field))
+    deltas = run(provider("openai-compatible"), task(reasoning="low"))
+    assert reasoning(deltas) == "Let me think." and texts(deltas) == "Four."
+    assert [d.usage for d in deltas if isinstance(d, Usage)][-1]["reasoning_tokens"] == 2
+    first_text = next(i for i, d in enumerate(deltas) if isinstance(d, Text))
+    assert all(i < first_text for i, d in enumerate(deltas) if isinstance(d, Reasoning))
+
+
+@responses.activate
+def test_mistral_thinking_parts_are_reasoning():
+    base = {"id": "1", "object": "chat.completion.chunk", "model": "m"}
+    thinking = [{"type": "thinking", "thinking": [{"type": "text", "text": "Hmm, "}, {"type": "text", "text": "ok"}]}]
+    frames = [sse({**base, "choices": [{"index": 0, "delta": {"content": thinking}}]}),
+              sse({**base, "choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": "Yes"}]}}]}),
+              sse({**base, "choices": [{"index": 0, "delta": {"content": "."}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}),
+              b"data: [DONE]\n\n"]
+    mock("mistral", frames)
+    deltas = run(provider("mistral"))
+    assert reasoning(deltas) == "Hmm, ok" and texts(deltas) == "Yes."
+
+
+@responses.activate
+def test_anthropic_thinking_request_budget_temperature_and_tool_choice():
+    mock("anthropic", BODIES["anthropic"](["x"]))
+    run(provider("anthropic"), task(reasoning="medium", temperature=0.2, max_tokens=100,
+                                    tools=[{"name": "f", "parameters": {"type": "object"}}], tool_choice="f"))
+    body = sent_body()
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 4096}
+    assert body["max_tokens"] == 4096 + 100  # the answer keeps its 100 tokens above the budget
+    assert "temperature" not in body  # only 1 is allowed with thinking on
+    assert body["tool_choice"] == {"type": "auto"}  # a forced tool is refused with thinking on
+    mock("anthropic", BODIES["anthropic"](["x"]))
+    run(provider("anthropic"), task(temperature=0.2, tools=[{"name": "f"}], tool_choice="f"))
+    body = sent_body()
+    assert "thinking" not in body and body["temperature"] == 0.2
+    assert body["tool_choice"] == {"type": "tool", "name": "f"}
+
+
+@responses.activate
+def test_anthropic_thinking_streams_as_reasoning_and_its_blocks_are_kept_exactly():
+    mock("anthropic", anthropic_thinking_body(["Six ", "sevens."], tool=("tu_1", "calc", '{"e": "6*7"}'),
+                                              redacted="EmwKAhgBEgy3va"))
+    deltas = run(provider("anthropic"), task(reasoning="low"))
+    assert reasoning(deltas) == "Six sevens." and texts(deltas) == ""
+    signed = [d for d in deltas if isinstance(d, Signed)]
+    assert [(s.provider, s.item) for s in signed] == [
+        ("anthropic", {"type": "thinking", "thinking": "Six sevens.", "signature": thinking_signature("Six sevens.")}),
+        ("anthropic", {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va"})]
+    kinds = [type(d).__name__ for d in deltas if isinstance(d, Reasoning | Signed | ToolCall)]
+    assert kinds.index("Signed") < kinds.index("ToolCall")
+
+
+@responses.activate
+def test_anthropic_sends_its_own_thinking_blocks_first_and_drops_others():
+    thinking = {"type": "thinking", "thinking": "t", "signature": "s"}
+    turn = {"role": "assistant", "content": "Let me see.", "reasoning": "t",
+            "signed": [{"provider": "anthropic", "item": thinking},
+                       {"provider": "gemini", "item": {"thoughtSignature": "g"}}],
+            "tool_calls": [{"id": "tu_1", "name": "calc", "arguments": "{}"}]}
+    messages = [{"role": "user", "content": "q"}, turn,
+                {"role": "tool", "tool_call_id": "tu_1", "name": "calc", "content": "42"}]
+    mock("anthropic", BODIES["anthropic"](["x"]))
+    run(provider("anthropic"), Task(messages=messages, model="m", reasoning="high"))
+    assert [b["type"] for b in sent_body()["messages"][1]["content"]] == ["thinking", "text", "tool_use"]
+    assert sent_body()["messages"][1]["content"][0] == thinking
+    mock("anthropic", BODIES["anthropic"](["x"]))
+    run(provider("anthropic"), Task(messages=messages, model="m"))  # thinking off: no thinking blocks
+    assert [b["type"] for b in sent_body()["messages"][1]["content"]] == ["text", "tool_use"]
+
+
+@pytest.mark.parametrize("model,config", [
+    ("gemini-2.5-flash", {"includeThoughts": True, "thinkingBudget": 8192}),
+    ("gemini-3-flash-preview", {"includeThoughts": True, "thinkingLevel": "medium"}),
+    ("gemini-3-pro-preview", {"includeThoughts": True, "thinkingLevel": "high"}),
+])
+@responses.activate
+def test_gemini_thinking_config_by_model(model, config):
+    url = f"{BASE}/models/{model}:streamGenerateContent?alt=sse"
+    responses.add(responses.POST, url, body=b"".join(BODIES["gemini"](["x"])), content_type="text/event-stream")
+    run(provider("gemini"), Task(messages=[{"role": "user", "content": "q"}], model=model, reasoning="medium"))
+    assert sent_body()["generationConfig"] == {"thinkingConfig": config}
+
+
+@responses.activate
+def test_gemini_thoughts_signatures_and_thought_tokens():
+    mock("gemini", gemini_thinking_body(["Think", "ing."], ["Calling."], call=("calc", {"e": "1"})))
+    deltas = run(provider("gemini"), task(reasoning="low"))
+    assert reasoning(deltas) == "Thinking." and texts(deltas) == "Calling."
+    call = next(d for d in deltas if isinstance(d, ToolCall))
+    assert call.signature == {"provider": "gemini", "value": thought_signature("calc")}
+    usage = [d.usage for d in deltas if isinstance(d, Usage)][-1]
+    assert usage["reasoning_tokens"] == 30 and usage["output_tokens"] == 32
+    mock("gemini", gemini_thinking_body([], ["Done."]))
+    deltas = run(provider("gemini"))
+    assert [(d.provider, d.item) for d in deltas if isinstance(d, Signed)] == [
+        ("gemini", {"thoughtSignature": thought_signature("answer")})]
+
+
+@responses.activate
+def test_gemini_sends_its_own_signatures_back_on_the_same_parts():
+    turn = {"role": "assistant", "content": "Calling.",
+            "signed": [{"provider": "gemini", "item": {"thoughtSignature": "text-sig"}},
+                       {"provider": "anthropic", "item": {"type": "thinking", "thinking": "x", "signature": "y"}}],
+            "tool_calls": [{"id": "c1", "name": "calc", "arguments": "{}",
+                            "signature": {"provider": "gemini", "value": "call-sig"}},
+                           {"id": "c2", "name": "now", "arguments": "{}",
+                            "signature": {"provider": "other-gemini", "value": "not-ours"}}]}
+    messages = [{"role": "user", "content": "q"}, turn,
+                {"role": "tool", "tool_call_id": "c1", "name": "calc", "content": "1"},
+                {"role": "tool", "tool_call_id": "c2", "name": "now", "content": "2"}]
+    mock("gemini", BODIES["gemini"](["x"]))
+    run(provider("gemini"), Task(messages=messages, model="m"))
+    assert sent_body()["contents"][1] == {"role": "model", "parts": [
+        {"text": "Calling.", "thoughtSignature": "text-sig"},
+        {"functionCall": {"name": "calc", "args": {}}, "thoughtSignature": "call-sig"},
+        {"functionCall": {"name": "now", "args": {}}}]}
+
+
+def test_demo_thinks_when_asked():
+    demo = provider("demo")
+    ask = [{"role": "user", "content": "hi"}]
+    plain = list(demo.stream(Task(messages=ask, model="demo-fast"), Cancellation()))
+    assert not any(isinstance(d, Reasoning) for d in plain)
+    deltas = list(demo.stream(Task(messages=ask, model="demo-fast", reasoning="high"), Cancellation()))
+    first_text = next(i for i, d in enumerate(deltas) if isinstance(d, Text))
+    thoughts = [i for i, d in enumerate(deltas) if isinstance(d, Reasoning)]
+    assert len(thoughts) > 3 and max(thoughts) < first_text
+    assert texts(deltas) == texts(plain)  # the thinking is never part of the answer

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from types import SimpleNamespace
 
-from app.providers.base import IDLE, WAITING, Provider, Text, idle_wait
-from app.relay import DrivenLog, Relay
+from app.protocols import Ending, OpenAIChunks, RelayEvents, UiMessageStream
+from app.providers.base import IDLE, WAITING, Finish, Provider, Reasoning, Signed, Text, Usage, idle_wait
+from app.relay import DrivenLog, Relay, collect
 from app.sse import HEARTBEAT, SseBody
 from app.store import MemoryStore
 from tests.conftest import wait_until
@@ -109,3 +111,76 @@ def test_the_tokens_of_one_upstream_read_go_out_in_one_write():
     writes = [w for w in body if w.count(b"event: token")]
     body.close()
     assert [w.count(b"event: token") for w in writes] == [5, 5]
+
+
+# ------------------------------------------------------------------ reasoning on every wire
+
+
+class Thinking(Provider):
+    """Thinks, signs what it thought, then answers."""
+
+    name = "thinking"
+
+    def stream(self, task, cancel):
+        yield Reasoning("Let me ")
+        yield Reasoning("think.")
+        yield Signed("thinking", {"type": "thinking", "thinking": "Let me think.", "signature": "sig"})
+        yield Text("Four")
+        yield Text(".")
+        yield Usage(3, 9, reasoning_tokens=5)
+        yield Finish("stop")
+
+
+def produced(wire):
+    generation = Relay(SETTINGS, MemoryStore()).start(Thinking(), SimpleNamespace(model="m", messages=[]), "conv",
+                                                      stream_id="r" * 22, owner="me", wire=wire)
+    wait_until(lambda: generation.log.closed, what="the end of the stream")
+    return generation, b"".join(generation.log.frames).decode()
+
+
+def data_lines(body):
+    return [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: {")]
+
+
+def test_reasoning_is_its_own_relay_event_and_kept_apart_in_the_answer():
+    generation, body = produced(RelayEvents())
+    events = [line[7:] for line in body.split("\n") if line.startswith("event: ")]
+    assert events == ["msgid", "reasoning", "reasoning", "token", "token", "meta", "done"]
+    assert [d for d in data_lines(body) if set(d) == {"text"}][:2] == [{"text": "Let me "}, {"text": "think."}]
+    assert data_lines(body)[-1]["usage"]["reasoning_tokens"] == 5
+    answer = generation.answer
+    assert answer.text == "Four." and answer.reasoning_text == "Let me think."
+    assert answer.signed == [{"provider": "thinking", "item": {"type": "thinking", "thinking": "Let me think.",
+                                                               "signature": "sig"}}]
+
+
+def test_reasoning_as_openai_reasoning_content_with_reasoning_tokens():
+    _, body = produced(OpenAIChunks("m", include_usage=True))
+    chunks = data_lines(body)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert [d.get("reasoning_content") for d in deltas if "reasoning_content" in d] == ["Let me ", "think."]
+    assert "".join(d.get("content") or "" for d in deltas) == "Four."
+    assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 5}
+
+
+def test_reasoning_as_ai_sdk_reasoning_parts():
+    _, body = produced(UiMessageStream())
+    parts = [(p["type"], p.get("id"), p.get("delta")) for p in data_lines(body)]
+    assert parts == [("start", None, None), ("start-step", None, None),
+                     ("reasoning-start", "reasoning-1", None), ("reasoning-delta", "reasoning-1", "Let me "),
+                     ("reasoning-delta", "reasoning-1", "think."), ("reasoning-end", "reasoning-1", None),
+                     ("text-start", "text-2", None), ("text-delta", "text-2", "Four"), ("text-delta", "text-2", "."),
+                     ("text-end", "text-2", None), ("finish-step", None, None), ("finish", None, None)]
+
+
+def test_a_reasoning_block_still_open_at_the_end_is_closed():
+    wire = UiMessageStream()
+    wire.opening("s", "c", "p", "m")
+    frames = [wire.reasoning("hmm")] + wire.closing(Ending("stop"))
+    types = [p["type"] for p in data_lines(b"".join(frames).decode())]
+    assert types == ["reasoning-start", "reasoning-delta", "reasoning-end", "finish-step", "finish"]
+
+
+def test_rest_collects_the_same_reasoning_and_signed_items():
+    answer = collect(Thinking(), SimpleNamespace(model="m", messages=[]))
+    assert answer.text == "Four." and answer.reasoning_text == "Let me think." and len(answer.signed) == 1

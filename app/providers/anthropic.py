@@ -11,6 +11,8 @@ from app.providers.base import (
     Finish,
     HttpProvider,
     ProviderError,
+    Reasoning,
+    Signed,
     Task,
     Text,
     ToolCall,
@@ -25,12 +27,20 @@ STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "leng
                 "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "pause"}
 # max_tokens is required by the API; used when the request does not set one.
 DEFAULT_MAX_TOKENS = 4096
+# Extended thinking's budget per requested level: the API's floor is 1024 tokens, and the
+# budget counts against max_tokens (it must stay below it), so max_tokens grows by it.
+THINKING_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
 
 
-def anthropic_messages(task: Task) -> list[dict[str, Any]]:
+def anthropic_messages(task: Task, provider: str | None = None) -> list[dict[str, Any]]:
     """Messages in Anthropic's shape: no system role (those join `system`), tool calls as
     `tool_use` blocks, results as `tool_result` blocks of a user turn, and consecutive turns
-    of one role merged (the API wants user and assistant to alternate)."""
+    of one role merged (the API wants user and assistant to alternate).
+
+    `provider` names the provider this goes to: an assistant turn's thinking blocks that it
+    produced go back first in that turn, unchanged (with thinking on, the API refuses a tool
+    round whose assistant turn does not start with them); anything signed elsewhere is dropped.
+    """
     turns: list[dict[str, Any]] = []
     for m in task.messages:
         role = m.get("role")
@@ -39,10 +49,12 @@ def anthropic_messages(task: Task) -> list[dict[str, Any]]:
         if role == "tool":
             role, blocks = "user", [{"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": m["content"],
                                      "is_error": bool(m.get("is_error"))}]
-        elif m.get("tool_calls"):
-            blocks = [{"type": "text", "text": m["content"]}] if m.get("content") else []
+        elif role == "assistant":
+            blocks = [s["item"] for s in m.get("signed") or () if s.get("provider") == provider]
+            if m.get("content") or not (blocks or m.get("tool_calls")):
+                blocks.append({"type": "text", "text": m.get("content") or ""})
             blocks += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": parsed_arguments(c["arguments"])}
-                       for c in m["tool_calls"]]
+                       for c in m.get("tool_calls") or ()]
         else:
             blocks = anthropic_blocks(m["content"])
         if turns and turns[-1]["role"] == role:
@@ -81,13 +93,14 @@ def anthropic_tool_choice(choice: str) -> dict[str, Any] | None:
 class AnthropicStreamParser:
     """Events named as their `type`; text is `content_block_delta` / `text_delta`."""
 
-    __slots__ = ("provider", "done", "input_tokens", "blocks", "stop_reason")
+    __slots__ = ("provider", "done", "input_tokens", "blocks", "thinking", "stop_reason")
 
     def __init__(self, provider: str) -> None:
         self.provider = provider
         self.done = False
         self.input_tokens: int | None = None
         self.blocks: dict[int, dict[str, Any]] = {}
+        self.thinking: dict[int, dict[str, Any]] = {}  # thinking blocks being streamed, by index
         self.stop_reason: str | None = None
 
     def feed(self, event: SseEvent) -> list[Delta]:
@@ -108,7 +121,17 @@ class AnthropicStreamParser:
                 block = self.blocks.get(data.get("index", 0))
                 if block is not None:
                     block["json"] += delta.get("partial_json") or ""
-            return []  # thinking, signature, citations: not answer text
+            elif dtype == "thinking_delta":
+                thinking = delta.get("thinking") or ""
+                block = self.thinking.get(data.get("index", 0))
+                if block is not None:
+                    block["thinking"] = (block.get("thinking") or "") + thinking
+                return [Reasoning(thinking)] if thinking else []
+            elif dtype == "signature_delta":
+                block = self.thinking.get(data.get("index", 0))
+                if block is not None:
+                    block["signature"] = (block.get("signature") or "") + (delta.get("signature") or "")
+            return []  # citations and delta types added later: not answer text
         if kind == "message_start":
             usage = (data.get("message") or {}).get("usage") or {}
             self.input_tokens = usage.get("input_tokens")
@@ -118,9 +141,15 @@ class AnthropicStreamParser:
             if block.get("type") == "tool_use":
                 self.blocks[data.get("index", 0)] = {"id": block.get("id", ""), "name": block.get("name", ""),
                                                      "json": ""}
+            elif block.get("type") in ("thinking", "redacted_thinking"):
+                # Kept as the API sent it (a redacted block is whole at its start): it goes back unchanged.
+                self.thinking[data.get("index", 0)] = dict(block)
             return []
         if kind == "content_block_stop":
-            block = self.blocks.pop(data.get("index", 0), None)
+            index = data.get("index", 0)
+            if index in self.thinking:
+                return [Signed(self.provider, self.thinking.pop(index))]
+            block = self.blocks.pop(index, None)
             if block is None:
                 return []
             # An empty input means a tool that takes no arguments.
@@ -155,22 +184,35 @@ class AnthropicProvider(HttpProvider):
     supports_prefill = True
 
     def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
+        thinking = task.reasoning in THINKING_BUDGETS
         body: dict[str, Any] = {
             "model": task.model,
-            "messages": anthropic_messages(task),
+            # Thinking blocks go back only while thinking is on: the API ignores those of earlier
+            # turns, and a request without thinking has no use for them.
+            "messages": anthropic_messages(task, self.name if thinking else None),
             "max_tokens": task.max_tokens or DEFAULT_MAX_TOKENS,
             "stream": True,
         }
+        if thinking:
+            budget = THINKING_BUDGETS[task.reasoning or ""]
+            # The budget must stay below max_tokens: the answer keeps what was asked for, on top.
+            body["max_tokens"] += budget
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
         system = system_text(task)
         if system:
             body["system"] = system
-        if task.temperature is not None:
+        # With thinking on, the API refuses any temperature but 1: the request's is left out.
+        if task.temperature is not None and (not thinking or task.temperature == 1):
             body["temperature"] = task.temperature
         if task.tools:
             body["tools"] = [{"name": t["name"], "description": t.get("description", ""),
                               "input_schema": t.get("parameters", {"type": "object"})} for t in task.tools]
             if task.tool_choice:
-                body["tool_choice"] = anthropic_tool_choice(task.tool_choice)
+                choice = anthropic_tool_choice(task.tool_choice)
+                # Thinking allows only auto and none: a forced tool becomes a tool the model may choose.
+                if thinking and choice is not None and choice["type"] in ("any", "tool"):
+                    choice = {"type": "auto"}
+                body["tool_choice"] = choice
         if task.stop:
             body["stop_sequences"] = task.stop
         headers = {"x-api-key": self.api_key or "", "anthropic-version": self.version}

@@ -44,7 +44,7 @@ class Text:
 
 class Usage:
     """Token counts so far: `input_tokens`, `output_tokens`, `total_tokens`, and
-    `reasoning_tokens` (part of the output) when the provider reports them."""
+    `reasoning_tokens` (the part of the output spent thinking) only when the provider reports it."""
 
     __slots__ = ("usage",)
 

@@ -13,7 +13,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from app.images import describe, images_in, text_of
-from app.providers.base import Cancellation, Delta, Finish, Provider, Task, Text, ToolCall, Usage, idle_wait
+from app.providers.base import (
+    Cancellation,
+    Delta,
+    Finish,
+    Provider,
+    Reasoning,
+    Task,
+    Text,
+    ToolCall,
+    Usage,
+    idle_wait,
+)
 
 NOTES = {
     "apache": (
@@ -114,6 +125,21 @@ def demo_answer(prompt: str, seen: list[str] | None = None) -> str:
     return head + ("\n".join(chosen) if chosen else GENERAL)
 
 
+def demo_thoughts(prompt: str, level: str, tool: ToolCall | None) -> str:
+    """What the demo "thinks" before it answers, when asked for reasoning: longer at higher levels."""
+    words = len(prompt.split())
+    steps = [f"The question has {words} word{'s' * (words != 1)}."]
+    if tool is not None:
+        steps.append(f"It needs the `{tool.name}` tool: I will call it first.")
+    else:
+        steps.append("I know a few notes about streaming; I will pick the ones it asks for.")
+    if level in ("medium", "high"):
+        steps.append("The answer goes out as `token` events, and these thoughts as `reasoning` events.")
+    if level == "high":
+        steps.append("Each piece is paced like a model's, so the reader sees it arrive.")
+    return " ".join(steps) + "\n"
+
+
 def split_tokens(text: str) -> list[str]:
     """Token-sized pieces (a leading space and up to five characters), like BPE output."""
     return PIECE.findall(text)
@@ -136,19 +162,25 @@ class DemoProvider(Provider):
         last = task.messages[-1] if task.messages else {}
         asked = next((m for m in reversed(task.messages) if m["role"] == "user"), {})
         prompt = text_of(asked.get("content"))
+        call = None
         if last.get("role") == "tool":  # answer with what the tool returned
             text = f"The tool `{last.get('name') or 'you ran'}` says: **{last['content']}**."
         else:
             call = demo_tool_call(str(prompt), task.tools) if task.tools else None
-            if call is not None:
-                yield call
-                yield Finish("tool_calls")
-                return
             text = demo_answer(prompt, [describe(image) for image in images_in([asked])])
-        pieces = split_tokens(text)
         paced = task.model != "demo-fast"
         if paced and (yield from idle_wait(cancel, self.first_token_delay)):
             return
+        if task.reasoning and last.get("role") != "tool":
+            for piece in split_tokens(demo_thoughts(str(prompt), task.reasoning, call)):
+                yield Reasoning(piece)
+                if paced and self.interval and (yield from idle_wait(cancel, self.interval)):
+                    return
+        if call is not None:
+            yield call
+            yield Finish("tool_calls")
+            return
+        pieces = split_tokens(text)
         limit = task.max_tokens or len(pieces)
         for piece in pieces[:limit]:
             yield Text(piece)

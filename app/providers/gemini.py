@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -13,6 +14,8 @@ from app.providers.base import (
     Finish,
     HttpProvider,
     ProviderError,
+    Reasoning,
+    Signed,
     Task,
     Text,
     ToolCall,
@@ -46,9 +49,14 @@ def gemini_parts(content: Any) -> list[dict[str, Any]]:
     return parts
 
 
-def gemini_contents(task: Task) -> list[dict[str, Any]]:
+def gemini_contents(task: Task, provider: str | None = None) -> list[dict[str, Any]]:
     """Chat messages as Gemini contents: calls as `functionCall` parts of a model turn,
-    results as `functionResponse` parts of a user turn, consecutive turns of one role merged."""
+    results as `functionResponse` parts of a user turn, consecutive turns of one role merged.
+
+    `provider` names the provider this goes to: the thought signatures it produced go back on
+    the part they came with, unchanged (Gemini 3 refuses a functionCall part of the current
+    turn without its own); signatures another provider produced are dropped.
+    """
     contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id -> function name (a result must name its function)
     for m in task.messages:
@@ -62,7 +70,21 @@ def gemini_contents(task: Task) -> list[dict[str, Any]]:
             role, parts = "model", ([{"text": m["content"]}] if m.get("content") else [])
             for call in m.get("tool_calls") or ():
                 names[call["id"]] = call["name"]
-                parts.append({"functionCall": {"name": call["name"], "args": parsed_arguments(call["arguments"])}})
+                part: dict[str, Any] = {"functionCall": {"name": call["name"],
+                                                         "args": parsed_arguments(call["arguments"])}}
+                signature = call.get("signature") or {}
+                if provider is not None and signature.get("provider") == provider:
+                    part["thoughtSignature"] = signature.get("value")
+                parts.append(part)
+            for signed in m.get("signed") or ():
+                if provider is None or signed.get("provider") != provider:
+                    continue
+                # A signature that came on a text part goes back on the turn's text, else on an
+                # empty part of its own, as Gemini sends it at the end of an answer.
+                if parts and "text" in parts[0] and "thoughtSignature" not in parts[0]:
+                    parts[0]["thoughtSignature"] = signed["item"].get("thoughtSignature")
+                else:
+                    parts.append({"text": "", **signed["item"]})
         else:
             parts = gemini_parts(m["content"])
         if contents and contents[-1]["role"] == role:
@@ -70,6 +92,24 @@ def gemini_contents(task: Task) -> list[dict[str, Any]]:
         else:
             contents.append({"role": role, "parts": parts})
     return contents
+
+
+# Gemini 3 takes a thinking level (Pro: low or high; Flash: minimal to high); 2.5 a token
+# budget (at most 24576 on Flash). Sending both is a 400.
+THINKING_LEVELS = {"low": "low", "medium": "medium", "high": "high"}
+THINKING_BUDGETS = {"low": 1024, "medium": 8192, "high": 24576}
+GEMINI_VERSION = re.compile(r"gemini-(\d+)")
+
+
+def thinking_config(model: str, level: str) -> dict[str, Any]:
+    """`generationConfig.thinkingConfig` for a reasoning level, by model generation."""
+    version = GEMINI_VERSION.search(model)
+    if version and int(version.group(1)) >= 3:
+        chosen = THINKING_LEVELS[level]
+        if chosen == "medium" and "flash" not in model:  # Pro models know only low and high
+            chosen = "high"
+        return {"includeThoughts": True, "thinkingLevel": chosen}
+    return {"includeThoughts": True, "thinkingBudget": THINKING_BUDGETS[level]}
 
 
 GEMINI_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
@@ -102,16 +142,21 @@ class GeminiStreamParser:
         else:
             candidate = candidates[0]
             for part in (candidate.get("content") or {}).get("parts") or ():
-                if part.get("thought"):
-                    continue
                 text = part.get("text")
-                if text:
-                    out.append(Text(text))
+                signature = part.get("thoughtSignature")
                 call = part.get("functionCall")
+                if part.get("thought"):
+                    if text:
+                        out.append(Reasoning(text))
+                elif text:
+                    out.append(Text(text))
                 if call:
                     self.calls += 1
                     out.append(ToolCall(call.get("id") or f"call_{self.calls}", call.get("name", ""),
-                                        json.dumps(call.get("args") or {})))
+                                        json.dumps(call.get("args") or {}),
+                                        {"provider": self.provider, "value": signature} if signature else None))
+                elif signature:  # on a text, thought or empty part: kept with the turn
+                    out.append(Signed(self.provider, {"thoughtSignature": signature}))
             reason = candidate.get("finishReason")
             if reason:
                 self.done = True
@@ -119,8 +164,12 @@ class GeminiStreamParser:
                 out.append(Finish(finish))
         meta = chunk.get("usageMetadata")
         if isinstance(meta, dict):  # cumulative on every chunk: the last one wins
-            out.append(Usage(meta.get("promptTokenCount"), meta.get("candidatesTokenCount"),
-                             meta.get("totalTokenCount")))
+            # Thoughts are counted apart from the candidates; the output is both (as OpenAI counts).
+            thoughts = meta.get("thoughtsTokenCount")
+            output = meta.get("candidatesTokenCount")
+            if thoughts is not None:
+                output = (output or 0) + thoughts
+            out.append(Usage(meta.get("promptTokenCount"), output, meta.get("totalTokenCount"), thoughts))
         return out
 
     def finish(self) -> list[Delta]:
@@ -133,7 +182,7 @@ class GeminiProvider(HttpProvider):
     takes_image_urls = False  # only files uploaded to Gemini's own Files API
 
     def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
-        body: dict[str, Any] = {"contents": gemini_contents(task)}
+        body: dict[str, Any] = {"contents": gemini_contents(task, self.name)}
         system = system_text(task)
         if system:
             body["systemInstruction"] = {"parts": [{"text": system}]}
@@ -144,6 +193,8 @@ class GeminiProvider(HttpProvider):
             config["maxOutputTokens"] = task.max_tokens
         if task.stop:
             config["stopSequences"] = task.stop
+        if task.reasoning in THINKING_BUDGETS:
+            config["thinkingConfig"] = thinking_config(task.model, task.reasoning or "")
         if config:
             body["generationConfig"] = config
         if task.tools:

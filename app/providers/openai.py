@@ -15,6 +15,7 @@ from app.providers.base import (
     Delta,
     Finish,
     HttpProvider,
+    Reasoning,
     Task,
     Text,
     ToolCall,
@@ -63,19 +64,38 @@ def openai_tool_choice(choice: str) -> Any:
 def _usage(data: Any) -> Usage | None:
     if not isinstance(data, dict):
         return None
-    return Usage(data.get("prompt_tokens"), data.get("completion_tokens"), data.get("total_tokens"))
+    details = data.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return Usage(data.get("prompt_tokens"), data.get("completion_tokens"), data.get("total_tokens"), reasoning)
 
 
-def _content_text(content: Any) -> str:
-    """Mistral may send content as a list of parts; only `text` parts are answer text."""
+def _content_text(content: Any, kind: str = "text") -> str:
+    """Mistral may send content as a list of parts: `text` parts are answer text, `thinking`
+    parts (`{"type": "thinking", "thinking": [text parts]}`) its reasoning."""
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part.get("text", "") for part in content
-            if isinstance(part, dict) and part.get("type", "text") == "text"
-        )
-    return ""
+        return content if kind == "text" else ""
+    if not isinstance(content, list):
+        return ""
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type", "text") != kind:
+            continue
+        if kind == "text":
+            texts.append(part.get("text") or "")
+        else:
+            texts.append(_content_text(part.get("thinking")) if isinstance(part.get("thinking"), list)
+                         else str(part.get("thinking") or ""))
+    return "".join(texts)
+
+
+def _reasoning_text(delta: dict[str, Any]) -> str:
+    """Visible reasoning in a delta: `reasoning_content` (DeepSeek, vLLM, llama.cpp), `reasoning`
+    (Groq, OpenRouter, Ollama, newer vLLM) or Mistral's `thinking` content parts."""
+    text = delta.get("reasoning_content") or delta.get("reasoning")
+    if isinstance(text, str) and text:
+        return text
+    content = delta.get("content")
+    return _content_text(content, "thinking") if isinstance(content, list) else ""
 
 
 class OpenAIStreamParser:
@@ -107,6 +127,9 @@ class OpenAIStreamParser:
         if choices:
             choice = choices[0]
             delta = choice.get("delta") or {}
+            reasoning = _reasoning_text(delta)
+            if reasoning:
+                out.append(Reasoning(reasoning))
             content = delta.get("content")
             if content:
                 text = content if content.__class__ is str else _content_text(content)
@@ -160,6 +183,9 @@ class OpenAIProvider(HttpProvider):
     send_stream_options = True
     # OpenAI deprecated max_tokens (reasoning models reject it).
     max_tokens_field = "max_completion_tokens"
+    # `reasoning_effort` as each API documents it: OpenAI, Groq (gpt-oss) and vLLM take low,
+    # medium and high; Mistral only "high" (or "none").
+    reasoning_efforts = {"low": "low", "medium": "medium", "high": "high"}
 
     def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
         body: dict[str, Any] = {"model": task.model, "messages": openai_messages(task), "stream": True}
@@ -175,6 +201,9 @@ class OpenAIProvider(HttpProvider):
                 body["tool_choice"] = openai_tool_choice(task.tool_choice)
         if task.stop:
             body["stop"] = task.stop
+        effort = self.reasoning_efforts.get(task.reasoning or "")
+        if effort:
+            body["reasoning_effort"] = effort
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return f"{self.base_url}/chat/completions", headers, body
 
@@ -191,6 +220,7 @@ class GroqProvider(OpenAIProvider):
 class MistralProvider(OpenAIProvider):
     send_stream_options = False
     max_tokens_field = "max_tokens"
+    reasoning_efforts = {"low": "high", "medium": "high", "high": "high"}
 
 
 class CompatibleProvider(OpenAIProvider):
