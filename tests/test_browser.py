@@ -291,7 +291,7 @@ def test_reasoning_streams_in_a_thinking_block_that_folds_when_the_answer_starts
     page.press("#prompt", "Enter")
     page.wait_for_selector(".msg.assistant[data-state=done]", timeout=20_000)
     seen = page.evaluate("window.__seen")
-    assert any(thought > 0 and text == 0 and is_open for thought, text, is_open in seen), seen[:50]
+    assert any(thought > 0 and text == 0 and is_open for thought, text, is_open in seen), sorted(set(map(tuple, seen)))
     block = answer(page).locator(".thinking")
     thinking = block.locator(".thinking-text").text_content()
     assert thinking.strip()
@@ -346,4 +346,19 @@ def test_a_file_that_is_not_an_image_is_refused_on_the_page(page, live):
                                                   "buffer": b"<svg xmlns='http://www.w3.org/2000/svg'/>"}])
     assert "only PNG, JPEG, GIF or WebP" in page.locator("#attachments .note").text_content()
     assert page.locator("#attachments img").count() == 0
+    assert page.problems == []
+
+
+@pytest.mark.parametrize("transport", STREAMING + ["rest"])
+def test_every_transport_carries_the_reasoning_apart_from_the_answer(transport, page, site):
+    page.goto(site + "/")
+    page.click("#toggle-settings")
+    page.select_option("#provider", "demo")
+    page.select_option("#transport", transport)
+    page.select_option("#reasoning", "low")
+    page.fill("#prompt", "hello there")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=20_000)
+    thinking = answer(page).locator(".thinking-text").text_content()
+    assert thinking.strip() and thinking not in answer(page).locator(".body").text_content()
     assert page.problems == []

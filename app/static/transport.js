@@ -1,5 +1,5 @@
 // EventTransportClient: one answer over SSE, POST-SSE, fetch streaming, REST or WebSocket,
-// always delivered as the same protocol events: msgid, token, meta, done, error.
+// always delivered as the same protocol events: msgid, reasoning, token, meta, done, error.
 //
 //   const client = new EventTransportClient({endpoint: "", transport: "auto", payload: {prompt: "hi"}});
 //   await client.connect((event, data) => { if (event === "token") out.textContent += data.text; });
@@ -200,7 +200,7 @@ export class EventTransportClient {
         giveUp = null;
       };
       const handle = this._settle(deliver, resolve, reject, close);
-      for (const name of ["msgid", "token", "meta", "done", "error"]) {
+      for (const name of ["msgid", "reasoning", "token", "meta", "done", "error"]) {
         source.addEventListener(name, (e) => {
           if (name === "error" && !(e instanceof MessageEvent)) return; // network error, below
           handle(name, e.data, e.lastEventId);
@@ -321,6 +321,7 @@ export class EventTransportClient {
     // The same events a stream would have sent, all at once.
     deliver("msgid", { id: body.id, conversation_id: body.conversation_id, provider: body.provider, model: body.model });
     if (body.tools) for (const tool of body.tools) deliver("meta", { tool });
+    if (body.reasoning) deliver("reasoning", { text: body.reasoning });
     deliver("token", { text: body.content });
     const done = { finish_reason: body.finish_reason, usage: body.usage };
     deliver("done", done);
