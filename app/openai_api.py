@@ -17,7 +17,15 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from app.chat_request import MODEL_PATTERN, ChatRequest, invalid, message_list, number_option
+from app.chat_request import (
+    MODEL_PATTERN,
+    ChatRequest,
+    invalid,
+    keep_record,
+    message_list,
+    new_turn,
+    number_option,
+)
 from app.errors import ApiError
 from app.protocols import OpenAIChunks, openai_finish, openai_usage
 from app.providers import Provider, ProviderError, offered
@@ -31,10 +39,10 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128
 # Options that only shape sampling details the relay does not forward; accepted so SDK
 # defaults and common client code work unchanged.
-IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "top_p", "presence_penalty", "frequency_penalty",
+IGNORED = {"user", "metadata", "parallel_tool_calls", "top_p", "presence_penalty", "frequency_penalty",
            "seed", "service_tier", "prompt_cache_key", "safety_identifier", "reasoning_effort", "verbosity"}
 KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-         "stop", "n", "tools", "tool_choice", "logprobs", "response_format"} | IGNORED
+         "stop", "n", "tools", "tool_choice", "logprobs", "response_format", "store"} | IGNORED
 
 
 def service() -> ChatService:
@@ -142,12 +150,8 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
             raise invalid(f"{where}.role must be system, developer, user, assistant or tool")
     if messages[-1]["role"] not in ("user", "tool"):
         raise invalid("the last message must be from the user or a tool result")
-    total = sum(len(m.get("content") or "") + sum(len(c["arguments"]) for c in m.get("tool_calls", ()))
-                for m in messages)
-    if total > settings.MAX_PROMPT_CHARS:
-        raise ApiError(413, "prompt_too_large", f"the messages are {total} characters; the limit is "
-                                                f"{settings.MAX_PROMPT_CHARS}")
     return messages
+
 
 
 def client_tools(value: Any) -> list[dict[str, Any]]:
@@ -172,9 +176,10 @@ def client_tools(value: Any) -> list[dict[str, Any]]:
 def tool_choice(value: Any, tools: list[dict[str, Any]]) -> str | None:
     if value is None:
         return None
-    if value in ("auto", "none", "required"):
+    if isinstance(value, str) and value in ("auto", "none", "required"):
         return value
-    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or name not in {t["name"] for t in tools}:
         raise invalid("'tool_choice' must be auto, none, required or {type: function, function: {name}} "
                       "naming one of the tools")
@@ -213,9 +218,7 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
         raise invalid("'stream' must be a boolean and 'stream_options' an object")
     task = Task(messages=messages, model=model, temperature=temperature, max_tokens=limit, tools=tools,
                 tool_choice=tool_choice(data.get("tool_choice"), tools), stop=stop)
-    # The conversation record keeps this turn only (what followed the last assistant message).
-    last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    chat = ChatRequest(provider, task, None, [], records=messages[last_answer + 1:])
+    chat = ChatRequest(provider, task, None, [], records=new_turn(messages), keep_record=keep_record(data))
     return chat, {"stream": stream, "include_usage": bool(options.get("include_usage")), "model": data["model"]}
 
 
