@@ -378,9 +378,10 @@ QUOTA_UNIT = 16_384
 UNMETERED = "local:"
 
 
-class MeteredStore(Store):
+class MeteredStore:
     """The store as `Conversations` uses it, with every record counted against its owner's
-    `STORAGE_QUOTA_BYTES` for as long as it is kept.
+    `STORAGE_QUOTA_BYTES` for as long as it is kept. Conversation writes and deletes pass
+    through the quota; every other call goes to the store unchanged.
 
     A conversation holds slots of its owner in the store's slot sets (shared by every process
     and host, like the stream slots), named after it and refreshed with it: they expire when
@@ -396,6 +397,9 @@ class MeteredStore(Store):
         self.store = store
         self.quota = quota
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
                         owner: str = "") -> ConversationInfo:
         holder, held = self._hold(conversation_id, messages, ttl, owner, refuse=True)
@@ -409,12 +413,6 @@ class MeteredStore(Store):
         info = self.store.append_message(conversation_id, message, ttl, owner)
         self._keep(conversation_id, holder, held, ttl)
         return info
-
-    def conversation(self, conversation_id: str) -> ConversationInfo | None:
-        return self.store.conversation(conversation_id)
-
-    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
-        return self.store.messages(conversation_id, start, stop)
 
     def delete_conversation(self, conversation_id: str) -> bool:
         info = self.store.conversation(conversation_id) if self.quota else None
