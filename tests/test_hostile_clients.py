@@ -865,3 +865,38 @@ def test_the_quota_holds_in_every_shared_store(kind, upstream, make_app, tmp_pat
     assert apps[1].test_client().delete(f"/api/conversations/{ids[0]}").status_code == 200
     again = apps[0].test_client().post("/api/chat", json={"prompt": "p" * 30_000, "provider": "openai"})
     assert again.status_code == 200
+
+
+def test_the_budget_counts_content_parts_whatever_their_kind():
+    """Content may be a string or a list of parts (the neutral form images will use): text parts
+    count as prompt text, each part as an item, image data against the body limit."""
+    from app.budget import check_budget
+    from app.config import Settings
+    from app.errors import ApiError
+    from app.providers.base import Task
+
+    settings = Settings(MAX_PROMPT_CHARS=100, MAX_MESSAGES=5, MAX_BODY_BYTES=1000)
+
+    def refused(content) -> str | None:
+        try:
+            check_budget(Task(messages=[{"role": "user", "content": content}], model="m"), settings)
+        except ApiError as err:
+            return err.type
+        return None
+
+    assert refused([{"type": "text", "text": "x" * 100}]) is None
+    assert refused([{"type": "text", "text": "x" * 60}, {"type": "text", "text": "y" * 60}]) == "prompt_too_large"
+    assert refused([{"type": "text", "text": ""}] * 5) == "prompt_too_large"  # 1 message + 5 parts
+    assert refused([{"type": "image", "media_type": "image/png", "data": "A" * 1000}]) is None
+    assert refused([{"type": "image", "media_type": "image/png", "data": "A" * 1001}]) == "prompt_too_large"
+    assert refused([{"type": "image", "url": "https://example.com/" + "x" * 100}]) == "prompt_too_large"
+    assert refused([{"type": "audio", "data": "x" * 200}]) == "prompt_too_large"  # unknown: all its JSON
+
+
+def test_the_application_itself_is_not_metered(make_app):
+    """The Python API outside any request is the application, not a client: no quota."""
+    app = make_app(STORAGE_QUOTA_BYTES=20_000)
+    with app.app_context():
+        from app.client import ask
+        for _ in range(4):
+            assert ask("p" * 15_000, model="demo-fast")
