@@ -11,6 +11,7 @@ every process and host shares them. docs/security.md says what each rule protect
   make its visitors' browsers spend the operator's provider credit.
 - `RATE_LIMIT` counts requests that start an answer, per caller; `MAX_STREAMS_PER_CLIENT`
   caps answers in progress and `MAX_TICKETS_PER_CLIENT` unopened POST-SSE payloads.
+- `STORAGE_QUOTA_BYTES` caps what one caller keeps stored in conversations (`MeteredStore`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from flask import Flask, Request, Response, g, request
 
 from app.config import ConfigError
 from app.errors import ApiError
+from app.store.base import ConversationInfo, Store, to_json
 
 log = logging.getLogger("llm_sse_relay.access")
 
@@ -366,6 +368,102 @@ class Access:
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Last-Event-ID"
             response.headers["Access-Control-Max-Age"] = "600"
         return response
+
+
+# The storage quota is held in slots of this many bytes: a conversation of n bytes holds
+# ceil(n / QUOTA_UNIT) of its owner's slots. Small enough that rounding costs little (a
+# 64 MiB quota is 4096 slots), large enough that a turn takes one or two slot writes.
+QUOTA_UNIT = 16_384
+# Callers that are the application itself (the Python API outside any request), not clients.
+UNMETERED = "local:"
+
+
+class MeteredStore:
+    """The store as `Conversations` uses it, with every record counted against its owner's
+    `STORAGE_QUOTA_BYTES` for as long as it is kept. Conversation writes and deletes pass
+    through the quota; every other call goes to the store unchanged.
+
+    A conversation holds slots of its owner in the store's slot sets (shared by every process
+    and host, like the stream slots), named after it and refreshed with it: they expire when
+    it expires (its TTL restarts on every append, and so do they) and are given back when it
+    is deleted, so what a caller holds is what it keeps stored, whoever serves it.
+
+    `append_messages` stores a request's own records and is refused (413) when they do not fit;
+    `append_message` stores an answer already generated: it is kept and counted even past the
+    quota (by at most the answers in progress), and the caller's next request is refused.
+    """
+
+    def __init__(self, store: Store, quota: int) -> None:
+        self.store = store
+        self.quota = quota
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
+                        owner: str = "") -> ConversationInfo:
+        holder, held = self._hold(conversation_id, messages, ttl, owner, refuse=True)
+        info = self.store.append_messages(conversation_id, messages, ttl, owner)
+        self._keep(conversation_id, holder, held, ttl)
+        return info
+
+    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float,
+                       owner: str = "") -> ConversationInfo:
+        holder, held = self._hold(conversation_id, [message], ttl, owner, refuse=False)
+        info = self.store.append_message(conversation_id, message, ttl, owner)
+        self._keep(conversation_id, holder, held, ttl)
+        return info
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        info = self.store.conversation(conversation_id) if self.quota else None
+        deleted = self.store.delete_conversation(conversation_id)
+        if deleted and info is not None and self._metered(info.owner):
+            for unit in range(_units(info.bytes)):
+                self.store.release(_quota_key(info.owner), f"{conversation_id}:{unit}")
+        return deleted
+
+    def _metered(self, owner: str) -> bool:
+        return bool(self.quota) and not owner.startswith(UNMETERED)
+
+    def _hold(self, conversation_id: str, records: list[dict[str, Any]], ttl: float, owner: str,
+              refuse: bool) -> tuple[str, int]:
+        """Take the slots the conversation needs once `records` are added: whose slots, and how
+        many the conversation holds then."""
+        if not self.quota:
+            return owner, 0
+        info = self.store.conversation(conversation_id)
+        if info is not None:  # what a conversation keeps counts against whoever it belongs to
+            owner = info.owner
+        if not self._metered(owner):
+            return owner, 0
+        before = info.bytes if info is not None else 0
+        needed = _units(before + sum(len(to_json(r).encode()) for r in records))
+        taken = []
+        for unit in range(_units(before), needed):
+            member = f"{conversation_id}:{unit}"
+            if self.store.acquire(_quota_key(owner), member, self.quota // QUOTA_UNIT, ttl):
+                taken.append(member)
+            elif refuse:
+                for member in taken:
+                    self.store.release(_quota_key(owner), member)
+                raise ApiError(413, "storage_quota_exceeded",
+                               f"storing this would take this client past its storage quota ({self.quota} bytes "
+                               f"of conversations); delete conversations it no longer needs, or wait for them to "
+                               f"expire")
+        return owner, needed
+
+    def _keep(self, conversation_id: str, owner: str, held: int, ttl: float) -> None:
+        """The conversation's slots live as long as it now does."""
+        if held:
+            self.store.refresh([(_quota_key(owner), f"{conversation_id}:{unit}") for unit in range(held)], ttl)
+
+
+def _units(size: int) -> int:
+    return -(-size // QUOTA_UNIT)
+
+
+def _quota_key(owner: str) -> str:
+    return f"storage:{owner}"
 
 
 def _same_origin(origin: str, req: Request) -> bool:

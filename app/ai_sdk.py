@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, request
 
 from app import images
-from app.chat_request import has_content, invalid, message_list, parse_chat_request
+from app.chat_request import has_content, invalid, keep_record, message_list, new_turn, parse_chat_request
 from app.errors import ApiError
 from app.protocols import UiMessageStream
 from app.request_body import parse_json_object
@@ -24,7 +24,7 @@ from app.service import ChatService
 bp = Blueprint("ai_sdk", __name__)
 
 # What the AI SDK's transport sends besides the messages; not relay options.
-TRANSPORT_FIELDS = {"id", "messages", "trigger", "messageId"}
+TRANSPORT_FIELDS = {"id", "messages", "trigger", "messageId", "store"}
 IGNORED_PARTS = {"step-start", "reasoning", "source-url", "source-document"}
 
 
@@ -125,8 +125,7 @@ def chat_ui():
     messages = neutral_messages(data.get("messages"), service.settings)
     options = {k: v for k, v in data.items() if k not in TRANSPORT_FIELDS}
     chat = parse_chat_request(options, service.settings, service.providers, messages=messages)
-    # useChat resends the whole chat each turn: the record keeps the new turn only.
-    last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    chat.records = messages[last_answer + 1:]
+    # useChat resends the whole chat each turn: no record unless asked, then of the new turn only.
+    chat.records, chat.keep_record = new_turn(messages), keep_record(data)
     reading = service.stream(g.caller, chat, wire=UiMessageStream(), transport="ai-sdk")
     return service.sse(reading, retry=False, headers=UiMessageStream.HEADERS)

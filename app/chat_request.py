@@ -6,7 +6,6 @@ clear 4xx and never reaches a provider.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from app import images
 from app.config import Settings
 from app.errors import ApiError
 from app.providers import Provider, Task
+from app.request_body import parse_json
 from app.tools import Tool, toolbox
 
 OPTIONS = {"prompt", "messages", "system", "provider", "model", "temperature", "max_tokens", "conversation_id",
@@ -37,6 +37,9 @@ class ChatRequest:
     # What the conversation record keeps of this request (default: all of task.messages). A
     # client that resends the whole history each turn (the OpenAI API) stores only its new turn.
     records: list[dict[str, Any]] | None = None
+    # False: nothing of this request or its answer is stored (routes whose clients resend the
+    # whole history each turn, unless they ask for a record: docs/openai-api.md).
+    keep_record: bool = True
 
 
 def invalid(message: str) -> ApiError:
@@ -65,12 +68,29 @@ def number_option(value: Any, name: str, low: float, high: float, integer: bool,
 
 
 def message_list(value: Any, settings: Settings, shape: str) -> list[Any]:
-    """A request's list of messages, whatever their format: non-empty, at most MAX_MESSAGES."""
+    """A request's list of messages, whatever their format: non-empty, at most MAX_MESSAGES before
+    it is even parsed (app/budget.py counts again what the translation made of it)."""
     if not isinstance(value, list) or not value:
         raise invalid(f"'messages' must be a non-empty list of {shape}")
     if len(value) > settings.MAX_MESSAGES:
         raise ApiError(413, "prompt_too_large", f"'messages' has more than {settings.MAX_MESSAGES} entries")
     return value
+
+
+def keep_record(data: dict[str, Any]) -> bool:
+    """`store: true` keeps a conversation record of the request and its answer; by default a
+    client that resends the whole history each turn gets none (docs/openai-api.md, docs/ai-sdk.md)."""
+    store = data.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise invalid("'store' must be a boolean")
+    return bool(store)
+
+
+def new_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a record keeps of a request that resends the whole history: what followed the last
+    assistant message."""
+    last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    return messages[last_answer + 1:]
 
 
 def parse_messages(value: Any, settings: Settings) -> list[dict[str, Any]]:
@@ -138,10 +158,9 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     elif "messages" in data:
         raw = data["messages"]
         if from_query:
-            try:
-                raw = json.loads(raw)
-            except (TypeError, ValueError):
-                raise invalid("'messages' must be a JSON list") from None
+            if not isinstance(raw, str):
+                raise invalid("'messages' must be a JSON list")
+            raw = parse_json(raw, "'messages'")
         messages = parse_messages(raw, settings)
     elif "prompt" in data:
         prompt = _text(data["prompt"], "prompt", limit)
@@ -154,9 +173,6 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     system = data.get("system")
     if system is not None:
         system = _text(system, "system", limit) or None
-    total = sum(len(images.text_of(m["content"])) for m in messages) + len(system or "")
-    if total > limit:
-        raise ApiError(413, "prompt_too_large", f"the prompt is {total} characters; the limit is {limit}")
 
     model = data.get("model") or provider.default_model
     if not isinstance(model, str) or not MODEL_PATTERN.fullmatch(model):

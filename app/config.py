@@ -53,6 +53,8 @@ class Settings:
     # A Retry-After longer than this is not waited for (the SDKs give up near 2 min).
     UPSTREAM_RETRY_MAX_WAIT: float = 30.0
     UPSTREAM_POOL_SIZE: int = 256
+    # The budget of one request, counted after its route translated it (app/budget.py): the
+    # characters of its messages (text, tool calls and results), system text and stop strings...
     MAX_PROMPT_CHARS: int = 32_000
     MAX_BODY_BYTES: int = 1_048_576
     # Images a request may carry (history included): each at most MAX_IMAGE_BYTES decoded
@@ -61,7 +63,14 @@ class Settings:
     MAX_IMAGES: int = 20
     MAX_IMAGE_BYTES: int = 5_242_880
     MAX_IMAGE_TOTAL_BYTES: int = 10_485_760
+    # ...its messages, each tool call and each content part counting as one...
     MAX_MESSAGES: int = 200
+    # ...the tools it defines (names, descriptions and parameter schemas as JSON)...
+    MAX_TOOL_SCHEMA_CHARS: int = 32_000
+    # ...and its ids and names: providers issue call ids of 20-40 characters, and OpenAI,
+    # Anthropic and Gemini all cap tool names at 64.
+    MAX_TOOL_ID_CHARS: int = 128
+    MAX_TOOL_NAME_CHARS: int = 64
     MAX_OUTPUT_TOKENS: int = 128_000
     # The longest request line the server in front accepts (gunicorn.conf.py sets it; Apache's
     # LimitRequestLine and nginx's large_client_header_buffers default to about this). Told to
@@ -86,6 +95,9 @@ class Settings:
     # (a chat of 500 records is far longer than any history budget replays anyway).
     MAX_CONVERSATION_MESSAGES: int = 500
     MAX_CONVERSATION_BYTES: int = 33_554_432
+    # What one caller (token identity, else client address) may keep stored at once, in bytes
+    # of conversation records; kept records count until they expire or are deleted (0 = no quota).
+    STORAGE_QUOTA_BYTES: int = 67_108_864
     # Tool-calling rounds per request before the model must answer without tools.
     TOOL_MAX_ROUNDS: int = 4
     API_TOKENS: str = ""
@@ -138,7 +150,7 @@ class Settings:
                      "UPSTREAM_READ_TIMEOUT",
                      "MAX_PROMPT_CHARS", "MAX_BODY_BYTES", "MAX_MESSAGES", "MAX_OUTPUT_TOKENS",
                      "MAX_CONVERSATION_MESSAGES", "MAX_CONVERSATION_BYTES", "JWT_MAX_LIFETIME", "MAX_IMAGE_BYTES",
-                     "MAX_IMAGE_TOTAL_BYTES"):
+                     "MAX_IMAGE_TOTAL_BYTES", "MAX_TOOL_SCHEMA_CHARS", "MAX_TOOL_ID_CHARS", "MAX_TOOL_NAME_CHARS"):
             if getattr(settings, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if settings.LOG_FORMAT not in ("text", "json"):
@@ -148,7 +160,7 @@ class Settings:
         if settings.MAX_IMAGES < 0:
             raise ConfigError("MAX_IMAGES must not be negative")
         for name in ("MAX_STREAMS_PER_CLIENT", "MAX_TICKETS_PER_CLIENT", "MAX_READERS_PER_CLIENT", "TRUSTED_PROXIES",
-                     "JWT_LEEWAY", "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES"):
+                     "JWT_LEEWAY", "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES", "STORAGE_QUOTA_BYTES"):
             if getattr(settings, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         return settings

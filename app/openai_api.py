@@ -18,14 +18,22 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify, request
 
 from app import images
-from app.chat_request import MODEL_PATTERN, ChatRequest, check_images, invalid, message_list, number_option
+from app.chat_request import (
+    MODEL_PATTERN,
+    ChatRequest,
+    check_images,
+    invalid,
+    keep_record,
+    message_list,
+    new_turn,
+    number_option,
+)
 from app.errors import ApiError
 from app.protocols import THINKING_BLOCKS, OpenAIChunks, openai_finish, openai_tool_call, openai_usage, thinking_blocks
 from app.providers import Provider, ProviderError, offered
 from app.providers.base import Task
 from app.request_body import parse_json_object
 from app.service import ChatService
-from app.store.base import to_json
 
 bp = Blueprint("openai", __name__)
 
@@ -33,10 +41,10 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128
 # Options that only shape sampling details the relay does not forward; accepted so SDK
 # defaults and common client code work unchanged.
-IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "top_p", "presence_penalty", "frequency_penalty",
+IGNORED = {"user", "metadata", "parallel_tool_calls", "top_p", "presence_penalty", "frequency_penalty",
            "seed", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity"}
 KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-         "stop", "n", "tools", "tool_choice", "logprobs", "response_format", "reasoning_effort"} | IGNORED
+         "stop", "n", "tools", "tool_choice", "logprobs", "response_format", "reasoning_effort", "store"} | IGNORED
 # OpenAI's reasoning_effort values as the relay's reasoning levels ("none": no visible reasoning).
 REASONING_EFFORTS = {"none": None, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
                      "xhigh": "high"}
@@ -155,15 +163,8 @@ def neutral_messages(value: Any, settings: Any, provider: str = "") -> list[dict
             raise invalid(f"{where}.role must be system, developer, user, assistant or tool")
     if messages[-1]["role"] not in ("user", "tool"):
         raise invalid("the last message must be from the user or a tool result")
-    # Thinking blocks and signatures a client sends back go upstream and into the record too.
-    total = sum(len(images.text_of(m.get("content")))
-                + sum(len(c["arguments"]) + len((c.get("signature") or {}).get("value", ""))
-                      for c in m.get("tool_calls", ()))
-                + sum(len(to_json(s["item"])) for s in m.get("signed", ())) for m in messages)
-    if total > settings.MAX_PROMPT_CHARS:
-        raise ApiError(413, "prompt_too_large", f"the messages are {total} characters; the limit is "
-                                                f"{settings.MAX_PROMPT_CHARS}")
     return messages
+
 
 
 def client_tools(value: Any) -> list[dict[str, Any]]:
@@ -188,9 +189,10 @@ def client_tools(value: Any) -> list[dict[str, Any]]:
 def tool_choice(value: Any, tools: list[dict[str, Any]]) -> str | None:
     if value is None:
         return None
-    if value in ("auto", "none", "required"):
+    if isinstance(value, str) and value in ("auto", "none", "required"):
         return value
-    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or name not in {t["name"] for t in tools}:
         raise invalid("'tool_choice' must be auto, none, required or {type: function, function: {name}} "
                       "naming one of the tools")
@@ -234,9 +236,7 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
     task = Task(messages=messages, model=model, temperature=temperature, max_tokens=limit, tools=tools,
                 tool_choice=tool_choice(data.get("tool_choice"), tools), stop=stop,
                 reasoning=REASONING_EFFORTS.get(effort) if effort else None)
-    # The conversation record keeps this turn only (what followed the last assistant message).
-    last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    chat = ChatRequest(provider, task, None, [], records=messages[last_answer + 1:])
+    chat = ChatRequest(provider, task, None, [], records=new_turn(messages), keep_record=keep_record(data))
     return chat, {"stream": stream, "include_usage": bool(options.get("include_usage")), "model": data["model"]}
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from flask import Response
 
-from app.access import Access, Caller
+from app.access import Access, Caller, MeteredStore
+from app.budget import check_budget
 from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
 from app.conversations import Conversations
 from app.errors import ApiError
@@ -99,8 +100,10 @@ class ChatService:
     def build(cls, settings: Any, providers: dict[str, Provider], store: Store, metrics: Metrics) -> ChatService:
         access = Access(settings, store, on_refusal=metrics.refused)
         metrics.known_models = {name: set(p.models) for name, p in providers.items()}
+        # Conversations store through the quota: every record counts against its owner.
+        conversations = Conversations(MeteredStore(store, settings.STORAGE_QUOTA_BYTES), settings, access)
         return cls(settings, providers, store, access, Relay(settings, store, on_store_error=metrics.store_failed),
-                   Conversations(store, settings, access), metrics, parse_fallbacks(settings.LLM_FALLBACKS, providers))
+                   conversations, metrics, parse_fallbacks(settings.LLM_FALLBACKS, providers))
 
     def _serving(self, provider: Provider) -> Provider:
         """The provider that answers: the request's, with the LLM_FALLBACKS chain behind it."""
@@ -121,10 +124,11 @@ class ChatService:
         """Start an answer now; it stops as soon as its one reader leaves. `wire` is what the
         client reads (app/protocols.py; default the relay's event protocol); `transport` names
         the way in for metrics."""
+        check_budget(chat.task, self.settings)
         stream_id = new_id()
         self.access.open_stream(caller.id, stream_id)
         try:
-            conversation_id, task, _ = self.conversations.begin(caller, chat, stream_id)
+            conversation_id, task = self._begin(caller, chat, stream_id)
         except BaseException:
             self.access.close_stream(caller.id, stream_id)
             raise
@@ -142,6 +146,7 @@ class ChatService:
     def create_ticket(self, caller: Caller, chat: ChatRequest) -> dict[str, str]:
         """Step 1: accept the request and keep it until its stream is opened (the user's message
         is stored now). Unopened tickets count against the caller."""
+        check_budget(chat.task, self.settings)
         ticket_id = new_id()
         ttl = self.settings.STREAM_TICKET_TTL
         self.access.hold_ticket(caller.id, ticket_id, ttl)
@@ -289,20 +294,21 @@ class ChatService:
     def answer(self, caller: Caller, chat: ChatRequest, transport: str = "rest") -> tuple[str, str, Answer]:
         """The whole answer at once: (request id, conversation id, answer), recorded like a stream.
         Raises ProviderError (after recording it) when the provider failed."""
+        check_budget(chat.task, self.settings)
         request_id = new_id()
         self.access.open_stream(caller.id, request_id)
         started, answer = time.monotonic(), Answer()
         self.metrics.stream_opened(transport)
         try:
-            conversation_id, task, _ = self.conversations.begin(caller, chat, request_id)
+            conversation_id, task = self._begin(caller, chat, request_id)
             try:
                 collect(self._serving(chat.provider), task, tools=chat.tools, max_rounds=self.settings.TOOL_MAX_ROUNDS,
                         answer=answer)
             except ProviderError as err:
                 answer.outcome, answer.error = "error", err.as_event()
-                self.conversations.finish(conversation_id, request_id, answer, caller.id)
+                self._finish(conversation_id, request_id, answer, caller.id)
                 raise
-            self.conversations.finish(conversation_id, request_id, answer, caller.id)
+            self._finish(conversation_id, request_id, answer, caller.id)
             return request_id, conversation_id, answer
         finally:
             self.access.close_stream(caller.id, request_id)
@@ -313,6 +319,7 @@ class ChatService:
 
     def text_stream(self, caller: Caller, chat: ChatRequest) -> Iterator[str]:
         """The answer's text pieces (the Python API's ask_stream); holds a stream slot while open."""
+        check_budget(chat.task, self.settings)
         request_id = new_id()
         self.access.open_stream(caller.id, request_id)
         cancel = Cancellation()
@@ -338,10 +345,10 @@ class ChatService:
                resumable: bool, wire: Any = None, transport: str = "sse", resumed: Adopted | None = None
                ) -> Generation:
         """Produce `task` (the request with its history) as a generation bound to `owner`."""
-        conversations, access, metrics = self.conversations, self.access, self.metrics
+        access, metrics = self.access, self.metrics
 
         def record(generation: Generation) -> None:
-            conversations.finish(generation.conversation_id, generation.id, generation.answer, owner)
+            self._finish(generation.conversation_id, generation.id, generation.answer, owner)
 
         def release(generation: Generation) -> None:
             access.close_stream(owner, generation.id)
@@ -364,6 +371,18 @@ class ChatService:
                                 resumable=resumable, tools=chat.tools, record=record, release=release, wire=wire,
                                 request_id=REQUEST_ID.get(), resumed=resumed,
                                 driven=resumed is None and provider.idles and not chat.tools)
+
+    def _begin(self, caller: Caller, chat: ChatRequest, request_id: str) -> tuple[str, Task]:
+        """The conversation id and the task to send: the request's messages stored (and its
+        history loaded), or, for a request that keeps no record, the task as it came and no id."""
+        if not chat.keep_record:
+            return "", chat.task
+        conversation_id, task, _ = self.conversations.begin(caller, chat, request_id)
+        return conversation_id, task
+
+    def _finish(self, conversation_id: str, request_id: str, answer: Answer, owner: str) -> None:
+        if conversation_id:  # "": a request that keeps no record
+            self.conversations.finish(conversation_id, request_id, answer, owner)
 
     @staticmethod
     def _reading(generation: Generation, position: int) -> Reading:

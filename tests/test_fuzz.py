@@ -1,9 +1,12 @@
 """Fuzzing every route of a live server with generated bodies, query strings and headers.
 
 Property, for every request Hypothesis can think of: no 5xx, every 4xx is the one JSON
-error shape, every 200 stream ends with `done` or `error`, and the server stays healthy
-(answers /healthz at once afterwards). Bounded in examples, so the layer takes well
-under a minute; `FUZZ_EXAMPLES` raises the count for a longer hunt.
+error shape, every 200 stream ends as its wire says (`done` or `error`; `[DONE]` on `/v1`
+and the AI SDK route), and the server stays healthy (answers /healthz at once afterwards).
+`/v1` and `/api/chat/ui` also get mostly well-formed tool exchanges (calls, results, parts,
+ids and arguments of every size and depth), and the GET query's JSON field JSON of every
+shape, so the fuzz reaches the budget and the adapters, not only the shape checks. Bounded
+in examples, so the layer takes well under a minute; `FUZZ_EXAMPLES` raises the count for a longer hunt.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import string
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -71,6 +75,65 @@ ui_bodies = st.fixed_dictionaries(
         min_size=1, max_size=3)},
     optional={"trigger": json_values, "provider": st.sampled_from(["demo", "openai"]), "tools": json_values,
               "model": st.just("demo-fast")})
+# Tool exchanges and content parts as hostile clients of /v1 and /api/chat/ui send them: ids,
+# names and arguments of any size and shape, arguments nested past any limit.
+tool_ids = st.sampled_from(["call_1", "x" * 129, "x" * 5000, ""]) | st.text(max_size=10) | hostile_text | json_values
+tool_names = st.sampled_from(["f", "calculate", "get_weather", "n" * 65, "", "a.b"]) | json_values
+arguments = st.one_of(json_values.map(json.dumps), hostile_text, st.sampled_from(
+    ["", "{", "[" * 3000, '{"a":' * 70 + "1" + "}" * 70, '"' + "[" * 500 + '"', json.dumps({"city": "Paris"})]))
+tool_calls = st.lists(st.fixed_dictionaries({"id": tool_ids, "type": st.just("function") | json_values,
+                                             "function": st.fixed_dictionaries({"name": tool_names,
+                                                                                "arguments": arguments})
+                                             | json_values}) | json_values, max_size=3)
+openai_parts = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "input_audio"])
+                                                       | json_values},
+                                              optional={"text": hostile_text | json_values,
+                                                        "image_url": json_values}), max_size=3)
+openai_contents = st.text(max_size=20) | st.text(max_size=20) | openai_parts | st.none() | json_values
+openai_message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer"]), "content": openai_contents}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": openai_contents},
+                          optional={"tool_calls": tool_calls}),
+    st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": tool_ids, "content": openai_contents}))
+# Mostly well-formed lists, so the fuzz gets past the shape checks to the budget and the adapters.
+openai_messages = st.one_of(st.lists(openai_message, max_size=4), st.lists(openai_message, max_size=4),
+                            st.lists(openai_message | json_values, max_size=4)
+                            ).map(lambda ms: [*ms, {"role": "user", "content": "hi"}])
+tool_definitions = st.lists(st.fixed_dictionaries(
+    {"type": st.just("function"),
+     "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "calculate", "n" * 65]) | tool_names},
+                                       optional={"description": hostile_text | st.just("d" * 3000),
+                                                 "parameters": st.just({"type": "object"}) | json_values})}),
+    max_size=4)
+tool_exchanges = st.fixed_dictionaries(
+    {"model": st.sampled_from(["demo/demo-fast", "openai/gpt-4.1"]),
+     "messages": openai_messages},
+    optional={"stream": st.booleans(), "tools": tool_definitions | json_values, "store": st.booleans() | json_values,
+              "tool_choice": st.sampled_from(["auto", "none", "required", None, {"type": "function", "function": "x"},
+                                              {"type": "function", "function": None}, {"type": "function"},
+                                              {"type": "function", "function": {"name": "f"}}, ["auto"], 1]),
+              "stop": st.lists(hostile_text | st.just("s" * 1000), max_size=5) | json_values})
+text_parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20) | hostile_text})
+                      | st.fixed_dictionaries({"type": st.sampled_from(["step-start", "file", "data-x"])},
+                                              optional={"text": json_values}), max_size=3)
+tool_parts = st.lists(st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20) | json_values}),
+    st.fixed_dictionaries({"type": tool_names.map(lambda n: f"tool-{n}") | st.just("dynamic-tool"),
+                           "toolCallId": tool_ids,
+                           "state": st.sampled_from(["output-available", "output-error", "input-available"])},
+                          optional={"toolName": tool_names, "input": json_values, "output": json_values,
+                                    "errorText": json_values}),
+    st.fixed_dictionaries({"type": st.sampled_from(["step-start", "reasoning", "file", "data-x", "source-url"])},
+                          optional={"text": json_values, "url": json_values})), max_size=5)
+ui_message = st.one_of(
+    st.fixed_dictionaries({"id": st.just("m"), "role": st.sampled_from(["user", "system"]), "parts": text_parts}),
+    st.fixed_dictionaries({"id": st.just("a"), "role": st.just("assistant"), "parts": tool_parts}),
+    st.fixed_dictionaries({"id": st.just("a"), "role": st.just("assistant"), "parts": tool_parts}))
+ui_exchanges = st.fixed_dictionaries(
+    {"id": st.just("chat"), "messages": st.lists(ui_message, max_size=4).map(
+        lambda ms: [*ms, {"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]}])},
+    optional={"provider": st.sampled_from(["demo", "openai"]), "store": st.booleans() | json_values,
+              "system": hostile_text, "tools": st.sampled_from([True, ["calculate"]])})
 raw_bodies = st.one_of(
     ui_bodies.map(lambda value: json.dumps(value).encode()),
     openai_bodies.map(lambda value: json.dumps(value).encode()),
@@ -81,6 +144,14 @@ raw_bodies = st.one_of(
 query_values = st.text(string.printable, max_size=30) | st.sampled_from(["%ff", "%ED%A0%80", "\u00b2", "-1", "1e9"])
 queries = st.dictionaries(st.sampled_from(list(known) + ["access_token", "last_event_id", "x"]), query_values,
                           max_size=5)
+# The GET query's JSON field (`messages`) and list field (`tools`), as JSON text of any shape.
+query_json = st.one_of(json_values.map(json.dumps), known["messages"].map(json.dumps), query_values, st.sampled_from(
+    ["[" * 3000, "[" * 3000 + "]" * 3000, '[{"role": "user", "content": "\\ud800"}]', "null", "[]", "{}",
+     '[{"role": "user", "content": "hi"}]', '[{"role": "user", "content": "' + "x" * 3000 + '"}]']))
+json_queries = st.fixed_dictionaries({"messages": query_json}, optional={
+    "tools": st.sampled_from(["true", "calculate", "calculate,nope", "", ",,,"]) | query_values,
+    "system": query_values, "provider": st.sampled_from(["demo", "openai", "anthropic"]),
+    "prompt": query_values})
 header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=60).map(str.strip)
 hostile_headers = st.fixed_dictionaries({}, optional={
     "Content-Type": st.sampled_from(["application/json", "text/plain", "application/json; charset=latin-1",
@@ -131,7 +202,10 @@ def check(response: requests.Response) -> None:
         assert isinstance(error["type"], str) and isinstance(error["message"], str) and error["message"]
     elif response.headers.get("Content-Type", "").startswith("text/event-stream"):
         body = response.content.decode()
-        assert body.rstrip().endswith("}") and ("event: done" in body or "event: error" in body), body[-300:]
+        if urlsplit(response.request.url).path in ("/v1/chat/completions", "/api/chat/ui"):  # their own wires
+            assert body.rstrip().endswith("data: [DONE]"), body[-300:]
+        else:
+            assert body.rstrip().endswith("}") and ("event: done" in body or "event: error" in body), body[-300:]
 
 
 def send(method: str, url: str, **kwargs) -> requests.Response:
@@ -152,8 +226,26 @@ def test_json_routes(server, body, hdrs, route):
 
 
 @FUZZ
+@given(body=tool_exchanges, hdrs=headers)
+def test_openai_tool_exchanges(server, body, hdrs):
+    send("POST", server + "/v1/chat/completions", data=json.dumps(body), headers=hdrs)
+
+
+@FUZZ
+@given(body=ui_exchanges, hdrs=headers)
+def test_ui_tool_parts(server, body, hdrs):
+    send("POST", server + "/api/chat/ui", data=json.dumps(body), headers=hdrs)
+
+
+@FUZZ
 @given(query=queries, hdrs=headers)
 def test_query_string_streams(server, query, hdrs):
+    send("GET", server + "/api/chat/stream", params=query, headers=hdrs)
+
+
+@FUZZ
+@given(query=json_queries, hdrs=headers)
+def test_query_json_fields(server, query, hdrs):
     send("GET", server + "/api/chat/stream", params=query, headers=hdrs)
 
 

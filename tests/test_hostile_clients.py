@@ -602,3 +602,301 @@ def test_a_reader_that_stops_reading_is_let_go_after_the_write_timeout(route, up
         assert server.proc.poll() is None
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------ issue 20: one budget, counted on what is sent
+
+
+def assert_refused(response, status: int, kind: str | None = None) -> dict:
+    """Our JSON error, in either shape: the relay's (`type`) or the OpenAI API's (`code`)."""
+    assert response.status_code == status, (response.status_code, response.get_data(as_text=True)[:300])
+    error = response.get_json()["error"]
+    assert error["message"] and (kind is None or kind in (error["type"], error.get("code"))), error
+    return error
+
+
+def _store_of(app):
+    return app.extensions["llm_sse_relay"].store
+
+
+def _stored_bytes(app) -> int:
+    """What the memory store keeps in conversations, in bytes of stored JSON."""
+    store = _store_of(app)
+    return sum(conv["bytes"] for conv in store._conversations.values())
+
+
+def test_v1_tool_schemas_and_stop_strings_count_against_the_prompt_budget(upstream, make_app):
+    """128 tools of 6.9 kB descriptions and four 1000-character stops sent a 1 MB body upstream."""
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    client = make_app().test_client()
+    tools = [{"type": "function", "function": {"name": f"t{i}", "description": "d" * 6900}} for i in range(128)]
+    body = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}], "tools": tools,
+            "stop": ["s" * 1000] * 4}
+    assert_refused(client.post("/v1/chat/completions", json=body), 413, "prompt_too_large")
+    stops = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}], "stop": ["s" * 9000] * 4}
+    assert_refused(make_app(MAX_PROMPT_CHARS=32_000).test_client().post("/v1/chat/completions", json=stops),
+                      413, "prompt_too_large")
+    assert upstream.seen == []
+
+
+def test_ui_tool_parts_count_as_messages_after_translation(upstream, client):
+    """One assistant UI message of 6000 tool parts went upstream as 6003 messages (MAX_MESSAGES 200)."""
+    parts = [{"type": "tool-calculate", "toolCallId": f"c{i}", "state": "output-available",
+              "input": {"expression": "1"}, "output": 1} for i in range(6000)]
+    messages = [{"id": "a", "role": "assistant", "parts": parts},
+                {"id": "u", "role": "user", "parts": [{"type": "text", "text": "and now?"}]}]
+    assert_refused(client.post("/api/chat/ui", json={"id": "c", "messages": messages}), 413, "prompt_too_large")
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/chat/ui"])
+def test_tool_call_ids_and_names_have_maximum_lengths(route, upstream, client):
+    """A 450 kB tool_call_id passed every check and was stored for 30 days."""
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    for call_id, name in (("x" * 450_000, "calculate"), ("x" * 129, "calculate"), ("call_1", "n" * 65)):
+        if route == "/v1/chat/completions":
+            messages = [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}]},
+                        {"role": "tool", "tool_call_id": call_id, "content": "1"}]
+            body = {"model": "openai/gpt-4.1", "messages": messages}
+        else:
+            parts = [{"type": f"tool-{name}", "toolCallId": call_id, "state": "output-available", "input": {},
+                      "output": 1}]
+            body = {"id": "c", "provider": "openai", "messages": [
+                {"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]},
+                {"id": "a", "role": "assistant", "parts": parts},
+                {"id": "v", "role": "user", "parts": [{"type": "text", "text": "again"}]}]}
+        error = assert_refused(client.post(route, json=body), 400, "invalid_request")
+        assert len(error["message"]) < 300
+    assert upstream.seen == []
+
+
+def test_a_lone_tool_result_with_a_huge_id_is_refused(upstream, client):
+    body = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "tool", "tool_call_id": "x" * 450_000, "content": ""}]}
+    assert_refused(client.post("/v1/chat/completions", json=body), 400, "invalid_request")
+
+
+def test_the_budget_is_one_function_every_way_in_calls(upstream, make_app, monkeypatch):
+    """Every route reaches the same check, on the request as translated (relay options, /v1,
+    the AI SDK route, the Python API)."""
+    import app.service
+    seen = []
+    original = app.service.check_budget
+
+    def spy(task, settings):
+        seen.append(len(task.messages))
+        return original(task, settings)
+
+    monkeypatch.setattr(app.service, "check_budget", spy)
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    flask_app = make_app()
+    client = flask_app.test_client()
+    hello = [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]
+    client.get("/api/chat/stream?prompt=hi&provider=openai").get_data()
+    client.post("/api/chat/stream", json={"prompt": "hi", "provider": "openai"}).get_data()
+    client.post("/api/chat", json={"prompt": "hi", "provider": "openai"})
+    client.post("/api/chat/streams", json={"prompt": "hi", "provider": "openai"})
+    client.post("/v1/chat/completions", json={"model": "openai/x", "messages": [{"role": "user", "content": "hi"}]})
+    client.post("/api/chat/ui", json={"id": "c", "provider": "openai", "messages": hello}).get_data()
+    with flask_app.app_context():
+        from app.client import task
+        task("openai").prompt("hi").ask()
+    assert len(seen) == 7, seen
+
+
+# ------------------------------------------------------------------ issue 20: 500s
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": "x"}, {"type": "function", "function": None},
+                                    ["auto"], [{"type": "function"}], 7, {"type": "function", "function": {"name": 1}}])
+def test_odd_tool_choice_is_a_400(choice, upstream, client):
+    tools = [{"type": "function", "function": {"name": "x"}}]
+    body = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}], "tools": tools,
+            "tool_choice": choice}
+    assert_refused(client.post("/v1/chat/completions", json=body), 400, "invalid_request")
+
+
+def test_tool_choice_null_means_the_default(upstream, client):
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    body = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}], "tool_choice": None}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+DEEP_ARGUMENTS = '{"a":' * 3000 + "1" + "}" * 3000
+
+
+def test_deep_tool_call_arguments_are_refused_on_input(upstream, client):
+    """Deep JSON in tool-call arguments made the Anthropic adapter raise RecursionError (a 500)."""
+    upstream.reset(Reply(chunks=BODIES["anthropic"](["ok"])))
+    for arguments in (DEEP_ARGUMENTS, "[" * 3000, '"' + "[" * 3000 + '"' and "[" * 65 + "]" * 65):
+        messages = [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "1"}]
+        response = client.post("/v1/chat/completions", json={"model": "anthropic/claude", "messages": messages})
+        assert_refused(response, 400, "invalid_request")
+    # Brackets inside a JSON string are text, not nesting.
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "f", "arguments": json.dumps({"s": "[" * 500 + '\\"{'})}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "1"}]
+    response = client.post("/v1/chat/completions", json={"model": "anthropic/claude", "messages": messages})
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+def test_the_anthropic_adapter_survives_deep_arguments_from_anywhere():
+    """Arguments a model wrote (replayed from a stored conversation) never passed the input check."""
+    from app.providers.anthropic import anthropic_messages
+    from app.providers.base import Task
+    task = Task(messages=[{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"id": "t", "name": "f", "arguments": DEEP_ARGUMENTS}]},
+                          {"role": "tool", "tool_call_id": "t", "name": "f", "content": "1"}], model="m")
+    turns = anthropic_messages(task)
+    assert turns[1]["content"][0]["type"] == "tool_use" and isinstance(turns[1]["content"][0]["input"], dict)
+
+
+def test_deep_json_in_the_query_messages_is_a_400(client):
+    """GET /api/chat/stream?messages=[[[… parsed the query with plain json.loads: RecursionError, a 500."""
+    for value in ("[" * 3000, "[" * 3000 + "]" * 3000, '["\\ud800"]'):
+        response = client.get("/api/chat/stream", query_string={"messages": value})
+        assert_refused(response, 400)
+
+
+# ------------------------------------------------------------------ issue 20: what is stored, and how much
+
+
+def _v1(content: str = "hi", **extra) -> dict:
+    return {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def _ui(text: str = "hi", **extra) -> dict:
+    return {"id": "c", "provider": "openai",
+            "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": text}]}], **extra}
+
+
+@pytest.mark.parametrize("route,body", [("/v1/chat/completions", _v1), ("/api/chat/ui", _ui)])
+def test_routes_that_resend_the_history_store_nothing_unless_asked(route, body, upstream, make_app):
+    """20 /v1 requests with 450 kB tool ids grew SQLite by 23 MB, kept 30 days, deletable by nobody."""
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    app = make_app()
+    client = app.test_client()
+    for _ in range(3):
+        assert client.post(route, json=body()).status_code == 200
+    assert _store_of(app)._conversations == {}
+    assert client.post(route, json=body(store=True)).status_code == 200
+    assert len(_store_of(app)._conversations) == 1
+    assert_refused(client.post(route, json=body(store="yes")), 400, "invalid_request")
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_a_caller_cannot_store_past_its_quota(auth, upstream, make_app):
+    """Every stored record counts against its caller (token identity, else client address)."""
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    quota = 200_000
+    app = make_app(STORAGE_QUOTA_BYTES=quota, **({"API_TOKENS": "alice,bob"} if auth else {}))
+    client = app.test_client()
+    alice = bearer("alice") if auth else {}
+    refused = None
+    for _ in range(40):
+        response = client.post("/api/chat", json={"prompt": "p" * 30_000, "provider": "openai"}, headers=alice)
+        if response.status_code != 200:
+            refused = response
+            break
+    assert refused is not None, "40 requests of 30 kB were all stored"
+    error = assert_refused(refused, 413, "storage_quota_exceeded")
+    assert "delete" in error["message"]
+    assert _stored_bytes(app) <= quota
+    # /v1 asking to store counts against the same quota.
+    assert_refused(client.post("/v1/chat/completions", json=_v1("p" * 30_000, store=True), headers=alice),
+                      413, "storage_quota_exceeded")
+    other = client.post("/api/chat", json={"prompt": "hi", "provider": "openai"},
+                        headers=bearer("bob") if auth else {}, environ_base={"REMOTE_ADDR": "127.0.0.9"})
+    assert other.status_code == 200, "another caller shares no quota"
+    # Deleting a conversation gives its room back.
+    first = next(iter(_store_of(app)._conversations))
+    assert client.delete(f"/api/conversations/{first}", headers=alice).status_code == 200
+    again = client.post("/api/chat", json={"prompt": "p" * 30_000, "provider": "openai"}, headers=alice)
+    assert again.status_code == 200, again.get_data(as_text=True)
+
+
+def test_continuing_a_conversation_counts_its_growth(upstream, make_app):
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    app = make_app(STORAGE_QUOTA_BYTES=150_000)
+    client = app.test_client()
+    first = client.post("/api/chat", json={"prompt": "p" * 30_000, "provider": "openai"}).get_json()
+    statuses = [client.post("/api/chat", json={"prompt": "p" * 30_000, "provider": "openai",
+                                               "conversation_id": first["conversation_id"]}).status_code
+                for _ in range(8)]
+    assert 413 in statuses and _stored_bytes(app) <= 150_000
+
+
+def test_the_quota_can_be_switched_off(upstream, make_app):
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    client = make_app(STORAGE_QUOTA_BYTES=0).test_client()
+    for _ in range(5):
+        assert client.post("/api/chat", json={"prompt": "p" * 30_000, "provider": "openai"}).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_the_quota_holds_in_every_shared_store(kind, upstream, make_app, tmp_path, request):
+    """Counted in the store, like the stream slots: every process and host sees one quota."""
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        server.flush()
+        url = server.url
+    else:
+        url = f"sqlite:///{tmp_path}/relay.db"
+    upstream.reset(Reply(chunks=BODIES["openai"](["ok"])))
+    apps = [make_app(STORE_URL=url, STORAGE_QUOTA_BYTES=100_000) for _ in range(2)]
+    statuses, ids = [], []
+    for i in range(8):  # two servers, one caller: the quota is one
+        response = apps[i % 2].test_client().post("/api/chat", json={"prompt": "p" * 30_000, "provider": "openai"})
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            ids.append(response.get_json()["conversation_id"])
+    assert statuses[:2] == [200, 200] and 413 in statuses, statuses
+    kept = sum(_store_of(apps[0]).conversation(c).bytes for c in ids)
+    assert kept <= 100_000
+    assert apps[1].test_client().delete(f"/api/conversations/{ids[0]}").status_code == 200
+    again = apps[0].test_client().post("/api/chat", json={"prompt": "p" * 30_000, "provider": "openai"})
+    assert again.status_code == 200
+
+
+def test_the_budget_counts_content_parts_whatever_their_kind():
+    """Content may be a string or a list of parts (the neutral form images will use): text parts
+    count as prompt text, each part as an item, image data against the body limit."""
+    from app.budget import check_budget
+    from app.config import Settings
+    from app.errors import ApiError
+    from app.providers.base import Task
+
+    settings = Settings(MAX_PROMPT_CHARS=100, MAX_MESSAGES=5, MAX_BODY_BYTES=1000)
+
+    def refused(content) -> str | None:
+        try:
+            check_budget(Task(messages=[{"role": "user", "content": content}], model="m"), settings)
+        except ApiError as err:
+            return err.type
+        return None
+
+    assert refused([{"type": "text", "text": "x" * 100}]) is None
+    assert refused([{"type": "text", "text": "x" * 60}, {"type": "text", "text": "y" * 60}]) == "prompt_too_large"
+    assert refused([{"type": "text", "text": ""}] * 5) == "prompt_too_large"  # 1 message + 5 parts
+    assert refused([{"type": "image", "media_type": "image/png", "data": "A" * 1000}]) is None
+    assert refused([{"type": "image", "media_type": "image/png", "data": "A" * 1001}]) == "prompt_too_large"
+    assert refused([{"type": "image", "url": "https://example.com/" + "x" * 100}]) == "prompt_too_large"
+    assert refused([{"type": "audio", "data": "x" * 200}]) == "prompt_too_large"  # unknown: all its JSON
+
+
+def test_the_application_itself_is_not_metered(make_app):
+    """The Python API outside any request is the application, not a client: no quota."""
+    app = make_app(STORAGE_QUOTA_BYTES=20_000)
+    with app.app_context():
+        from app.client import ask
+        for _ in range(4):
+            assert ask("p" * 15_000, model="demo-fast")

@@ -200,14 +200,16 @@ def test_leaving_mid_stream_closes_the_upstream_and_heartbeats_are_comments(live
     assert ": ping" in raw and "retry:" not in raw and raw.rstrip().endswith("data: [DONE]")
 
 
-def test_the_answer_is_recorded_once_per_turn(live, upstream, make_app, serve):
+def test_the_answer_is_recorded_once_per_turn_when_asked(live, upstream, make_app, serve):
     app = make_app()
     url = serve(app)
     store = app.extensions["llm_sse_relay"].store
     upstream.reset(Reply(chunks=BODIES["openai"](["fine"])))
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     history = [*HELLO, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and now?"}]
-    answer = client.chat.completions.create(model="openai/gpt-4.1", messages=history)
+    client.chat.completions.create(model="openai/gpt-4.1", messages=history)
+    assert store._conversations == {}  # the client keeps the history; by default nothing is stored
+    answer = client.chat.completions.create(model="openai/gpt-4.1", messages=history, store=True)
     conversation_id = None
     for key in getattr(store, "_conversations", {}):
         conversation_id = key

@@ -27,6 +27,7 @@ from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from app.decoders import DecodeError, NdjsonDecoder, SseDecoder, SseEvent
 from app.providers import upstream_body
 from app.providers.upstream_body import iter_body, shut
+from app.request_body import MAX_DEPTH, json_nesting
 
 log = logging.getLogger("llm_sse_relay.upstream")
 
@@ -303,10 +304,13 @@ def event_object(event: SseEvent) -> dict[str, Any] | None:
 
 
 def parsed_arguments(arguments: str) -> dict[str, Any]:
-    """A tool call's arguments as an object (an invalid string becomes {})."""
+    """A tool call's arguments as an object (an invalid string becomes {}, and so does one nested
+    past what any client may send: a model wrote it, and the parser must not recurse without bound)."""
+    if json_nesting(arguments or "") > MAX_DEPTH:
+        return {}
     try:
         value = json.loads(arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 
