@@ -36,6 +36,7 @@ if ! read -r listening <&"${MODEL[0]}"; then
     exit 1
 fi
 echo "$listening"
+cat <&"${MODEL[0]}" &  # whatever it prints later reaches the terminal, not a full pipe
 export LLM_PROVIDER=openai-compatible LLM_MODEL=gemma-3-270m
 export OPENAI_COMPATIBLE_BASE_URL="http://127.0.0.1:$model_port/v1"
 echo "llm-sse-relay: http://127.0.0.1:${PORT:-8000}/ (provider: openai-compatible, Gemma 3 270M by llama.cpp)"
