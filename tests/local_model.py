@@ -20,8 +20,10 @@ class LocalModel(ServerProcess):
 
     def __init__(self) -> None:
         port = free_port()
-        super().__init__([sys.executable, str(REPO / "scripts" / "local_model.py"), "--port", str(port)], port, {},
-                         startup=120)
+        # One thread: llama.cpp's threads wait for each other at every step, so two threads
+        # on two cores that other processes share ran 96 tokens in 1 to 5.4 s, one in 1.2 to 1.8 s.
+        args = [sys.executable, str(REPO / "scripts" / "local_model.py"), "--port", str(port), "--threads", "1"]
+        super().__init__(args, port, {}, startup=120)
 
     def generating(self) -> bool:
         """Whether its one slot is working on a request (`/slots`)."""
