@@ -20,7 +20,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 from app.chat_request import MODEL_PATTERN, ChatRequest, invalid, message_list, number_option
 from app.errors import ApiError
 from app.protocols import OpenAIChunks, openai_finish, openai_usage
-from app.providers import Provider, ProviderError, offered
+from app.providers import Provider, offered
 from app.providers.base import Task
 from app.request_body import parse_json_object
 from app.service import ChatService
@@ -239,11 +239,7 @@ def chat_completions():
         wire = OpenAIChunks(how["model"], how["include_usage"])
         reading = relay.stream(g.caller, chat, wire=wire, transport="openai")
         return relay.sse(reading, retry=False)
-    try:
-        request_id, _, answer = relay.answer(g.caller, chat, transport="openai")
-    except ProviderError as err:
-        status = err.status if err.status and 400 <= err.status < 600 else 502
-        raise ApiError(502 if status in (401, 403) else status, err.type, err.message) from None
+    request_id, _, answer = relay.answer(g.caller, chat, transport="openai")  # ProviderError: app/errors.py
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
     if answer.tool_calls:
         message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name,
