@@ -32,6 +32,9 @@ class Settings:
     # Failover: provider/model pairs tried in order when the request's provider fails,
     # before or during its answer, "anthropic/claude-sonnet-4-5,openai/gpt-4.1-mini".
     LLM_FALLBACKS: str = ""
+    # Models a caller may name beyond each provider's listed ones, its default and the alias
+    # targets: "openai/gpt-4.1,anthropic/*" ("*" alone: any name, as before the list existed).
+    ALLOWED_MODELS: str = ""
     # The offline demo answers from this server's CPU: offered when it is the default
     # provider, otherwise only when switched on (None = "when LLM_PROVIDER is demo").
     DEMO_ENABLED: bool | None = None

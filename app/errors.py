@@ -8,6 +8,7 @@ from flask import Flask, has_request_context, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from app.providers.base import ProviderError
 from app.store.base import StoreError
 
 log = logging.getLogger("llm_sse_relay")
@@ -35,12 +36,16 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 429: "rate_limit_error"}
 
 
-def error_response(status: int, type: str, message: str, headers: dict[str, str] | None = None):
+def error_response(status: int, type: str, message: str, headers: dict[str, str] | None = None,
+                   upstream_status: int | None = None):
     if has_request_context() and request.path.startswith("/v1/"):
         kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
         response = jsonify({"error": {"message": message, "type": kind, "param": None, "code": type}})
     else:
-        response = jsonify({"error": {"type": type, "message": message}})
+        error: dict[str, object] = {"type": type, "message": message}
+        if upstream_status is not None:
+            error["status"] = upstream_status
+        response = jsonify({"error": error})
     response.status_code = status
     for key, value in (headers or {}).items():
         response.headers[key] = value
@@ -59,6 +64,15 @@ def register_error_handlers(app: Flask) -> None:
         if status == 413:
             message = f"request body is larger than {app.config.get('MAX_CONTENT_LENGTH')} bytes"
         return error_response(status, HTTP_TYPES.get(status, "http_error"), message)
+
+    @app.errorhandler(ProviderError)
+    def provider_failed(err: ProviderError):
+        # A non-streamed answer that failed upstream: the provider's refusal of the request
+        # keeps its 4xx; its failures, and its refusal of this server's own key (the
+        # operator's problem, not the caller's), are 502. The message is ours (ProviderError).
+        status = err.status if err.status is not None and 400 <= err.status < 500 else 502
+        return error_response(502 if status in (401, 403) else status, err.type, err.message,
+                              upstream_status=err.status)
 
     @app.errorhandler(StoreError)
     def store_unavailable(err: StoreError):

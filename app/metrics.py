@@ -7,8 +7,11 @@ the first process of a new parent empties it, so a restart starts from zero whil
 graceful reload (new workers, same parent) keeps counting. `/metrics` is protected like
 the API, or by its own `METRICS_TOKEN`.
 
-Labels are bounded: providers and tools are the server's own, a model outside its
-provider's list counts as "other", so no client can create series at will.
+Labels are bounded: every value is the server's own or "other". Providers are the
+configured ones; models those listed, configured or allowed by name for their provider;
+tools the registered ones (a model may ask for any name: the call fails, its label is
+"other"); transports, outcomes and error types the relay's own words. No client, and no
+model, can create series at will.
 """
 
 from __future__ import annotations
@@ -23,6 +26,18 @@ from typing import Any
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+OTHER = "other"
+TRANSPORTS = frozenset({"sse", "fetch", "postsse", "ws", "rest", "openai", "ai-sdk", "python"})
+OUTCOMES = frozenset({"done", "error", "stopped", "abandoned", "closed"})
+UPSTREAM_ERRORS = frozenset({"upstream_error", "upstream_auth", "upstream_rate_limited", "upstream_timeout",
+                             "upstream_unreachable", "upstream_disconnected", "upstream_protocol_error",
+                             "upstream_blocked"})
+TOOL_STATUSES = frozenset({"done", "error"})
+
+
+def bounded(value: str, known: Any) -> str:
+    """`value` if it is one of `known`, else "other"."""
+    return value if value in known else OTHER
 
 
 def default_dir(instance_path: str) -> str:
@@ -103,23 +118,29 @@ class Metrics:
         self.tool_calls = Counter("relay_tool_calls", "Server-side tool calls", ["tool", "status"], registry=r)
         self.refusals = Counter("relay_refusals", "Requests refused by a limit", ["reason"], registry=r)
         self.store_errors = Counter("relay_store_errors", "Store operations that failed", registry=r)
+        # Set by the service: provider -> the model names it may label; the registered tools.
         self.known_models: dict[str, set[str]] = {}
+        self.known_tools: Any = {}
 
     def model_label(self, provider: str, model: str) -> str:
-        known = self.known_models.get(provider)
-        return model if known is None or model in known else "other"
+        return bounded(model, self.known_models.get(provider, ()))
+
+    def provider_label(self, provider: str) -> str:
+        return bounded(provider, self.known_models)
 
     def stream_opened(self, transport: str) -> None:
-        self.streams_open.labels(transport).inc()
+        self.streams_open.labels(bounded(transport, TRANSPORTS)).inc()
 
     def stream_closed(self, transport: str) -> None:
-        self.streams_open.labels(transport).dec()
+        self.streams_open.labels(bounded(transport, TRANSPORTS)).dec()
 
     def answer_ended(self, transport: str, provider: str, model: str, answer: Any, started: float,
                      first_token_at: float | None, tokens: int) -> None:
         """Everything an ended answer tells (its outcome, timings, errors, tools, failovers)."""
         try:
-            self.answers.labels(transport, provider, self.model_label(provider, model), answer.outcome).inc()
+            model = self.model_label(provider, model)
+            provider, transport = self.provider_label(provider), bounded(transport, TRANSPORTS)
+            self.answers.labels(transport, provider, model, bounded(answer.outcome, OUTCOMES)).inc()
             now = time.monotonic()
             self.duration.labels(transport, provider).observe(now - started)
             if first_token_at is not None:
@@ -128,17 +149,20 @@ class Metrics:
                 self.tokens.labels(provider).inc(tokens)
             error = answer.error or {}
             if str(error.get("type", "")).startswith("upstream_"):
-                self.upstream_errors.labels(provider, error["type"]).inc()
+                self.upstream_errors.labels(provider, bounded(error["type"], UPSTREAM_ERRORS)).inc()
             if answer.retries:
                 self.retries.labels(provider).inc(answer.retries)
             for switch in answer.failovers:
-                self.failovers.labels(switch["from"].partition("/")[0], switch["to"].partition("/")[0]).inc()
+                self.failovers.labels(self.provider_label(switch["from"].partition("/")[0]),
+                                      self.provider_label(switch["to"].partition("/")[0])).inc()
             for record in answer.tool_records:
-                self.tool_calls.labels(record["name"], record["status"]).inc()
+                self.tool_calls.labels(bounded(record["name"], self.known_tools),
+                                       bounded(record["status"], TOOL_STATUSES)).inc()
         except Exception:  # metrics must never break an answer
             pass
 
     def refused(self, reason: str) -> None:
+        # Called by app.access with its own constants (a limit's name), never a client's words.
         self.refusals.labels(reason).inc()
 
     def store_failed(self) -> None:

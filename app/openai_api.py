@@ -30,7 +30,7 @@ from app.chat_request import (
 )
 from app.errors import ApiError
 from app.protocols import THINKING_BLOCKS, OpenAIChunks, openai_finish, openai_tool_call, openai_usage, thinking_blocks
-from app.providers import Provider, ProviderError, offered
+from app.providers import Provider, offered
 from app.providers.base import Task
 from app.request_body import parse_json_object
 from app.service import ChatService
@@ -260,11 +260,7 @@ def chat_completions():
         wire = OpenAIChunks(how["model"], how["include_usage"])
         reading = relay.stream(g.caller, chat, wire=wire, transport="openai")
         return relay.sse(reading, retry=False)
-    try:
-        request_id, _, answer = relay.answer(g.caller, chat, transport="openai")
-    except ProviderError as err:
-        status = err.status if err.status and 400 <= err.status < 600 else 502
-        raise ApiError(502 if status in (401, 403) else status, err.type, err.message) from None
+    request_id, _, answer = relay.answer(g.caller, chat, transport="openai")  # ProviderError: app/errors.py
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
     if answer.reasoning:  # where DeepSeek and LiteLLM put it
         message["reasoning_content"] = answer.reasoning_text

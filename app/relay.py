@@ -592,6 +592,10 @@ def collect(provider: Provider, task: Task, cancel: Cancellation | None = None, 
             answer.parts.append(delta.text)
         else:
             answer.note(delta)
+    if cancel.is_set():  # its client left (or it was stopped): what was produced so far
+        answer.outcome = cancel.reason or "stopped"
+        answer.finish_reason = "stopped"
+        return answer
     answer.outcome = "done"
     answer.finish_reason = answer.finish_reason or "stop"
     return answer
@@ -624,6 +628,14 @@ class Relay:
         with self._lock:
             self.generations[generation.id] = generation
         return generation.start(self.flusher, driven=driven)
+
+    def resumable(self, stream_id: str) -> Generation | None:
+        """A POST-SSE generation of this process, by id. Direct streams (SSE, fetch, WebSocket,
+        /v1, the AI SDK route) are never found by id: their one reader is the client that
+        started them, and their id is shown to it (`chatcmpl-<id>`, `msg-<id>`) without being a
+        credential; when that client leaves, nobody else may keep them running."""
+        generation = self.generations.get(stream_id)
+        return generation if generation is not None and generation.resumable is not None else None
 
     def detach_readers(self) -> int:
         """This process is stopping: readers of resumable answers resume on other workers from

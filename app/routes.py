@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, render_template,
 
 from app.access import Caller
 from app.errors import ApiError
-from app.providers import ProviderError, offered
+from app.providers import offered
 from app.request_body import parse_json_object
 from app.service import ChatService, Reading
 from app.websocket import websocket_offered
@@ -130,13 +130,8 @@ def stop_stream(stream_id: str):
 @bp.post("/api/chat")
 def chat_rest():
     chat = service().accept(caller(), json_body())
-    try:
-        request_id, conversation_id, answer = service().answer(caller(), chat)
-    except ProviderError as err:
-        status = err.status if err.status and 400 <= err.status < 600 else 502
-        # A provider's 401 is the server's misconfiguration, not the caller's fault.
-        status = 502 if status in (401, 403) else status
-        return jsonify(error={"type": err.type, "message": err.message, "status": err.status}), status
+    # A ProviderError is answered by the app's handler (app/errors.py), as on /v1.
+    request_id, conversation_id, answer = service().answer(caller(), chat)
     return jsonify(
         id=request_id,
         conversation_id=conversation_id,

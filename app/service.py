@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Response
+from flask import Response, has_request_context, request
 
 from app.access import Access, Caller, MeteredStore
+from app.allowed_models import AllowedModels
 from app.budget import check_budget
 from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
 from app.conversations import Conversations
@@ -32,7 +34,7 @@ from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
 from app.relay import Adopted, Answer, DrivenLog, Generation, Relay, StoreLogView, collect, new_id
-from app.sse import StreamLog, sse_response
+from app.sse import StreamLog, client_socket, peer_closed, sse_response
 from app.store import Store
 from app.tools import toolbox
 
@@ -86,11 +88,13 @@ class Ticket:
 class ChatService:
     def __init__(self, settings: Any, providers: dict[str, Provider], store: Store, access: Access,
                  relay: Relay, conversations: Conversations, metrics: Metrics,
-                 fallbacks: list[tuple[Provider, str]] | None = None) -> None:
+                 fallbacks: list[tuple[Provider, str]] | None = None, allowed: AllowedModels | None = None
+                 ) -> None:
         self.settings = settings
         self.providers = providers
         self.metrics = metrics
         self.fallbacks = fallbacks or []
+        self.allowed = allowed or AllowedModels({})
         self.store = store
         self.access = access
         self.relay = relay
@@ -99,15 +103,24 @@ class ChatService:
     @classmethod
     def build(cls, settings: Any, providers: dict[str, Provider], store: Store, metrics: Metrics) -> ChatService:
         access = Access(settings, store, on_refusal=metrics.refused)
-        metrics.known_models = {name: set(p.models) for name, p in providers.items()}
         # Conversations store through the quota: every record counts against its owner.
         conversations = Conversations(MeteredStore(store, settings.STORAGE_QUOTA_BYTES), settings, access)
+        allowed = AllowedModels.from_settings(settings, providers)
+        fallbacks = parse_fallbacks(settings.LLM_FALLBACKS, providers)
+        metrics.known_models = {name: {*p.models, p.default_model, *allowed.named(name),
+                                       *(m for f, m in fallbacks if f.name == name)} for name, p in providers.items()}
+        metrics.known_tools = toolbox.tools  # the registry itself: tools registered later count too
         return cls(settings, providers, store, access, Relay(settings, store, on_store_error=metrics.store_failed),
-                   conversations, metrics, parse_fallbacks(settings.LLM_FALLBACKS, providers))
+                   conversations, metrics, fallbacks, allowed)
 
     def _serving(self, provider: Provider) -> Provider:
-        """The provider that answers: the request's, with the LLM_FALLBACKS chain behind it."""
-        return FailoverProvider(provider, self.fallbacks) if self.fallbacks else provider
+        """The provider that answers one request: the request's, with the LLM_FALLBACKS chain
+        behind it and the request's retry budget (one for all its tool rounds)."""
+        return FailoverProvider(provider, self.fallbacks, self.settings.UPSTREAM_MAX_RETRIES)
+
+    def _check_model(self, chat: ChatRequest) -> None:
+        """A request may name only the models this server offers for its provider (ALLOWED_MODELS)."""
+        self.allowed.check(chat.provider.name, chat.task.model)
 
     # -- accepting a request
     def admit(self, caller: Caller) -> None:
@@ -125,6 +138,7 @@ class ChatService:
         client reads (app/protocols.py; default the relay's event protocol); `transport` names
         the way in for metrics."""
         check_budget(chat.task, self.settings)
+        self._check_model(chat)
         stream_id = new_id()
         self.access.open_stream(caller.id, stream_id)
         try:
@@ -147,6 +161,7 @@ class ChatService:
         """Step 1: accept the request and keep it until its stream is opened (the user's message
         is stored now). Unopened tickets count against the caller."""
         check_budget(chat.task, self.settings)
+        self._check_model(chat)
         ticket_id = new_id()
         ttl = self.settings.STREAM_TICKET_TTL
         self.access.hold_ticket(caller.id, ticket_id, ttl)
@@ -197,7 +212,7 @@ class ChatService:
     def _open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None) -> Reading | None:
         self._valid_id(stream_id, "stream")
         position = self.event_position(last_event_id)
-        generation = self.relay.generations.get(stream_id)
+        generation = self.relay.resumable(stream_id)
         if generation is not None:  # produced in this process: read its log directly
             self._owner_check(caller, generation.owner)
             if generation.log.closed and position >= len(generation.log.frames):
@@ -270,7 +285,7 @@ class ChatService:
     def stop_stream(self, caller: Caller, stream_id: str) -> None:
         """Stop a generation now, wherever it runs (its producer checks the store)."""
         self._valid_id(stream_id, "stream")
-        generation = self.relay.generations.get(stream_id)
+        generation = self.relay.resumable(stream_id)
         if generation is not None:
             self._owner_check(caller, generation.owner)
             generation.stop("stopped")
@@ -293,21 +308,31 @@ class ChatService:
     # -- REST and the Python API's ask()
     def answer(self, caller: Caller, chat: ChatRequest, transport: str = "rest") -> tuple[str, str, Answer]:
         """The whole answer at once: (request id, conversation id, answer), recorded like a stream.
-        Raises ProviderError (after recording it) when the provider failed."""
+        Raises ProviderError (after recording it) when the provider failed.
+
+        Inside a request, its client's socket (where the server exposes it) is watched every
+        heartbeat while the answer is produced: a client that left stops it, as a stream's
+        reader does.
+        """
+        self._check_model(chat)
         check_budget(chat.task, self.settings)
         request_id = new_id()
         self.access.open_stream(caller.id, request_id)
         started, answer = time.monotonic(), Answer()
         self.metrics.stream_opened(transport)
+        cancel = Cancellation()
         try:
             conversation_id, task = self._begin(caller, chat, request_id)
+            watching = self._watch_client(client_socket(request.environ) if has_request_context() else None, cancel)
             try:
-                collect(self._serving(chat.provider), task, tools=chat.tools, max_rounds=self.settings.TOOL_MAX_ROUNDS,
-                        answer=answer)
+                collect(self._serving(chat.provider), task, cancel, tools=chat.tools,
+                        max_rounds=self.settings.TOOL_MAX_ROUNDS, answer=answer)
             except ProviderError as err:
                 answer.outcome, answer.error = "error", err.as_event()
                 self._finish(conversation_id, request_id, answer, caller.id)
                 raise
+            finally:
+                watching.set()
             self._finish(conversation_id, request_id, answer, caller.id)
             return request_id, conversation_id, answer
         finally:
@@ -317,8 +342,27 @@ class ChatService:
                 self.metrics.answer_ended(transport, chat.provider.name, chat.task.model, answer, started, None,
                                           len(answer.parts))
 
+    def _watch_client(self, sock: Any, cancel: Cancellation) -> threading.Event:
+        """Cancel `cancel` once the client on `sock` has gone (checked every heartbeat, as an
+        SSE response does between frames: a WSGI app sees a departure only on its socket).
+        Returns the event that ends the watch."""
+        over = threading.Event()
+        if sock is None:  # mod_wsgi exposes no socket: Apache's own timeouts are the bound there
+            return over
+        interval = self.settings.SSE_HEARTBEAT_SECONDS
+
+        def watch() -> None:
+            while not over.wait(interval):
+                if peer_closed(sock):
+                    cancel.cancel("abandoned")
+                    return
+
+        threading.Thread(target=watch, name="relay-client-watch", daemon=True).start()
+        return over
+
     def text_stream(self, caller: Caller, chat: ChatRequest) -> Iterator[str]:
         """The answer's text pieces (the Python API's ask_stream); holds a stream slot while open."""
+        self._check_model(chat)
         check_budget(chat.task, self.settings)
         request_id = new_id()
         self.access.open_stream(caller.id, request_id)

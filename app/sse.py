@@ -162,6 +162,11 @@ def peer_closed(sock: socket.socket | None) -> bool:
         return True
 
 
+def client_socket(environ: dict[str, Any]) -> socket.socket | None:
+    """The request's socket where the server exposes it (gunicorn, werkzeug; not mod_wsgi)."""
+    return environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+
+
 class SseBody:
     """WSGI iterator: `retry:`, then the log's frames as they come, heartbeats between.
 
@@ -308,7 +313,7 @@ def sse_response(
             if user_close is not None:
                 user_close(completed)
 
-    sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    sock = client_socket(request.environ)
     if sock is not None and write_timeout:
         # gunicorn has no write timeout: a client that stops reading would hold this response
         # (and the answer its thread produces) forever. Apache has its own (`Timeout`).

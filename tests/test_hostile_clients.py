@@ -8,6 +8,7 @@ WebSocket), the Flask test client where the request alone is the attack.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -900,3 +901,114 @@ def test_the_application_itself_is_not_metered(make_app):
         from app.client import ask
         for _ in range(4):
             assert ask("p" * 15_000, model="demo-fast")
+
+
+# ------------------------------------------------------------------ side doors (issue 20)
+
+CHAT = [{"role": "user", "content": "hi"}]
+UI_CHAT = [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]
+
+
+def _direct_stream_id(url: str, route: str, token: str) -> tuple[socket.socket, str]:
+    """Start a direct stream on `route` as `token` over a raw socket; the socket (left open,
+    unread) and the id the stream shows its client."""
+    if route == "openai":
+        path, body = "/v1/chat/completions", {"model": "openai/gpt-4.1-mini", "messages": CHAT, "stream": True}
+        shown = re.compile(rb'"id":"chatcmpl-([A-Za-z0-9_-]+)"')
+    else:
+        path, body = "/api/chat/ui", {"id": "c", "provider": "openai", "messages": UI_CHAT}
+        shown = re.compile(rb'"messageId":"msg-([A-Za-z0-9_-]+)"')
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), token.encode(), len(payload), payload))
+    received = b""
+    while not shown.search(received):
+        piece = sock.recv(4096)
+        assert piece, received
+        received += piece
+    return sock, shown.search(received).group(1).decode()
+
+
+@pytest.mark.parametrize("route", ["openai", "ai-sdk"])
+def test_a_direct_stream_is_not_readable_by_its_id_and_stops_when_its_client_leaves(route, upstream, live):
+    """Attack: A streams /v1 (`chatcmpl-<id>`) or /api/chat/ui (`msg-<id>`); anyone who learns
+    the id read the whole stream at /api/chat/streams/<id> with no credentials, and kept the
+    generation running after A left."""
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(300)]), delay=0.05))
+    url = live(API_TOKENS="alice,bob", SSE_HEARTBEAT_SECONDS=0.5)
+    sock, stream_id = _direct_stream_id(url, route, "alice")
+    snoop = requests.get(f"{url}/api/chat/streams/{stream_id}", stream=True, timeout=10)
+    other = requests.get(f"{url}/api/chat/streams/{stream_id}", headers=bearer("bob"), stream=True, timeout=10)
+    owner = requests.get(f"{url}/api/chat/streams/{stream_id}", headers=bearer("alice"), stream=True, timeout=10)
+    try:
+        for attempt in (snoop, other, owner):  # only POST-SSE streams are read by id
+            assert attempt.status_code == 404, attempt.status_code
+            assert attempt.json()["error"]["type"] == "not_found"
+        assert requests.delete(f"{url}/api/chat/streams/{stream_id}", headers=bearer("bob"),
+                               timeout=10).status_code == 404
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        seen = upstream.wait_for_request()
+        assert seen.closed.wait(10), "the upstream kept generating after its client left"
+        assert len(seen.sent) < 300
+    finally:
+        for attempt in (snoop, other, owner):
+            attempt.close()
+
+
+def test_a_resumable_stream_is_still_read_by_its_id_and_refused_to_another_caller(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["openai"](["a", "b"])))
+    url = live(API_TOKENS="alice,bob")
+    ticket = requests.post(f"{url}/api/chat/streams", json={"provider": "openai", "prompt": "hi"},
+                           headers=bearer("alice"), timeout=10).json()
+    refused = requests.get(url + ticket["stream_url"], headers=bearer("bob"), timeout=10)
+    assert refused.status_code == 403
+    assert text_of(open_stream(url + ticket["stream_url"]).read_all()) == "ab"  # the id is the capability
+
+
+LEAKY = (b'{"error": {"message": "upstream http://10.0.0.7:8443/internal/route refused '
+         b'Authorization: Bearer sk-live-abcdef0123456789 for tenant t-1"}}')
+LEAKS = ("10.0.0.7", "8443", "/internal/route", "sk-live", "abcdef0123456789", "tenant t-1")
+
+
+def _assert_no_leak(text: str) -> None:
+    for leak in LEAKS:
+        assert leak not in text, (leak, text[:500])
+
+
+def test_an_upstream_message_never_reaches_a_client(upstream, live, capfd):
+    """Attack (or accident): a gateway's 502 whose message names an internal URL and a bearer
+    value came back verbatim in `meta.retry.reason`, `error` events and REST and /v1 bodies."""
+    gateway = Reply(status=502, content_type="application/json", chunks=[LEAKY])
+    upstream.reset(gateway)
+    url = live(UPSTREAM_MAX_RETRIES=1, UPSTREAM_RETRY_BASE_SECONDS=0.01)
+    events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert [e.data["retry"] for e in events if e.event == "meta" and "retry" in e.data]
+    assert events[-1].event == "error" and events[-1].data["type"] == "upstream_error"
+    assert events[-1].data["message"]
+    _assert_no_leak(json.dumps([e.data for e in events]))
+    rest = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "hi"}, timeout=10)
+    assert rest.status_code == 502 and rest.json()["error"]["message"]
+    _assert_no_leak(rest.text)
+    v1 = requests.post(f"{url}/v1/chat/completions", json={"model": "openai/gpt-4.1-mini", "messages": CHAT},
+                       timeout=10)
+    assert v1.status_code == 502 and v1.json()["error"]["message"]
+    _assert_no_leak(v1.text)
+    v1_stream = requests.post(f"{url}/v1/chat/completions", json={"model": "openai/gpt-4.1-mini", "messages": CHAT,
+                                                                  "stream": True}, timeout=10)
+    assert '"error"' in v1_stream.text
+    _assert_no_leak(v1_stream.text)
+    conversation = requests.get(f"{url}/api/conversations/{events[0].data['conversation_id']}", timeout=10)
+    _assert_no_leak(conversation.text)
+    # Inside a 200 stream too.
+    upstream.reset(Reply(chunks=[BODIES["openai"](["a"])[0], b"data: " + LEAKY + b"\n\n"]))
+    events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
+    assert events[-1].event == "error"
+    _assert_no_leak(json.dumps(events[-1].data))
+    ui = requests.post(f"{url}/api/chat/ui", json={"id": "c", "provider": "openai", "messages": UI_CHAT}, timeout=10)
+    assert '"type":"error"' in ui.text
+    _assert_no_leak(ui.text)
+    # The operator still learns what the upstream said, with the secret scrubbed.
+    logged = capfd.readouterr().err
+    assert "/internal/route" in logged and "sk-live-abcdef0123456789" not in logged

@@ -117,10 +117,13 @@ def test_401_before_the_stream(upstream, live):
     url = live()
     events = open_stream(f"{url}/api/chat/stream?provider=openai&prompt=hi").read_all()
     assert [e.event for e in events] == ["msgid", "error"]
-    assert events[-1].data["status"] == 401 and "Incorrect API key" in events[-1].data["message"]
+    # The status, in our words: the provider's own message goes to the log.
+    assert events[-1].data["status"] == 401 and "credentials" in events[-1].data["message"]
+    assert "Incorrect API key" not in events[-1].data["message"]
     assert len(upstream.seen) == 1
     rest = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "hi"}, timeout=10)
-    assert rest.status_code == 502 and "Incorrect API key" in rest.json()["error"]["message"]
+    assert rest.status_code == 502 and "credentials" in rest.json()["error"]["message"]
+    assert "Incorrect API key" not in rest.text
 
 
 def test_429_with_retry_after_is_retried_before_the_first_token(upstream, live):
@@ -302,3 +305,52 @@ def test_a_stalled_upstream_heartbeats_and_times_out_under_gevent_too(upstream):
         assert_heartbeats_then_timeout(server.url, upstream)
     finally:
         server.stop()
+
+
+def _leave_mid_request(url: str, path: str, body: dict):
+    """Send a non-streaming request on a raw socket, then leave before its answer."""
+    import json
+    import socket
+
+    payload = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(payload), payload))
+    return sock
+
+
+NON_STREAMING = [
+    ("/v1/chat/completions", {"model": "openai/gpt-4.1-mini", "messages": [{"role": "user", "content": "hi"}],
+                              "stream": False}),
+    ("/api/chat", {"provider": "openai", "prompt": "hi"}),
+]
+
+
+@pytest.mark.parametrize("server", ["werkzeug", "gunicorn"])
+@pytest.mark.parametrize("path,body", NON_STREAMING)
+def test_a_non_streaming_answer_stops_when_its_client_leaves(server, path, body, upstream, live):
+    """`stream: false` and the REST route, socket closed after the request: the answer was
+    generated to its end (and paid for) with nobody left to read it."""
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(400)]), delay=0.05))
+    settings = {"SSE_HEARTBEAT_SECONDS": "0.5"}
+    process = gunicorn(free_port(), {**provider_env(upstream.url), **settings}) if server == "gunicorn" else None
+    url = process.url if process else live(**settings)
+    try:
+        sock = _leave_mid_request(url, path, body)
+        seen = upstream.wait_for_request()
+        while len(seen.sent) < 5:
+            time.sleep(0.02)
+        sock.close()
+        assert seen.closed.wait(10), "the upstream kept generating after its client left"
+        assert len(seen.sent) < 400
+    finally:
+        if process:
+            process.stop()
+
+
+def test_a_non_streaming_answer_whose_client_stays_is_whole(upstream, live):
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(20)]), delay=0.1))
+    url = live(SSE_HEARTBEAT_SECONDS=0.3)
+    answer = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "hi"}, timeout=30).json()
+    assert answer["content"] == "".join(f"w{i} " for i in range(20)) and answer["finish_reason"] == "stop"

@@ -115,3 +115,44 @@ def test_exact_counts_across_two_gunicorn_workers(fake_upstream, upstream, tmp_p
         assert value(found, "relay_tokens_total", provider="openai") == 8
     finally:
         server.stop()
+
+
+def test_labels_stay_bounded_whatever_the_model_or_client_names(make_app, serve, upstream):
+    """Attack: a prompt makes the model call a tool named `zz_<random>`; each name was a new
+    `relay_tool_calls_total{tool=…}` series, kept until restart. Models a caller may name
+    freely (ALLOWED_MODELS=openai/*) must not make series either."""
+    import secrets
+
+    from tests.fake_upstream import openai_tool_call_body
+
+    url = serve(make_app(ALLOWED_MODELS="openai/*"))
+    names = [f"zz_{secrets.token_hex(6)}" for _ in range(2)]
+    models = [f"model-{secrets.token_hex(6)}" for _ in range(2)]
+    for name, model in zip(names, models, strict=True):
+        calls = [("c1", name, "{}"), ("c2", "calculate", '{"expression": "1+1"}')]
+        upstream.reset(Reply(chunks=openai_tool_call_body(calls)),
+                       Reply(chunks=BODIES["openai"](["done"])))
+        answer = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "hi", "model": model,
+                                                        "tools": ["calculate"]}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["content"] == "done"
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    for chosen in (*names, *models):
+        assert chosen not in text
+    found = samples(text)
+    assert value(found, "relay_tool_calls_total", tool="other", status="error") >= 2
+    assert value(found, "relay_tool_calls_total", tool="calculate", status="done") >= 2
+    assert value(found, "relay_answers_total", provider="openai", model="other") >= 2
+
+
+def test_every_label_value_comes_from_a_closed_set():
+    from types import SimpleNamespace
+
+    from app.metrics import Metrics
+
+    metrics = Metrics(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "/tmp/relay-metrics-label-test")
+    metrics.known_models = {"openai": {"gpt-4.1"}}
+    answer = SimpleNamespace(outcome="weird-outcome-x1", error={"type": "upstream_made_up_x1"}, retries=0,
+                             failovers=[{"from": "nope-x1/m", "to": "other-x1/m"}], tool_records=[])
+    metrics.answer_ended("transport-x1", "provider-x1", "model-x1", answer, 0.0, None, 0)
+    text = metrics.exposition()[0].decode()
+    assert "x1" not in text

@@ -155,8 +155,9 @@ def test_gemini_thoughts_are_not_answer_text_and_blocked_prompts_are_reported():
     assert texts(deltas) == "Yes" and reasoning(deltas) == "hmm"
     responses.replace(responses.POST, URLS["gemini"], body=sse({"promptFeedback": {"blockReason": "SAFETY"}}),
                       )
-    with pytest.raises(ProviderError, match="SAFETY"):
+    with pytest.raises(ProviderError, match="blocked the prompt") as blocked:
         run(provider("gemini"))
+    assert blocked.value.detail == "SAFETY"  # Gemini's words: for the log, not the client
 
 
 @responses.activate
@@ -206,7 +207,8 @@ def test_error_bodies_before_the_stream(name, body, message):
     responses.add(responses.POST, URLS[name], json=body, status=401)
     with pytest.raises(ProviderError) as err:
         run(provider(name))
-    assert err.value.status == 401 and message in err.value.message
+    # The provider's words are read (for the log); the client-facing message is ours.
+    assert err.value.status == 401 and message in err.value.detail and message not in err.value.message
     assert err.value.type == "upstream_auth"
     assert len(responses.calls) == 1  # never retried
 
@@ -219,7 +221,8 @@ def test_429_is_retried_honouring_retry_after_then_succeeds():
     deltas = run(provider("openai"))
     assert texts(deltas) == "ok"
     retry = [d.data["retry"] for d in deltas if isinstance(d, Meta) and "retry" in d.data]
-    assert retry == [{"attempt": 1, "delay": 0.02, "status": 429, "reason": "openai answered 429: slow down"}]
+    reason = "openai is rate limiting this server (HTTP 429); try again shortly"  # ours, not "slow down"
+    assert retry == [{"attempt": 1, "delay": 0.02, "status": 429, "reason": reason}]
 
 
 @responses.activate

@@ -136,7 +136,12 @@ Delta = Text | Reasoning | Signed | Usage | Finish | ToolCall | Meta | Idle
 
 
 class ProviderError(Exception):
-    """An upstream failure, in the shape of the protocol's `error` event."""
+    """An upstream failure, in the shape of the protocol's `error` event.
+
+    `message` is ours and goes to clients; `detail` is what the upstream said (its error
+    text, an in-stream error's type), which may name internal hosts or echo credentials: it
+    goes to the log only (scrubbed there), never into an event, a body or a record.
+    """
 
     def __init__(
         self,
@@ -145,6 +150,7 @@ class ProviderError(Exception):
         status: int | None = None,
         retryable: bool = False,
         retry_after: float | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.type = type
@@ -152,12 +158,55 @@ class ProviderError(Exception):
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
+        self.detail = detail
+
+    @property
+    def upstream_fault(self) -> bool:
+        """Whether another provider may answer where this one failed: it could not be reached,
+        timed out, broke off, was overloaded (429, 5xx, an in-stream server error). A refusal
+        the request caused (400, 404, 422, a blocked prompt) or this server's credentials (401,
+        403) would fail the same way elsewhere, or must not be routed around."""
+        if self.status is not None:
+            return self.status in (408, 429) or self.status >= 500
+        return self.type in UPSTREAM_FAULTS or (self.type == "upstream_error" and self.retryable)
 
     def as_event(self) -> dict[str, Any]:
         data: dict[str, Any] = {"type": self.type, "message": self.message}
         if self.status is not None:
             data["status"] = self.status
         return data
+
+
+# Failures of the connection or the stream itself, whoever the provider.
+UPSTREAM_FAULTS = frozenset({"upstream_timeout", "upstream_unreachable", "upstream_disconnected",
+                             "upstream_protocol_error"})
+
+
+def refusal_message(provider: str, status: int) -> str:
+    """Our words for an upstream's error status; its own text goes to the log."""
+    if status in (401, 403):
+        return f"{provider} refused this server's credentials (HTTP {status}); the operator must check its key"
+    if status == 429:
+        return f"{provider} is rate limiting this server (HTTP 429); try again shortly"
+    if status >= 500:
+        return f"{provider} failed to answer (HTTP {status})"
+    return f"{provider} refused the request (HTTP {status})"
+
+
+class RetryBudget:
+    """The retries one request may still spend upstream, shared by its tool rounds (each round
+    is a new provider call; without this, each had UPSTREAM_MAX_RETRIES of its own)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, retries: int) -> None:
+        self.left = retries
+
+    def spend(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
 
 
 # ---------------------------------------------------------------- the request
@@ -255,6 +304,12 @@ class Provider:
     # Whether the provider takes an image by its https URL (fetching it itself); one that does
     # not gets images as bytes only, and a URL is refused before the call (app/images.py).
     takes_image_urls = True
+
+    policy: UpstreamPolicy | None = None  # retry bounds, for providers that retry
+
+    def attempt(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
+        """One call, no retries (what failover and a request's retry budget build on)."""
+        return self.stream(task, cancel)
 
     @property
     def configured(self) -> bool:
@@ -357,6 +412,35 @@ def retry_after_from_headers(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def retrying(provider: Provider, task: Task, cancel: Cancellation, budget: RetryBudget) -> Iterator[Delta]:
+    """`provider`'s answer, its failed calls repeated while no text has been yielded, at most
+    `provider.policy.max_retries` times and while `budget` (the request's) lasts."""
+    policy = provider.policy
+    attempt = 0
+    while True:
+        text_started = False
+        try:
+            for delta in provider.attempt(task, cancel):
+                if not text_started and delta.__class__ is Text:
+                    text_started = True
+                yield delta
+            return
+        except ProviderError as err:
+            if text_started or not err.retryable or policy is None or attempt >= policy.max_retries:
+                raise
+            if err.retry_after is not None:
+                delay = err.retry_after
+            else:  # exponential backoff with jitter, so many clients do not retry in step
+                delay = policy.retry_base * (2**attempt) * (0.75 + random.random() / 2)
+            if delay > policy.retry_max_wait or not budget.spend():
+                raise
+            attempt += 1
+            yield Meta({"retry": {"attempt": attempt, "delay": round(delay, 3), "status": err.status,
+                                  "reason": err.message}})
+            if (yield from idle_wait(cancel, delay)):
+                return
+
+
 def upstream_session(base_url: str, pool_size: int) -> requests.Session:
     """A session that reads the environment once, not on every call.
 
@@ -423,31 +507,9 @@ class HttpProvider(Provider):
     # -- the shared machinery
     def stream(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         """Deltas of one answer; retries only while no text has been yielded."""
-        attempt = 0
-        while True:
-            text_started = False
-            try:
-                for delta in self._attempt(task, cancel):
-                    if not text_started and delta.__class__ is Text:
-                        text_started = True
-                    yield delta
-                return
-            except ProviderError as err:
-                if text_started or not err.retryable or attempt >= self.policy.max_retries:
-                    raise
-                if err.retry_after is not None:
-                    delay = err.retry_after
-                else:  # exponential backoff with jitter, so many clients do not retry in step
-                    delay = self.policy.retry_base * (2**attempt) * (0.75 + random.random() / 2)
-                if delay > self.policy.retry_max_wait:
-                    raise
-                attempt += 1
-                yield Meta({"retry": {"attempt": attempt, "delay": round(delay, 3),
-                                      "status": err.status, "reason": err.message}})
-                if (yield from idle_wait(cancel, delay)):
-                    return
+        return retrying(self, task, cancel, RetryBudget(self.policy.max_retries))
 
-    def _attempt(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
+    def attempt(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         if cancel.is_set():
             return
         url, headers, body = self.build_request(task)
@@ -572,19 +634,19 @@ class HttpProvider(Provider):
             body = json.loads(raw)
         except ValueError:
             body = None
-        message, body_delay = self.error_message(body)
+        detail, body_delay = self.error_message(body)
         if retry_after is None:
             retry_after = body_delay
         status = response.status_code
-        if not message:
-            # Not the provider's JSON error: an HTML page from a gateway or proxy in between,
-            # which may name internal hosts. The caller gets the status; the log gets the body.
-            log.warning("%s answered %s with a non-JSON body: %r", self.name, status, raw[:500])
-            message = f"HTTP {status}"
+        # Not the provider's JSON error: an HTML page from a gateway or proxy in between.
+        # Either way the upstream's words (which may name internal hosts, or echo a key) go to
+        # the log; the caller gets ours.
+        log.warning("%s answered %s: %s", self.name, status, detail if detail else repr(raw[:500]))
         should_retry = response.headers.get("x-should-retry")
         retryable = status in RETRYABLE_STATUS if should_retry is None else should_retry == "true"
         kind = {401: "upstream_auth", 403: "upstream_auth", 429: "upstream_rate_limited"}.get(status, "upstream_error")
-        return ProviderError(kind, f"{self.name} answered {status}: {message}", status, retryable, retry_after)
+        return ProviderError(kind, refusal_message(self.name, status), status, retryable, retry_after,
+                             detail=detail)
 
 
 def stream_error(body: Any, provider: str) -> ProviderError:
@@ -595,8 +657,11 @@ def stream_error(body: Any, provider: str) -> ProviderError:
         kind = err.get("type") or err.get("status") or "error"
     else:
         message, kind = (str(err) if err else "error"), "error"
-    retryable = kind in ("overloaded_error", "rate_limit_error", "server_error", "api_error", "UNAVAILABLE")
-    return ProviderError("upstream_error", f"{provider} stream error ({kind}): {message}", retryable=retryable)
+    log.warning("%s stream error (%s): %s", provider, kind, message)
+    retryable = kind in ("overloaded_error", "rate_limit_error", "server_error", "api_error", "UNAVAILABLE",
+                         "INTERNAL", "RESOURCE_EXHAUSTED")
+    return ProviderError("upstream_error", f"{provider} reported an error during the answer", retryable=retryable,
+                         detail=f"{kind}: {message}")
 
 
 def cut_stream(provider: str, marker: str) -> ProviderError:

@@ -138,7 +138,7 @@ class GeminiStreamParser:
         if not candidates:
             block = (chunk.get("promptFeedback") or {}).get("blockReason")
             if block:
-                raise ProviderError("upstream_blocked", f"{self.provider} blocked the prompt: {block}")
+                raise ProviderError("upstream_blocked", f"{self.provider} blocked the prompt", detail=str(block))
         else:
             candidate = candidates[0]
             for part in (candidate.get("content") or {}).get("parts") or ():
