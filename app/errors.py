@@ -8,7 +8,6 @@ from flask import Flask, has_request_context, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from app.providers.base import ProviderError
 from app.store.base import StoreError
 
 log = logging.getLogger("llm_sse_relay")
@@ -53,6 +52,10 @@ def error_response(status: int, type: str, message: str, headers: dict[str, str]
 
 
 def register_error_handlers(app: Flask) -> None:
+    # Imported here, not at the top: the providers package loads every adapter, and adapters
+    # use modules (app.images) that take ApiError from this one.
+    from app.providers.base import ProviderError
+
     @app.errorhandler(ApiError)
     def api_error(err: ApiError):
         return error_response(err.status, err.type, err.message, err.headers)

@@ -13,12 +13,9 @@ import re
 from typing import Any
 
 from app.errors import ApiError
+from app.json_depth import MAX_DEPTH
 
-# Chat payloads nest 4 deep, tool schemas a few levels more; nothing legitimate nears this.
-MAX_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# What changes the nesting as JSON is read: quotes, escapes (inside strings) and brackets.
-_NESTING_TOKENS = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
 
 
 def parse_json_object(raw: bytes | str, what: str = "the request body") -> dict[str, Any]:
@@ -42,26 +39,6 @@ def parse_json(raw: bytes | str, what: str) -> Any:
         raise ApiError(400, "invalid_json", f"{what} is not valid JSON") from None
     check_untrusted(data, what)
     return data
-
-
-def json_nesting(text: str) -> int:
-    """How deep `text` nests JSON arrays and objects, read without parsing it (linear, no
-    recursion), lexed as a JSON parser lexes it: brackets inside strings are text. Valid JSON
-    is not required (tool-call arguments are a model's text, and clients send them back as
-    they came); on any valid prefix the count is the one a parser would reach."""
-    depth = deepest = 0
-    in_string = False
-    for token in _NESTING_TOKENS.findall(text):  # one pass: a regex over strings backtracks
-        if token == '"':
-            in_string = not in_string
-        elif in_string or token[0] == "\\":
-            continue
-        elif token in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth = max(0, depth - 1)
-    return deepest
 
 
 def check_untrusted(value: Any, what: str = "the request body") -> None:

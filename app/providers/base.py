@@ -25,9 +25,9 @@ import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from app.decoders import DecodeError, NdjsonDecoder, SseDecoder, SseEvent
+from app.json_depth import MAX_DEPTH, json_nesting
 from app.providers import upstream_body
 from app.providers.upstream_body import iter_body, shut
-from app.request_body import MAX_DEPTH, json_nesting
 
 log = logging.getLogger("llm_sse_relay.upstream")
 
