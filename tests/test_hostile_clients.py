@@ -699,7 +699,8 @@ def test_the_budget_is_one_function_every_way_in_calls(upstream, make_app, monke
     client.post("/api/chat/stream", json={"prompt": "hi", "provider": "openai"}).get_data()
     client.post("/api/chat", json={"prompt": "hi", "provider": "openai"})
     client.post("/api/chat/streams", json={"prompt": "hi", "provider": "openai"})
-    client.post("/v1/chat/completions", json={"model": "openai/x", "messages": [{"role": "user", "content": "hi"}]})
+    client.post("/v1/chat/completions", json={"model": "openai/gpt-4.1-mini",
+                                              "messages": [{"role": "user", "content": "hi"}]})
     client.post("/api/chat/ui", json={"id": "c", "provider": "openai", "messages": hello}).get_data()
     with flask_app.app_context():
         from app.client import task
@@ -737,7 +738,8 @@ def test_deep_tool_call_arguments_are_refused_on_input(upstream, client):
                     {"role": "assistant", "content": None, "tool_calls": [
                         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
                     {"role": "tool", "tool_call_id": "call_1", "content": "1"}]
-        response = client.post("/v1/chat/completions", json={"model": "anthropic/claude", "messages": messages})
+        response = client.post("/v1/chat/completions",
+                               json={"model": "anthropic/claude-sonnet-4-5", "messages": messages})
         assert_refused(response, 400, "invalid_request")
     # Brackets inside a JSON string are text, not nesting.
     messages = [{"role": "user", "content": "hi"},
@@ -745,7 +747,7 @@ def test_deep_tool_call_arguments_are_refused_on_input(upstream, client):
                     {"id": "call_1", "type": "function",
                      "function": {"name": "f", "arguments": json.dumps({"s": "[" * 500 + '\\"{'})}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "1"}]
-    response = client.post("/v1/chat/completions", json={"model": "anthropic/claude", "messages": messages})
+    response = client.post("/v1/chat/completions", json={"model": "anthropic/claude-sonnet-4-5", "messages": messages})
     assert response.status_code == 200, response.get_data(as_text=True)
 
 
@@ -869,14 +871,14 @@ def test_the_quota_holds_in_every_shared_store(kind, upstream, make_app, tmp_pat
 
 
 def test_the_budget_counts_content_parts_whatever_their_kind():
-    """Content may be a string or a list of parts (the neutral form images will use): text parts
-    count as prompt text, each part as an item, image data against the body limit."""
+    """Content may be a string or a list of parts: text parts count as prompt text, each part as
+    an item, images against the image limits (MAX_IMAGES, MAX_IMAGE_TOTAL_BYTES)."""
     from app.budget import check_budget
     from app.config import Settings
     from app.errors import ApiError
     from app.providers.base import Task
 
-    settings = Settings(MAX_PROMPT_CHARS=100, MAX_MESSAGES=5, MAX_BODY_BYTES=1000)
+    settings = Settings(MAX_PROMPT_CHARS=100, MAX_MESSAGES=5, MAX_IMAGES=2, MAX_IMAGE_TOTAL_BYTES=750)
 
     def refused(content) -> str | None:
         try:
@@ -889,7 +891,8 @@ def test_the_budget_counts_content_parts_whatever_their_kind():
     assert refused([{"type": "text", "text": "x" * 60}, {"type": "text", "text": "y" * 60}]) == "prompt_too_large"
     assert refused([{"type": "text", "text": ""}] * 5) == "prompt_too_large"  # 1 message + 5 parts
     assert refused([{"type": "image", "media_type": "image/png", "data": "A" * 1000}]) is None
-    assert refused([{"type": "image", "media_type": "image/png", "data": "A" * 1001}]) == "prompt_too_large"
+    assert refused([{"type": "image", "media_type": "image/png", "data": "A" * 1005}]) == "image_too_large"
+    assert refused([{"type": "image", "media_type": "image/png", "data": "A"}] * 3) == "too_many_images"
     assert refused([{"type": "image", "url": "https://example.com/" + "x" * 100}]) == "prompt_too_large"
     assert refused([{"type": "audio", "data": "x" * 200}]) == "prompt_too_large"  # unknown: all its JSON
 

@@ -39,7 +39,8 @@ SPECS: dict[str, ProviderSpec] = {
     "mistral": ProviderSpec(MistralProvider, "MISTRAL_API_KEY", "MISTRAL_BASE_URL",
                             "https://api.mistral.ai/v1", "mistral-small-latest"),
     "gemini": ProviderSpec(GeminiProvider, "GEMINI_API_KEY", "GEMINI_BASE_URL",
-                           "https://generativelanguage.googleapis.com/v1beta", "gemini-2.5-flash"),
+                           "https://generativelanguage.googleapis.com/v1beta", "gemini-2.5-flash",
+                           ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-3-flash-preview", "gemini-3-pro-preview")),
     # Local servers: OPENAI_COMPATIBLE_BASE_URL, or Ollama's /v1 under OLLAMA_BASE_URL.
     "openai-compatible": ProviderSpec(CompatibleProvider, "OPENAI_COMPATIBLE_API_KEY", "OPENAI_COMPATIBLE_BASE_URL",
                                       "", "llama3.2"),
