@@ -56,14 +56,14 @@ class Caller:
     authenticated: bool
 
 
-def parse_rate(text: str) -> tuple[int, float] | None:
+def parse_rate(text: str, name: str = "RATE_LIMIT") -> tuple[int, float] | None:
     """"60/minute" -> (60, 60.0); "" -> None (no limit)."""
     if not text:
         return None
     count, _, unit = text.partition("/")
     unit = unit.strip().lower().rstrip("s") or "minute"
     if not count.strip().isdigit() or unit not in WINDOWS:
-        raise ValueError(f"RATE_LIMIT={text!r}: expected N/second, N/minute, N/hour or N/day")
+        raise ValueError(f"{name}={text!r}: expected N/second, N/minute, N/hour or N/day")
     return int(count), float(WINDOWS[unit])
 
 
@@ -205,6 +205,7 @@ class Access:
         self._keeper: threading.Thread | None = None
         self._warned_proxy = False
         self.on_refusal = on_refusal or (lambda reason: None)  # metrics: a limit said no
+        self.lookups = LookupMisses(parse_rate(settings.STREAM_LOOKUP_LIMIT, "STREAM_LOOKUP_LIMIT"), self.on_refusal)
 
     @property
     def enabled(self) -> bool:
@@ -401,17 +402,17 @@ class MeteredStore:
         return getattr(self.store, name)
 
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
-                        owner: str = "") -> ConversationInfo:
+                        owner: str = "") -> ConversationInfo | None:
         holder, held = self._hold(conversation_id, messages, ttl, owner, refuse=True)
         info = self.store.append_messages(conversation_id, messages, ttl, owner)
-        self._keep(conversation_id, holder, held, ttl)
+        self._keep(conversation_id, holder, held, ttl, info is not None)
         return info
 
     def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float,
-                       owner: str = "") -> ConversationInfo:
+                       owner: str = "") -> ConversationInfo | None:
         holder, held = self._hold(conversation_id, [message], ttl, owner, refuse=False)
         info = self.store.append_message(conversation_id, message, ttl, owner)
-        self._keep(conversation_id, holder, held, ttl)
+        self._keep(conversation_id, holder, held, ttl, info is not None)
         return info
 
     def delete_conversation(self, conversation_id: str) -> bool:
@@ -452,10 +453,15 @@ class MeteredStore:
                                f"expire")
         return owner, needed
 
-    def _keep(self, conversation_id: str, owner: str, held: int, ttl: float) -> None:
-        """The conversation's slots live as long as it now does."""
-        if held:
-            self.store.refresh([(_quota_key(owner), f"{conversation_id}:{unit}") for unit in range(held)], ttl)
+    def _keep(self, conversation_id: str, owner: str, held: int, ttl: float, stored: bool) -> None:
+        """The conversation's slots live as long as it now does; a record its tombstone refused
+        (deleted while its answer ran) holds none."""
+        members = [(_quota_key(owner), f"{conversation_id}:{unit}") for unit in range(held)]
+        if stored and members:
+            self.store.refresh(members, ttl)
+        elif not stored:
+            for key, member in members:
+                self.store.release(key, member)
 
 
 def _units(size: int) -> int:
@@ -464,6 +470,48 @@ def _units(size: int) -> int:
 
 def _quota_key(owner: str) -> str:
     return f"storage:{owner}"
+
+
+class LookupMisses:
+    """Stream ids asked for that do not exist, per client, counted in this process's memory:
+    in the store each would cost a write, and costing no write is the point (unauthenticated
+    readers may knock on stream URLs). Beyond the limit, a client's stream lookups get 429
+    until the window ends. Each process counts its own: N processes allow N times the limit."""
+
+    # Clients remembered in one window; beyond, the counts start over (memory stays bounded).
+    MAX_CLIENTS = 100_000
+
+    def __init__(self, rate: tuple[int, float] | None, on_refusal: Any) -> None:
+        self.rate = rate
+        self.on_refusal = on_refusal
+        self.counts: dict[str, int] = {}
+        self.window_ends = 0.0
+        self._lock = threading.Lock()
+
+    def check(self, client: str) -> None:
+        """429 when `client` missed too often in this window."""
+        if self.rate is None:
+            return
+        limit, window = self.rate
+        now = time.monotonic()
+        with self._lock:
+            if now >= self.window_ends:
+                self.counts.clear()
+                self.window_ends = now + window
+            over = self.counts.get(client, 0) >= limit
+            reset = self.window_ends - now
+        if over:
+            self.on_refusal("too_many_lookups")
+            raise ApiError(429, "rate_limited", f"more than {limit} unknown stream ids per {window:g} s; "
+                           "try again later", {"Retry-After": str(max(1, math.ceil(reset)))})
+
+    def missed(self, client: str) -> None:
+        if self.rate is None:
+            return
+        with self._lock:
+            if len(self.counts) >= self.MAX_CLIENTS:
+                self.counts.clear()
+            self.counts[client] = self.counts.get(client, 0) + 1
 
 
 def _same_origin(origin: str, req: Request) -> bool:

@@ -119,6 +119,9 @@ class Settings:
     JWT_MAX_LIFETIME: float = 86_400.0
     CORS_ORIGINS: str = ""
     RATE_LIMIT: str = ""
+    # Unknown stream ids a client may ask for (GET /api/chat/streams/<id>) per window, counted
+    # in each process's memory so that a miss costs no store write; then 429.
+    STREAM_LOOKUP_LIMIT: str = "60/minute"
     # Answers in progress at once per caller (token identity, else client address).
     # Behind a reverse proxy set TRUSTED_PROXIES, or every client shares one address.
     MAX_STREAMS_PER_CLIENT: int = 8

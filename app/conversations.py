@@ -9,7 +9,9 @@ corrupting it: their records interleave, each tagged with its request.
 A conversation belongs to the caller that started it: its id is issued here, never
 chosen by a client, and under auth nobody else can read, continue or delete it (they
 get the same 404 as for an id that does not exist). Its size is capped, and a turn
-loads only the recent records it may replay, never the whole conversation.
+loads only the recent records it may replay, never the whole conversation. A deleted
+conversation stays deleted: the store keeps a tombstone that refuses the record of an
+answer still running when it was deleted.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Conversations:
                                f"{self.cap_bytes} bytes); start a new conversation")
             history = self.replayable(self.store.messages(conversation_id, max(0, info.messages - self.max_messages)))
         info = self.store.append_messages(conversation_id, records, self.ttl, owner=caller.id)
+        if info is None:  # deleted since it was looked up
+            raise ApiError(404, "not_found", NOT_FOUND)
         new = chat.task.messages
         history = self.bounded(history, reserve=sum(len(text_of(m.get("content"))) for m in new), reserved=len(new),
                                images_reserved=list(images_in(new)))
@@ -77,7 +81,8 @@ class Conversations:
         return messages
 
     def finish(self, conversation_id: str, request_id: str, answer: Answer, owner: str) -> None:
-        """Store the assistant's turn, however it ended."""
+        """Store the assistant's turn, however it ended (not kept when the conversation was
+        deleted meanwhile: its tombstone refuses it)."""
         record: dict[str, Any] = {
             "role": "assistant", "content": answer.text, "status": answer.outcome,
             "finish_reason": answer.finish_reason, "usage": answer.usage,

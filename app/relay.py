@@ -92,10 +92,16 @@ class Answer:
 @dataclass
 class Adopted:
     """The part of an answer another process produced before it died: the frames in the store
-    and the text they carry, which a new producer continues."""
+    and the text they carry, which a new producer continues, and the lease it took the stream
+    over with (read after taking it: the old producer can add nothing since)."""
 
     frames: list[bytes]
     text: str
+    lease: str = ""
+
+
+# Why a producer stops when another process adopted its stream (it stalled, it was not dead).
+SUPERSEDED = "superseded"
 
 
 @dataclass
@@ -406,6 +412,10 @@ class LogFlusher:
     one Redis pipeline), looks for stop requests for all of them in one query, and says
     they are alive. The per-token path only appends to memory; local readers never wait
     for the store, and readers elsewhere are at most one tick behind.
+
+    Each stream is written under a lease. A producer that stalled longer than readers wait
+    for it (a store stall over 5 s) may find its stream adopted elsewhere: the store then
+    refuses its writes, and it stops, its local readers sent to resume from the store.
     """
 
     # Between batches: the most a reader in another process lags behind a local one.
@@ -419,7 +429,7 @@ class LogFlusher:
         self.ttl = ttl
         self.on_closed = on_closed  # the log is complete in the store: readers anywhere see the end
         self.on_store_error = on_store_error
-        self.active: dict[str, list[Any]] = {}  # stream id -> [generation, frames written]
+        self.active: dict[str, list[Any]] = {}  # stream id -> [generation, frames written, lease]
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -437,13 +447,17 @@ class LogFlusher:
             logger.warning("stream store: final flush failed: %s", exc)
 
     def add(self, generation: Generation) -> None:
-        self.store.open_log(generation.id, self.ttl, generation.owner)
+        if generation.resumed is not None and generation.resumed.lease:
+            lease = generation.resumed.lease  # the adopter took the log over already
+        else:
+            lease = new_id()
+            self.store.open_log(generation.id, self.ttl, generation.owner, lease)
         with self._lock:
             if not self._exit_hook:  # a process that is shut down (mod_wsgi on a restart) flushes first
                 atexit.register(self.flush_now)
                 self._exit_hook = True
             # An adopted stream's log already holds the frames the store has.
-            self.active[generation.id] = [generation, len(generation.log.frames)]
+            self.active[generation.id] = [generation, len(generation.log.frames), lease]
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="relay-log-flusher", daemon=True)
                 self._thread.start()
@@ -468,7 +482,7 @@ class LogFlusher:
                         self._flush([entry])
                     except Exception as own:
                         self._abort(entry[0], entry[1][0], own)
-            running = [sid for sid, (gen, _) in entries if not gen.log.closed and sid in self.active]
+            running = [sid for sid, (gen, *_) in entries if not gen.log.closed and sid in self.active]
             now = time.monotonic()
             try:  # control, not data: a failure here is retried on the next tick
                 if running and now >= next_stop_check:
@@ -491,12 +505,26 @@ class LogFlusher:
             self.active.pop(stream_id, None)
         self.on_closed(generation)
 
+    def _superseded(self, stream_id: str) -> None:
+        """Another process adopted this stream: write nothing more, stop the upstream call, and
+        send this process's readers to resume from the store (the adopter's log)."""
+        with self._lock:
+            entry = self.active.pop(stream_id, None)
+        if entry is None:
+            return
+        generation = entry[0]
+        logger.warning("stream %s: adopted by another process while this one stalled; stopping here", stream_id)
+        generation.log.detach()  # first: the readers must not take this producer's end for the answer's
+        generation.stop(SUPERSEDED)
+        self.on_closed(generation)
+
     def _flush(self, entries: list[tuple[str, list[Any]]]) -> None:
         batch: dict[str, list[tuple[int, bytes]]] = {}
         written: dict[str, int] = {}
         finished = []
+        leases = {sid: entry[2] for sid, entry in entries}
         for sid, entry in entries:
-            generation, done = entry
+            generation, done, _ = entry
             log = generation.log
             closed = log.closed  # read before the frames: a closed log has all of them
             frames = log.frames
@@ -506,13 +534,17 @@ class LogFlusher:
                 written[sid] = count
             if closed:
                 finished.append(sid)
-        if batch or finished:
-            self.store.append_many(batch, closing=tuple(finished), ttl=self.ttl)
+        fenced = self.store.append_many(batch, closing=tuple(finished), ttl=self.ttl, leases=leases) \
+            if batch or finished else set()
         # Only now that the store has them: a failed batch is written again next time.
         for sid, entry in entries:
             if sid in written:
                 entry[1] = written[sid]
+        for sid in fenced:
+            self._superseded(sid)
         for sid in finished:
+            if sid in fenced:
+                continue
             with self._lock:
                 entry = self.active.pop(sid, None)
             if entry is not None:
@@ -520,7 +552,11 @@ class LogFlusher:
 
 
 class StoreLogView:
-    """A stream log in the store, read like a `StreamLog` (for readers in other processes)."""
+    """A stream log in the store, read like a `StreamLog` (for readers in other processes).
+
+    It is `closed` only when the read that found no new frames also found the log closed,
+    in the same snapshot: a state read apart from the frames could be the one after the
+    producer's final flush, and the end of the answer would be lost."""
 
     def __init__(self, store: Store, stream_id: str, adopt: Callable[[], StreamLog | None] | None = None) -> None:
         self.store = store
@@ -530,23 +566,18 @@ class StoreLogView:
         self.adopt = adopt  # continue the answer here when its producer died (see ChatService)
         self._adopted: StreamLog | None = None
         self._touched = 0.0
-        self._failed = False
+        self._ended = False  # the log was closed with nothing after what was returned
 
     @property
     def closed(self) -> bool:
         if self._adopted is not None:
             return self._adopted.closed
-        if self._failed:
-            return True
-        try:
-            return self.store.log_state(self.stream_id) != "open"
-        except Exception:
-            return True
+        return self._ended
 
     def wait(self, position: int, timeout: float) -> list[bytes]:
         if self._adopted is not None:
             return self._adopted.wait(position, timeout)
-        if self._failed:
+        if self._ended:
             return []
         store, stream_id = self.store, self.stream_id
         try:
@@ -554,15 +585,17 @@ class StoreLogView:
             if now - self._touched >= 1.0:  # tells the producer's grace watchdog someone reads
                 self._touched = now
                 store.touch(stream_id, "reader")
-            frames = store.read_frames(stream_id, position, timeout)
-            if frames:
-                return [frame for _, frame in frames]
-            state = store.log_state(stream_id)
-            if state is None:
+            read = store.read_log(stream_id, position, timeout)
+            if read.frames:
+                return [frame for _, frame in read.frames]
+            if read.state is None:
                 return self._fail("stream_lost", "this stream's log is gone from the store (expired, or the store "
                                                   "was restarted)")
+            if read.state != "open":
+                self._ended = True
+                return []
             producer = store.seen_at(stream_id, "producer")
-            if state == "open" and producer and time.time() - producer > 5 * PRODUCER_ALIVE_SECONDS:
+            if producer and time.time() - producer > 5 * PRODUCER_ALIVE_SECONDS:
                 adopted = self.adopt() if self.adopt is not None else None
                 if adopted is not None:  # this process continues the answer: read its log from here on
                     self._adopted = adopted
@@ -574,7 +607,7 @@ class StoreLogView:
             return self._fail("store_unavailable", "the stream store is unavailable; try again shortly")
 
     def _fail(self, kind: str, message: str) -> list[bytes]:
-        self._failed = True
+        self._ended = True
         return [encode_event(None, "error", {"type": kind, "message": message})]
 
 

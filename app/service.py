@@ -33,7 +33,7 @@ from app.protocols import RelayEvents
 from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
-from app.relay import Adopted, Answer, DrivenLog, Generation, Relay, StoreLogView, collect, new_id
+from app.relay import SUPERSEDED, Adopted, Answer, DrivenLog, Generation, Relay, StoreLogView, collect, new_id
 from app.sse import StreamLog, client_socket, peer_closed, sse_response
 from app.store import Store
 from app.tools import toolbox
@@ -183,8 +183,17 @@ class ChatService:
 
         The id is the credential (EventSource sends no headers); a caller who does present
         credentials must be the creator. `reader` (the client's identity) holds one of its
-        MAX_READERS_PER_CLIENT slots while the reading is open, taken before anything else.
+        MAX_READERS_PER_CLIENT slots while the reading is open. An id nobody issued is
+        answered from reads alone (a slot costs store writes), and each one counts against
+        the reader's STREAM_LOOKUP_LIMIT.
         """
+        self._valid_id(stream_id, "stream")
+        if reader is not None:
+            self.access.lookups.check(reader)
+        if not self._stream_exists(stream_id):
+            if reader is not None:
+                self.access.lookups.missed(reader)
+            raise ApiError(404, "not_found", "no such stream (unknown, or expired)")
         if reader is None:
             return self._open_stream(caller, stream_id, last_event_id)
         slot = new_id()
@@ -209,8 +218,12 @@ class ChatService:
         reading.on_close = on_close
         return reading
 
+    def _stream_exists(self, stream_id: str) -> bool:
+        """Whether the id is a stream here, a ticket, or a log in the store (reads only)."""
+        return (stream_id in self.relay.generations or self.store.ticket_exists(stream_id)
+                or self.store.log_state(stream_id) is not None)
+
     def _open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None) -> Reading | None:
-        self._valid_id(stream_id, "stream")
         position = self.event_position(last_event_id)
         generation = self.relay.resumable(stream_id)
         if generation is not None:  # produced in this process: read its log directly
@@ -225,7 +238,13 @@ class ChatService:
         if state is None:
             raise ApiError(404, "not_found", "no such stream (unknown, or expired)")
         self._owner_check(caller, self.store.log_owner(stream_id))
-        if state == "closed" and not self.store.read_frames(stream_id, position, 0):
+        # A reader that got the last event from the producer's process may be here before that
+        # process has written it (and "closed") to the store: wait up to a heartbeat for a frame
+        # after its position or the end, so that a finished stream answers 204 however soon.
+        read = self.store.read_log(stream_id, position, self.settings.SSE_HEARTBEAT_SECONDS)
+        if read.state is None:
+            raise ApiError(404, "not_found", "no such stream (unknown, or expired)")
+        if read.state == "closed" and not read.frames:
             return None
         return Reading(StoreLogView(self.store, stream_id, adopt=lambda: self._adopt(stream_id)), position)
 
@@ -257,20 +276,26 @@ class ChatService:
     def _adopt(self, stream_id: str) -> Any:
         """Continue an answer whose producer died (its process was restarted or killed), here.
 
-        Exactly one process adopts it (the record is taken once). The new producer gets the
-        text of the stored frames as the beginning of the answer and continues it as failover
-        does, with event ids following on; readers see `meta {"resumed"}` and more tokens.
-        Returns the new generation's log, or None when there is nothing to adopt.
+        Exactly one process adopts it (the record is taken once), and takes the log over: a
+        producer that was only stalled, not dead, is refused from then on and stops (see
+        LogFlusher). The new producer gets the text of the stored frames as the beginning of
+        the answer and continues it as failover does, with event ids following on; readers
+        see `meta {"resumed"}` and more tokens. Returns the new generation's log, or None
+        when there is nothing to adopt.
         """
         data = self.store.take_ticket(ADOPT + stream_id)
         if data is None:
             return None
+        lease = new_id()
         try:
             ticket = Ticket.from_dict(data)
             provider = self.providers[ticket.provider]
+            messages = self.conversations.history_at(ticket.conversation_id, ticket.position, stream_id)
+            if not self.store.take_over(stream_id, lease):
+                return None  # the log expired meanwhile
+            # Read only now that the old producer can add nothing: these are all its frames.
             frames = [frame for _, frame in self.store.read_frames(stream_id, 0, 0)]
             written = RelayEvents.text_of(frames)
-            messages = self.conversations.history_at(ticket.conversation_id, ticket.position, stream_id)
         except Exception as exc:  # unreadable record, provider gone, conversation deleted: the stream is lost
             logger.warning("stream %s: cannot adopt it: %s", stream_id, exc)
             return None
@@ -279,7 +304,7 @@ class ChatService:
         chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
         logger.info("stream %s: adopted after %d characters (its producer stopped)", stream_id, len(written))
         generation = self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True,
-                                 transport="postsse", resumed=Adopted(frames, written))
+                                 transport="postsse", resumed=Adopted(frames, written, lease))
         return generation.log
 
     def stop_stream(self, caller: Caller, stream_id: str) -> None:
@@ -392,11 +417,12 @@ class ChatService:
         access, metrics = self.access, self.metrics
 
         def record(generation: Generation) -> None:
-            self._finish(generation.conversation_id, generation.id, generation.answer, owner)
+            if generation.cancel.reason != SUPERSEDED:  # else the adopter records the answer
+                self._finish(generation.conversation_id, generation.id, generation.answer, owner)
 
         def release(generation: Generation) -> None:
             access.close_stream(owner, generation.id)
-            if resumable:  # ended here: nothing left to adopt
+            if resumable and generation.cancel.reason != SUPERSEDED:  # ended here: nothing left to adopt
                 try:
                     self.store.take_ticket(ADOPT + generation.id)
                 except Exception:

@@ -390,10 +390,10 @@ def test_one_streams_store_error_stays_with_that_stream(upstream, make_app, serv
     bad = requests.post(f"{url}/api/chat/streams", json={"provider": "openai", "prompt": "hi"}, timeout=10).json()
     original = store.append_many
 
-    def failing(batch, closing=(), ttl=0):
+    def failing(batch, closing=(), ttl=0, leases=None):
         if bad["id"] in batch or bad["id"] in closing:
             raise OSError("disk error for this stream's rows")
-        return original(batch, closing, ttl)
+        return original(batch, closing, ttl, leases)
 
     store.append_many = failing
     readers = [open_stream(url + t["stream_url"]) for t in (good, bad)]
@@ -1015,3 +1015,53 @@ def test_an_upstream_message_never_reaches_a_client(upstream, live, capfd):
     # The operator still learns what the upstream said, with the secret scrubbed.
     logged = capfd.readouterr().err
     assert "/internal/route" in logged and "sk-live-abcdef0123456789" not in logged
+
+
+def test_a_conversation_deleted_while_its_answer_streams_stays_deleted(upstream, live, tmp_path):
+    """Attack (issue 20): DELETE /api/conversations/<id> while its answer streams got 404 at
+    once, then the answer's record brought the conversation back (200, with the prompt it
+    quotes, for another 30 days)."""
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"{i} " for i in range(40)]), delay=0.02))
+    url = live(STORE_URL=f"sqlite:///{tmp_path}/relay.sqlite3")
+    reader = open_stream(f"{url}/api/chat/stream", {"provider": "openai", "prompt": "my secret"})
+    conversation_id = reader.until("msgid").data["conversation_id"]
+    reader.take(2)
+    assert requests.delete(f"{url}/api/conversations/{conversation_id}", timeout=10).status_code == 200
+    assert reader.read_all()[-1].event == "done"
+    assert requests.get(f"{url}/api/conversations/{conversation_id}", timeout=10).status_code == 404
+    again = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "more",
+                                                  "conversation_id": conversation_id}, timeout=10)
+    assert again.status_code == 404
+
+
+def test_a_conversation_deleted_while_its_answer_streams_holds_none_of_the_quota(upstream, live, tmp_path):
+    """The answer's record, refused by the tombstone, must not keep quota slots for 30 days."""
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"{i} " for i in range(40)]), delay=0.02),
+                   Reply(chunks=BODIES["openai"](["ok"])))
+    url = live(STORE_URL=f"sqlite:///{tmp_path}/relay.sqlite3", STORAGE_QUOTA_BYTES=3 * 16_384)
+    reader = open_stream(f"{url}/api/chat/stream", {"provider": "openai", "prompt": "a" * 12_000})
+    conversation_id = reader.until("msgid").data["conversation_id"]
+    reader.take(2)
+    assert requests.delete(f"{url}/api/conversations/{conversation_id}", timeout=10).status_code == 200
+    assert reader.read_all()[-1].event == "done"
+    # The whole quota is free again: a request that needs all of it is taken.
+    whole = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "b" * 31_000}, timeout=10)
+    assert whole.status_code == 200, whole.text
+
+
+def test_unknown_stream_ids_cost_no_store_writes_and_are_rate_limited(make_app, tmp_path):
+    """Attack (issue 20): with auth on, each unauthenticated GET /api/chat/streams/<random>
+    cost three write transactions (a reader slot taken and given back, a ticket take), ~680/s
+    from one client, doubling everyone else's latency on the store's write lock."""
+    from app.relay import new_id
+
+    app = make_app(API_TOKENS="secret", STORE_URL=f"sqlite:///{tmp_path}/relay.sqlite3", STREAM_LOOKUP_LIMIT="5/minute")
+    store = app.extensions["llm_sse_relay"].store
+    writes: list = []
+    write = store._write
+    store._write = lambda work: writes.append(work) or write(work)
+    client = app.test_client()
+    statuses = [client.get(f"/api/chat/streams/{new_id()}").status_code for _ in range(7)]
+    assert writes == [] and statuses == [404] * 5 + [429] * 2
+    refused = client.get(f"/api/chat/streams/{new_id()}")
+    assert_json_error(refused, 429, "rate_limited") and refused.headers["Retry-After"]

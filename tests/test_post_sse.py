@@ -6,7 +6,9 @@ import time
 import pytest
 import requests
 
-from tests.conftest import open_stream, text_of
+from app.protocols import RelayEvents
+from app.relay import LogFlusher
+from tests.conftest import open_stream, text_of, wait_until
 from tests.fake_upstream import BODIES, Reply
 
 PIECES = [f"p{i} " for i in range(30)]
@@ -74,6 +76,75 @@ def test_a_second_app_on_the_same_sqlite_file_resumes_from_the_store(upstream, m
     assert text_of(got + rest) == "".join(PIECES)
     assert [int(e.id) for e in got + rest] == list(range(1, len(got + rest) + 1))
     assert len(upstream.seen) == 1
+
+
+@pytest.mark.parametrize("shared", ["sqlite", "redis"])
+def test_a_reconnect_right_after_done_on_another_process_gets_204(shared, upstream, make_app, serve, tmp_path,
+                                                                   monkeypatch, request):
+    """The reader got `done` from the producer's process, which has not written it (and
+    "closed") to the store yet; it reconnects at once, elsewhere: 204, not an empty 200."""
+    if shared == "redis":
+        server = request.getfixturevalue("redis_server")
+        server.flush()
+        store_url = server.url
+    else:
+        store_url = f"sqlite:///{tmp_path}/shared.sqlite3"
+    monkeypatch.setattr(LogFlusher, "FLUSH_SECONDS", 2.0)  # the producer's store writes lag behind its reader
+    one = serve(make_app(STORE_URL=store_url, SSE_HEARTBEAT_SECONDS=10))
+    two = serve(make_app(STORE_URL=store_url, SSE_HEARTBEAT_SECONDS=10))
+    upstream.reset(Reply(chunks=BODIES["openai"](["a ", "b."])))
+    ticket = create(one, {"provider": "openai", "prompt": "hi"})
+    events = open_stream(one + ticket["stream_url"]).read_all()
+    assert events[-1].event == "done"
+    again = requests.get(two + ticket["stream_url"], headers={"Last-Event-ID": events[-1].id}, timeout=30)
+    assert again.status_code == 204, again.text
+
+
+def test_a_stalled_producer_whose_stream_was_adopted_writes_no_more(upstream, make_app, serve, tmp_path):
+    """A store stall over 5 s lets a reader elsewhere adopt a live stream. When the first
+    producer's writes go through again, the store refuses them and it stops: one producer
+    per log, never two answers interleaved in it."""
+    store_url = f"sqlite:///{tmp_path}/shared.sqlite3"
+    app_one = make_app(STORE_URL=store_url, STREAM_GRACE_SECONDS=30)
+    one, two = serve(app_one), serve(make_app(STORE_URL=store_url, STREAM_GRACE_SECONDS=30))
+    pieces = [f"s{i} " for i in range(400)]
+    upstream.reset(Reply(chunks=BODIES["openai"](pieces), delay=0.05), Reply(chunks=BODIES["openai"](["THE END."])))
+    ticket = create(one, {"provider": "openai", "prompt": "hi"})
+    stream_id = ticket["id"]
+    first = open_stream(one + ticket["stream_url"])
+    events = first.take(4)
+    first.close()
+    store_one = app_one.extensions["llm_sse_relay"].store
+    wait_until(lambda: len(store_one.read_frames(stream_id, 0, 0)) >= len(events))  # (what this reader saw)
+    stalled, resume = threading.Event(), threading.Event()
+    append_many = store_one.append_many
+
+    def stalling(*args, **kwargs):  # the producer's store writes hang (a disk, a network partition)
+        stalled.set()
+        resume.wait(30)
+        return append_many(*args, **kwargs)
+
+    store_one.append_many = stalling
+    try:
+        assert stalled.wait(5)
+        # ...for longer than readers wait for a producer: it looks dead
+        store_one._write(lambda db: db.execute("UPDATE streams SET producer_seen = ? WHERE id = ?",
+                                               (time.time() - 60, stream_id)))
+        remote = open_stream(two + ticket["stream_url"], headers={"Last-Event-ID": events[-1].id})
+        assert "resumed" in remote.until("meta").data  # the second process produces it now
+    finally:
+        resume.set()
+    events += remote.read_all()
+    assert events[-1].event == "done" and text_of(events).endswith("THE END.")
+    assert [int(e.id) for e in events] == list(range(1, len(events) + 1))
+    first_call = upstream.seen[0]
+    assert first_call.closed.wait(30) and len(first_call.sent) < len(pieces) + 2  # the stalled producer stopped
+    wait_until(lambda: store_one.log_state(stream_id) == "closed")  # by the adopter, a flush after its reader's end
+    stored = store_one.read_log(stream_id, 0, 0)
+    assert len(stored.frames) == len(events)
+    assert RelayEvents.text_of([frame for _, frame in stored.frames]) == text_of(events)  # the adopter's, only
+    relay_one = app_one.extensions["llm_sse_relay"].relay
+    wait_until(lambda: len(upstream.seen) == 2 and stream_id not in relay_one.generations)
 
 
 def test_delete_stops_the_generation_from_another_app(upstream, make_app, serve, tmp_path):

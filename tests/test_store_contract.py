@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from app.relay import StoreLogView
+from app.sse import HEARTBEAT, SseBody
 from app.store import MemoryStore, open_store
 from app.store import base as store_base
 from app.store import sqlite as sqlite_store
@@ -34,10 +36,11 @@ def store(request, tmp_path):
 def test_tickets_are_taken_once_and_expire(store):
     store.put_ticket("t1", {"prompt": "hi", "text": "漢字 🚀"}, ttl=60)
     store.put_ticket("t2", {"prompt": "old"}, ttl=0.05)
+    assert store.ticket_exists("t1") and not store.ticket_exists("never")
     assert store.take_ticket("t1") == {"prompt": "hi", "text": "漢字 🚀"}
-    assert store.take_ticket("t1") is None
+    assert store.take_ticket("t1") is None and not store.ticket_exists("t1")
     time.sleep(0.1)
-    assert store.take_ticket("t2") is None
+    assert not store.ticket_exists("t2") and store.take_ticket("t2") is None
     assert store.take_ticket("never") is None
 
 
@@ -56,6 +59,65 @@ def test_stream_logs_batches_and_states(store):
     store.close_log("s", ttl=60)
     assert store.log_state("s") == "closed" and store.log_state("nope") is None
     assert store.log_owner("nope") is None
+
+
+class FinalFlushAfterFirstRead:
+    """The store as a reader in another process sees it when the producer's final flush (its
+    last frames and "closed", written together) lands right after the reader's first question:
+    forces, every time, the race a real server hit once in 17 resumes."""
+
+    def __init__(self, store, final_flush) -> None:
+        self.store = store
+        self.final_flush = final_flush
+
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+        if name not in ("read_frames", "read_log"):
+            return method
+
+        def read(*args, **kwargs):
+            result = method(*args, **kwargs)
+            flush, self.final_flush = self.final_flush, None
+            if flush is not None:
+                flush()
+            return result
+
+        return read
+
+
+def test_the_end_of_a_stream_is_never_lost_to_a_reader_elsewhere(store):
+    store.open_log("s", ttl=60)
+    store.append_many({"s": [(1, b"token-1")]})
+    racing = FinalFlushAfterFirstRead(store, lambda: store.append_many(
+        {"s": [(2, b"token-2"), (3, b"done")]}, closing=("s",), ttl=60))
+    body = SseBody(StoreLogView(racing, "s"), heartbeat=0.05, position=1, retry=False)
+    sent = [chunk for _, chunk in zip(range(100), body, strict=False) if chunk != HEARTBEAT]
+    assert b"".join(sent) == b"token-2done" and body.completed
+
+
+def test_a_log_is_read_with_its_state_in_one_snapshot(store):
+    assert store.read_log("nope", 0, 0) == store_base.LogRead([], None)
+    store.open_log("s", ttl=60)
+    store.append_many({"s": [(1, b"a")]})
+    assert store.read_log("s", 0, 0) == store_base.LogRead([(1, b"a")], "open")
+    assert store.read_log("s", 1, 0.05) == store_base.LogRead([], "open")
+    store.append_many({"s": [(2, b"b")]}, closing=("s",), ttl=60)
+    assert store.read_log("s", 1, 5) == store_base.LogRead([(2, b"b")], "closed")
+    assert store.read_log("s", 2, 5) == store_base.LogRead([], "closed")  # at once: nothing more will come
+
+
+def test_only_the_producer_holding_the_lease_writes_a_log(store):
+    # A stalled producer's stream is adopted elsewhere; when it wakes it must not write.
+    store.open_log("s", ttl=60, lease="first")
+    assert store.append_many({"s": [(1, b"a")]}, leases={"s": "first"}) == set()
+    assert store.take_over("s", "second") and not store.take_over("gone", "second")
+    assert time.time() - store.seen_at("s", "producer") < 5  # the adopter counts as alive at once
+    assert store.append_many({"s": [(2, b"old")]}, closing=("s",), ttl=60, leases={"s": "first"}) == {"s"}
+    assert store.read_log("s", 0, 0) == store_base.LogRead([(1, b"a")], "open")
+    assert store.append_many({"s": [(2, b"new")]}, leases={"s": "second"}) == set()
+    assert store.append_many({"s": [(2, b"new"), (3, b"end")]}, closing=("s",), ttl=60,
+                             leases={"s": "second"}) == set()  # a batch written again: no duplicate
+    assert store.read_log("s", 0, 0) == store_base.LogRead([(1, b"a"), (2, b"new"), (3, b"end")], "closed")
 
 
 def test_stop_flags_and_liveness(store):
@@ -104,6 +166,18 @@ def test_conversations_keep_order_owner_and_size(store):
     assert store.messages("c", 2, 2) == [] and store.messages("c", 5) == []
     assert store.delete_conversation("c") and store.messages("c") == [] and store.conversation("c") is None
     assert not store.delete_conversation("c")
+
+
+def test_a_deleted_conversation_stays_deleted(store):
+    # An answer still running when its conversation is deleted must not bring it back.
+    store.append_message("c", {"role": "user", "content": "secret"}, 60, owner="ann")
+    assert store.delete_conversation("c")
+    assert store.append_message("c", {"role": "assistant", "content": "answer"}, 60, owner="ann") is None
+    assert store.conversation("c") is None and store.messages("c") == [] and not store.delete_conversation("c")
+    store.append_message("brief", {"role": "user", "content": "q"}, 0.05, owner="ann")
+    assert store.delete_conversation("brief")
+    time.sleep(0.1)  # the tombstone lasts as long as the conversation would have
+    assert store.append_message("brief", {"role": "user", "content": "new"}, 60, owner="bob").messages == 1
 
 
 def test_conversations_expire_after_their_last_message(store):

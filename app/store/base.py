@@ -1,9 +1,12 @@
 """The store's narrow interface: what the relay needs to share between processes and hosts.
 
 - tickets: a POST-SSE payload, kept until its stream is opened (taken once);
-- stream logs: the encoded events of a resumable stream, readable from any process;
+- stream logs: the encoded events of a resumable stream, readable from any process, written
+  by one producer at a time (its lease: a producer whose stream was adopted elsewhere is
+  refused, so two never interleave frames);
 - stream control: "stop" requests and when a reader was last seen;
-- conversations: the messages of a chat, in order, with the caller that owns it and its size.
+- conversations: the messages of a chat, in order, with the caller that owns it and its size;
+  a deleted one leaves a tombstone that refuses records until it would have expired.
 
 Everything a store keeps expires by itself (tickets, logs, conversations, counters,
 slots), whichever routes a deployment uses: SQLite and memory sweep on their writes,
@@ -41,6 +44,17 @@ def to_json(data: Any) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class LogRead:
+    """A stream log's frames and its state seen at one instant. When `state` is not "open",
+    `frames` are all the log holds after the position read from: the producer writes its
+    last frames with (or before) "closed", and a reader that asked twice could see the
+    state after that write and the frames before it, and lose the end of the answer."""
+
+    frames: list[Frame]
+    state: str | None  # "open", "closed", or None for an unknown or expired stream
+
+
 class StoreError(RuntimeError):
     """The store cannot answer now (locked too long, unreachable, full): a 503, not a 500."""
 
@@ -65,8 +79,18 @@ class Store:
         """The payload to the first caller only (it becomes the producer); None after."""
         raise NotImplementedError
 
+    def ticket_exists(self, ticket_id: str) -> bool:
+        """Whether a ticket waits under this id (a read: looking costs no write)."""
+        raise NotImplementedError
+
     # -- stream logs
-    def open_log(self, stream_id: str, ttl: float, owner: str = "") -> None:
+    def open_log(self, stream_id: str, ttl: float, owner: str = "", lease: str = "") -> None:
+        """Start a log; its appends are taken from the producer holding `lease` only."""
+        raise NotImplementedError
+
+    def take_over(self, stream_id: str, lease: str) -> bool:
+        """Make `lease` the log's producer (adoption) and count it alive now; the previous
+        producer's appends are refused from here on. False when the log is gone."""
         raise NotImplementedError
 
     def log_owner(self, stream_id: str) -> str | None:
@@ -74,26 +98,33 @@ class Store:
         raise NotImplementedError
 
     def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
+        self.append_many({stream_id: frames})
+
+    def read_log(self, stream_id: str, after: int, timeout: float) -> LogRead:
+        """Frames with id > `after` and the log's state, in one snapshot; waits up to
+        `timeout` while there are none and the log is open."""
         raise NotImplementedError
 
     def read_frames(self, stream_id: str, after: int, timeout: float) -> list[Frame]:
         """Frames with id > `after`; waits up to `timeout` when there are none yet."""
-        raise NotImplementedError
+        return self.read_log(stream_id, after, timeout).frames
 
     def close_log(self, stream_id: str, ttl: float) -> None:
-        raise NotImplementedError
+        self.append_many({}, closing=(stream_id,), ttl=ttl)
 
     def log_state(self, stream_id: str) -> str | None:
         """"open", "closed", or None for an unknown or expired stream."""
         raise NotImplementedError
 
     # -- batches: one round trip for every stream a process produces (see relay.LogFlusher)
-    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0) -> None:
-        """Append frames of many streams; then mark `closing` streams closed (kept `ttl` s)."""
-        for stream_id, frames in batch.items():
-            self.append_frames(stream_id, frames)
-        for stream_id in closing:
-            self.close_log(stream_id, ttl)
+    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0,
+                    leases: dict[str, str] | None = None) -> set[str]:
+        """Append frames of many streams; then mark `closing` streams closed (kept `ttl` s).
+
+        A stream named in `leases` is written only while that lease is its producer's: the
+        streams another producer took over are returned, and nothing of theirs is written.
+        Frames already in a log (a batch written again after a failure) are skipped."""
+        raise NotImplementedError
 
     def stopped_among(self, stream_ids: list[str]) -> set[str]:
         return {s for s in stream_ids if self.stop_requested(s)}
@@ -138,13 +169,15 @@ class Store:
 
     # -- conversations
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
-                        owner: str = "") -> ConversationInfo:
+                        owner: str = "") -> ConversationInfo | None:
         """Append records in one step; a new conversation is bound to `owner`. Returns its
-        size after. The conversation expires `ttl` seconds after its last append."""
+        size after, or None (nothing stored) when the conversation was deleted: its
+        tombstone refuses the record of an answer that was still running. The
+        conversation expires `ttl` seconds after its last append."""
         raise NotImplementedError
 
     def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float,
-                       owner: str = "") -> ConversationInfo:
+                       owner: str = "") -> ConversationInfo | None:
         return self.append_messages(conversation_id, [message], ttl, owner)
 
     def conversation(self, conversation_id: str) -> ConversationInfo | None:
@@ -156,6 +189,8 @@ class Store:
         raise NotImplementedError
 
     def delete_conversation(self, conversation_id: str) -> bool:
+        """Forget a conversation, leaving a tombstone until it would have expired; False when
+        there was none."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -171,6 +206,7 @@ class MemoryStore(Store):
         self._logs: dict[str, list[Frame]] = defaultdict(list)
         self._state: dict[str, dict[str, Any]] = {}
         self._conversations: dict[str, dict[str, Any]] = {}
+        self._tombstones: dict[str, float] = {}  # deleted conversation -> when it would have expired
         self._windows: dict[str, tuple[float, int]] = {}
         self._slots: dict[str, dict[str, float]] = defaultdict(dict)
         self._last_sweep = time.time()
@@ -188,6 +224,8 @@ class MemoryStore(Store):
             self._logs.pop(stream_id, None)
         for cid in [c for c, conv in self._conversations.items() if conv["expires"] < now]:
             del self._conversations[cid]
+        for cid in [c for c, expires in self._tombstones.items() if expires < now]:
+            del self._tombstones[cid]
         for key in [k for k, (start, _) in self._windows.items() if start < now - 86_400]:
             del self._windows[key]
         for key in list(self._slots):
@@ -207,32 +245,53 @@ class MemoryStore(Store):
             expires, payload = self._tickets.pop(ticket_id, (0, None))
         return json.loads(payload) if payload and expires > time.time() else None
 
-    def open_log(self, stream_id, ttl, owner=""):
+    def ticket_exists(self, ticket_id):
+        expires, _ = self._tickets.get(ticket_id, (0, None))
+        return expires > time.time()
+
+    def open_log(self, stream_id, ttl, owner="", lease=""):
         with self._lock:
             self._sweep()
-            self._state[stream_id] = {"state": "open", "stop": False, "expires": time.time() + ttl, "owner": owner}
+            self._state[stream_id] = {"state": "open", "stop": False, "expires": time.time() + ttl, "owner": owner,
+                                      "lease": lease}
+
+    def take_over(self, stream_id, lease):
+        with self._lock:
+            if self.log_state(stream_id) is None:
+                return False
+            self._state[stream_id].update(lease=lease, producer=time.time())
+            return True
 
     def log_owner(self, stream_id):
         return self._state.get(stream_id, {}).get("owner")
 
-    def append_frames(self, stream_id, frames):
+    def append_many(self, batch, closing=(), ttl=0, leases=None):
+        leases = leases or {}
         with self._lock:
-            self._logs[stream_id].extend(frames)
+            fenced = {s for s in {*batch, *closing} if self._taken_from(s, leases.get(s))}
+            for stream_id, frames in batch.items():
+                if stream_id not in fenced:
+                    log = self._logs[stream_id]
+                    last = log[-1][0] if log else 0
+                    log.extend(f for f in frames if f[0] > last)
+            for stream_id in closing:
+                if stream_id not in fenced:
+                    state = self._state.setdefault(stream_id, {"stop": False})
+                    state.update(state="closed", expires=time.time() + ttl)
             self._lock.notify_all()
+            return fenced
 
-    def read_frames(self, stream_id, after, timeout):
+    def _taken_from(self, stream_id: str, lease: str | None) -> bool:
+        held = self._state.get(stream_id, {}).get("lease")
+        return bool(lease and held and held != lease)
+
+    def read_log(self, stream_id, after, timeout):
         with self._lock:
             frames = [f for f in self._logs.get(stream_id, ()) if f[0] > after]
             if not frames and self.log_state(stream_id) == "open":
                 self._lock.wait(timeout)
                 frames = [f for f in self._logs.get(stream_id, ()) if f[0] > after]
-            return frames
-
-    def close_log(self, stream_id, ttl):
-        with self._lock:
-            state = self._state.setdefault(stream_id, {"stop": False})
-            state.update(state="closed", expires=time.time() + ttl)
-            self._lock.notify_all()
+            return LogRead(frames, self.log_state(stream_id))
 
     def log_state(self, stream_id):
         state = self._state.get(stream_id)
@@ -292,6 +351,8 @@ class MemoryStore(Store):
         now = time.time()
         with self._lock:
             self._sweep()
+            if self._tombstones.get(conversation_id, 0) >= now:
+                return None
             conv = self._conversations.get(conversation_id)
             if conv is None or conv["expires"] < now:
                 conv = self._conversations[conversation_id] = {"owner": owner, "records": [], "bytes": 0}
@@ -315,4 +376,8 @@ class MemoryStore(Store):
 
     def delete_conversation(self, conversation_id):
         with self._lock:
-            return self._conversations.pop(conversation_id, None) is not None
+            conv = self._conversations.pop(conversation_id, None)
+            if conv is None or conv["expires"] < time.time():
+                return False
+            self._tombstones[conversation_id] = conv["expires"]
+            return True

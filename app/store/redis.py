@@ -2,6 +2,8 @@
 
 Stream logs are Redis Streams (XADD by the producer, XREAD BLOCK by readers anywhere),
 tickets are keys taken with GETDEL (exactly one producer), conversations are lists.
+What must be decided and written in one step (a producer's lease, a conversation's
+tombstone) is a Lua script: Redis runs it whole, with nothing else in between.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import redis
 
-from app.store.base import ConversationInfo, Frame, Store, to_json
+from app.store.base import ConversationInfo, Frame, LogRead, Store, to_json
 
 PREFIX = "llm-sse-relay:"
 # Connections per process. A mod_wsgi stream process runs hundreds of threads and a gevent
@@ -23,6 +25,55 @@ PREFIX = "llm-sse-relay:"
 # `?timeout=` in STORE_URL win.
 POOL_SIZE = 1000
 POOL_WAIT = 10.0
+# A blocking XREAD waits at most this long at a time: redis-py 8 gives every socket a 5 s
+# read timeout, and a longer block (a 15 s heartbeat) failed as "Timeout reading".
+XREAD_BLOCK_SECONDS = 2.0
+
+# KEYS: stream record, log. ARGV: lease ("" = none), log ms, close ms ("" = stays open), then
+# seq, frame pairs. Refused (0) when another producer took the stream over; frames the log
+# already has (a batch written again after a failure) are skipped.
+APPEND_LOG = """
+local held = redis.call('HGET', KEYS[1], 'lease')
+if ARGV[1] ~= '' and held and held ~= '' and held ~= ARGV[1] then return 0 end
+local last = 0
+local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+for i = 4, #ARGV, 2 do
+  if tonumber(ARGV[i]) > last then redis.call('XADD', KEYS[2], ARGV[i] .. '-1', 'f', ARGV[i + 1]) end
+end
+if #ARGV >= 4 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'state', 'closed')
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return 1
+"""
+# KEYS: stream record. ARGV: lease, now.
+TAKE_OVER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'lease', ARGV[1], 'producer', ARGV[2])
+return 1
+"""
+# KEYS: records, info, tombstone. ARGV: owner, bytes, ms, records...
+APPEND_CONVERSATION = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+local count = 0
+for i = 4, #ARGV do count = redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('HSETNX', KEYS[2], 'owner', ARGV[1])
+local size = redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {count, size, redis.call('HGET', KEYS[2], 'owner')}
+"""
+# KEYS: records, info, tombstone. The tombstone lives as long as the conversation would have.
+DELETE_CONVERSATION = """
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl == -2 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+if ttl > 0 then redis.call('SET', KEYS[3], 1, 'PX', ttl) end
+return 1
+"""
 
 
 class RedisStore(Store):
@@ -34,6 +85,10 @@ class RedisStore(Store):
         self.redis.ping()
         # A log lives as long as its stream record, also when its producer died before closing it.
         self._log_ms = 3_600_000
+        self._append_log = self.redis.register_script(APPEND_LOG)
+        self._take_over = self.redis.register_script(TAKE_OVER)
+        self._append_conversation = self.redis.register_script(APPEND_CONVERSATION)
+        self._delete_conversation = self.redis.register_script(DELETE_CONVERSATION)
 
     @staticmethod
     def _key(kind: str, name: str) -> str:
@@ -47,36 +102,34 @@ class RedisStore(Store):
         raw = self.redis.getdel(self._key("ticket", ticket_id))
         return json.loads(raw) if raw else None
 
+    def ticket_exists(self, ticket_id: str) -> bool:
+        return bool(self.redis.exists(self._key("ticket", ticket_id)))
+
     # -- stream logs
-    def open_log(self, stream_id: str, ttl: float, owner: str = "") -> None:
+    def open_log(self, stream_id: str, ttl: float, owner: str = "", lease: str = "") -> None:
         self._log_ms = int(ttl * 1000)
         key = self._key("stream", stream_id)
         with self.redis.pipeline() as pipe:
-            pipe.hset(key, mapping={"state": "open", "stop": 0, "owner": owner})
+            pipe.hset(key, mapping={"state": "open", "stop": 0, "owner": owner, "lease": lease})
             pipe.pexpire(key, int(ttl * 1000))
             pipe.execute()
 
-    def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
-        key = self._key("log", stream_id)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for n, frame in frames:
-                pipe.xadd(key, {"f": frame}, id=f"{n}-1")
-            pipe.pexpire(key, self._log_ms)
-            pipe.execute()
+    def take_over(self, stream_id: str, lease: str) -> bool:
+        return bool(self._take_over(keys=[self._key("stream", stream_id)], args=[lease, time.time()]))
 
-    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0) -> None:
-        ms = int(ttl * 1000)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for stream_id, frames in batch.items():
-                key = self._key("log", stream_id)
-                for n, frame in frames:
-                    pipe.xadd(key, {"f": frame}, id=f"{n}-1")
-                pipe.pexpire(key, self._log_ms)
-            for stream_id in closing:  # after its frames, in the same round trip
-                pipe.hset(self._key("stream", stream_id), "state", "closed")
-                pipe.pexpire(self._key("stream", stream_id), ms)
-                pipe.pexpire(self._key("log", stream_id), ms)
-            pipe.execute()
+    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0,
+                    leases: dict[str, str] | None = None) -> set[str]:
+        leases = leases or {}
+        close_ms = str(int(ttl * 1000))
+        streams = [*batch, *(s for s in closing if s not in batch)]
+        with self.redis.pipeline(transaction=False) as pipe:  # one round trip, one script per stream
+            for stream_id in streams:
+                pairs = [part for n, frame in batch.get(stream_id, ()) for part in (n, frame)]
+                self._append_log(keys=[self._key("stream", stream_id), self._key("log", stream_id)],
+                                 args=[leases.get(stream_id, ""), self._log_ms,
+                                       close_ms if stream_id in closing else "", *pairs], client=pipe)
+            written = pipe.execute()
+        return {s for s, ok in zip(streams, written, strict=True) if not ok}
 
     def stopped_among(self, stream_ids: list[str]) -> set[str]:
         with self.redis.pipeline(transaction=False) as pipe:
@@ -92,20 +145,24 @@ class RedisStore(Store):
                 pipe.hset(self._key("stream", stream_id), who, now)
             pipe.execute()
 
-    def read_frames(self, stream_id: str, after: int, timeout: float) -> list[Frame]:
-        key = self._key("log", stream_id)
-        found = self.redis.xread({key: f"{after}-1"}, block=max(1, int(timeout * 1000)))
-        if not found:
-            return []
-        return [(int(entry_id.split(b"-")[0]), fields[b"f"]) for entry_id, fields in found[0][1]]
+    def read_log(self, stream_id: str, after: int, timeout: float) -> LogRead:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self._read_snapshot(stream_id, after)
+            left = deadline - time.monotonic()
+            if found.frames or found.state != "open" or left <= 0:
+                return found
+            # Only a wake-up: what came is read again with the state, in one MULTI.
+            block = max(1, int(min(left, XREAD_BLOCK_SECONDS) * 1000))
+            self.redis.xread({self._key("log", stream_id): f"{after}-1"}, count=1, block=block)
 
-    def close_log(self, stream_id: str, ttl: float) -> None:
-        ms = int(ttl * 1000)
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self._key("stream", stream_id), "state", "closed")
-            pipe.pexpire(self._key("stream", stream_id), ms)
-            pipe.pexpire(self._key("log", stream_id), ms)
-            pipe.execute()
+    def _read_snapshot(self, stream_id: str, after: int) -> LogRead:
+        with self.redis.pipeline() as pipe:  # MULTI/EXEC: no write lands between the two reads
+            pipe.xrange(self._key("log", stream_id), f"{after + 1}-0", "+")
+            pipe.hget(self._key("stream", stream_id), "state")
+            entries, state = pipe.execute()
+        frames = [(int(entry_id.split(b"-")[0]), fields[b"f"]) for entry_id, fields in entries]
+        return LogRead(frames, state.decode() if state else None)
 
     def log_owner(self, stream_id: str) -> str | None:
         owner = self.redis.hget(self._key("stream", stream_id), "owner")
@@ -168,19 +225,16 @@ class RedisStore(Store):
 
     # -- conversations: a list of records, and a hash with its owner and size
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
-                        owner: str = "") -> ConversationInfo:
+                        owner: str = "") -> ConversationInfo | None:
         texts = [to_json(m) for m in messages]
-        records, meta = self._key("conversation", conversation_id), self._key("conversation-info", conversation_id)
-        ms = int(ttl * 1000)
-        with self.redis.pipeline() as pipe:  # MULTI/EXEC: records and size change together
-            pipe.rpush(records, *texts)
-            pipe.hsetnx(meta, "owner", owner)
-            pipe.hincrby(meta, "bytes", sum(len(t.encode()) for t in texts))
-            pipe.pexpire(records, ms)
-            pipe.pexpire(meta, ms)
-            pipe.hget(meta, "owner")
-            count, _, size, _, _, stored_owner = pipe.execute()
-        return ConversationInfo(stored_owner.decode(), int(count), int(size))
+        keys = [self._key("conversation", conversation_id), self._key("conversation-info", conversation_id),
+                self._key("conversation-deleted", conversation_id)]
+        size = sum(len(t.encode()) for t in texts)
+        found = self._append_conversation(keys=keys, args=[owner, size, int(ttl * 1000), *texts])
+        if found is None:
+            return None
+        count, total, stored_owner = found
+        return ConversationInfo(stored_owner.decode(), int(count), int(total))
 
     def conversation(self, conversation_id: str) -> ConversationInfo | None:
         with self.redis.pipeline(transaction=False) as pipe:
@@ -198,9 +252,9 @@ class RedisStore(Store):
         return [json.loads(m) for m in self.redis.lrange(self._key("conversation", conversation_id), start, end)]
 
     def delete_conversation(self, conversation_id: str) -> bool:
-        removed = self.redis.delete(self._key("conversation", conversation_id),
-                                    self._key("conversation-info", conversation_id))
-        return bool(removed)
+        keys = [self._key("conversation", conversation_id), self._key("conversation-info", conversation_id),
+                self._key("conversation-deleted", conversation_id)]
+        return bool(self._delete_conversation(keys=keys))
 
     def close(self) -> None:
         self.redis.close()

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from app.gevent_native import gevent_threadpool, unpatched
 from app.store import base
-from app.store.base import ConversationInfo, Frame, Store, StoreError, to_json
+from app.store.base import ConversationInfo, Frame, LogRead, Store, StoreError, to_json
 
 log = logging.getLogger("llm_sse_relay.store")
 
@@ -28,7 +28,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS tickets (id TEXT PRIMARY KEY, payload TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS streams (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, stop INTEGER NOT NULL DEFAULT 0,
-    reader_seen REAL, producer_seen REAL, owner TEXT, expires REAL NOT NULL);
+    reader_seen REAL, producer_seen REAL, owner TEXT, expires REAL NOT NULL, lease TEXT);
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS slots (key TEXT NOT NULL, member TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (key, member));
@@ -41,7 +41,10 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, count INTEGER NOT NULL, bytes INTEGER NOT NULL,
     expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY, expires REAL NOT NULL);
 """
+# Columns added since a file may have been created: (table, column, definition).
+ADDED_COLUMNS = [("streams", "lease", "TEXT")]
 # How often a reader in another process looks for new frames.
 POLL_SECONDS = 0.05
 # Longest wait for another process's write lock before giving up.
@@ -94,6 +97,9 @@ class SqliteStore(Store):
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                for table, column, definition in ADDED_COLUMNS:
+                    if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 db.execute("ROLLBACK")
@@ -205,6 +211,25 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise _store_error(exc) from exc
 
+    def _snapshot(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Several reads in one read transaction: in WAL mode they all see the database as
+        it was at the first, whatever other processes commit meanwhile."""
+        return self._off_loop(lambda: self._snapshot_here(work))
+
+    def _snapshot_here(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def run(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN")
+            try:
+                return work(db)
+            finally:
+                db.execute("COMMIT")
+
+        try:
+            with self._read_db() as db:
+                return self._retry_locked(lambda: run(db))
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from exc
+
     def _sweep(self, db: sqlite3.Connection) -> None:
         """Drop what expired (inside a write transaction, at most every SWEEP_SECONDS per process)."""
         now = self._last_sweep = time.time()
@@ -215,6 +240,7 @@ class SqliteStore(Store):
         db.execute("DELETE FROM messages WHERE conversation_id IN (SELECT id FROM conversations WHERE expires < ?)",
                    (now,))
         db.execute("DELETE FROM conversations WHERE expires < ?", (now,))
+        db.execute("DELETE FROM tombstones WHERE expires < ?", (now,))
         # Records written before conversations had owners (no row there) expire by their own date.
         db.execute("DELETE FROM messages WHERE expires < ? AND conversation_id NOT IN (SELECT id FROM conversations)",
                    (now,))
@@ -233,30 +259,46 @@ class SqliteStore(Store):
             return None
         return json.loads(row[0])
 
+    def ticket_exists(self, ticket_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM tickets WHERE id = ? AND expires >= ?", (ticket_id, time.time())))
+
     # -- stream logs
-    def open_log(self, stream_id: str, ttl: float, owner: str = "") -> None:
-        row = (stream_id, owner, time.time() + ttl)
+    def open_log(self, stream_id: str, ttl: float, owner: str = "", lease: str = "") -> None:
+        row = (stream_id, owner, time.time() + ttl, lease)
         self._write(lambda db: db.execute(
-            "INSERT OR REPLACE INTO streams (id, state, owner, expires) VALUES (?, 'open', ?, ?)", row))
+            "INSERT OR REPLACE INTO streams (id, state, owner, expires, lease) VALUES (?, 'open', ?, ?, ?)", row))
+
+    def take_over(self, stream_id: str, lease: str) -> bool:
+        row = (lease, time.time(), stream_id, time.time())
+        return self._write(lambda db: db.execute(
+            "UPDATE streams SET lease = ?, producer_seen = ? WHERE id = ? AND expires >= ?", row).rowcount > 0)
 
     def log_owner(self, stream_id: str) -> str | None:
         row = next(iter(self._query("SELECT owner FROM streams WHERE id = ?", (stream_id,))), None)
         return row[0] if row else None
 
-    def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
-        self.append_many({stream_id: frames})
-
-    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0) -> None:
-        rows = [(s, n, f) for s, frames in batch.items() for n, f in frames]
+    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0,
+                    leases: dict[str, str] | None = None) -> set[str]:
+        leases = leases or {}
         expires = time.time() + ttl
-        closed = [(s, expires) for s in closing]
+        leased = [s for s in {*batch, *closing} if leases.get(s)]
 
-        def write(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)", rows)
+        def write(db: sqlite3.Connection) -> set[str]:
+            # Checked in the transaction that writes: a take-over commits before or after it, never between.
+            fenced = set()
+            for i in range(0, len(leased), 500):  # SQLite's limit on bound parameters
+                chunk = leased[i:i + 500]
+                rows = db.execute(f"SELECT id, lease FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
+                                  chunk).fetchall()
+                fenced.update(s for s, held in rows if held and held != leases[s])
+            db.executemany("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)",
+                           [(s, n, f) for s, frames in batch.items() if s not in fenced for n, f in frames])
             db.executemany("INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
-                           "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires", closed)
+                           "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires",
+                           [(s, expires) for s in closing if s not in fenced])
+            return fenced
 
-        self._write(write)
+        return self._write(write)
 
     def stopped_among(self, stream_ids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -272,20 +314,20 @@ class SqliteStore(Store):
         rows = [(time.time(), s) for s in stream_ids]
         self._write(lambda db: db.executemany(f"UPDATE streams SET {column} = ? WHERE id = ?", rows))
 
-    def read_frames(self, stream_id: str, after: int, timeout: float) -> list[Frame]:
+    def read_log(self, stream_id: str, after: int, timeout: float) -> LogRead:
+        def read(db: sqlite3.Connection) -> LogRead:
+            rows = db.execute("SELECT seq, frame FROM frames WHERE stream_id = ? AND seq > ? ORDER BY seq",
+                              (stream_id, after)).fetchall()
+            state = db.execute("SELECT state FROM streams WHERE id = ? AND expires >= ?",
+                               (stream_id, time.time())).fetchone()
+            return LogRead([(n, bytes(f)) for n, f in rows], state[0] if state else None)
+
         deadline = time.monotonic() + timeout
         while True:
-            rows = self._query("SELECT seq, frame FROM frames WHERE stream_id = ? AND seq > ? ORDER BY seq",
-                              (stream_id, after))
-            if rows or self.log_state(stream_id) != "open" or time.monotonic() >= deadline:
-                return [(n, bytes(f)) for n, f in rows]
+            found = self._snapshot(read)
+            if found.frames or found.state != "open" or time.monotonic() >= deadline:
+                return found
             time.sleep(POLL_SECONDS)
-
-    def close_log(self, stream_id: str, ttl: float) -> None:
-        row = (stream_id, time.time() + ttl)
-        self._write(lambda db: db.execute(
-            "INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
-            "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires", row))
 
     def log_state(self, stream_id: str) -> str | None:
         row = next(iter(self._query("SELECT state, expires FROM streams WHERE id = ?", (stream_id,))), None)
@@ -342,13 +384,15 @@ class SqliteStore(Store):
 
     # -- conversations
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
-                        owner: str = "") -> ConversationInfo:
+                        owner: str = "") -> ConversationInfo | None:
         texts = [to_json(m) for m in messages]
         size = sum(len(t.encode()) for t in texts)
         now = time.time()
         expires = now + ttl
 
-        def append(db: sqlite3.Connection) -> ConversationInfo:
+        def append(db: sqlite3.Connection) -> ConversationInfo | None:
+            if db.execute("SELECT 1 FROM tombstones WHERE id = ? AND expires >= ?", (conversation_id, now)).fetchone():
+                return None
             # An expired conversation that the sweep has not dropped yet starts over.
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND EXISTS "
                        "(SELECT 1 FROM conversations WHERE id = ? AND expires < ?)", (conversation_id,
@@ -381,7 +425,11 @@ class SqliteStore(Store):
     def delete_conversation(self, conversation_id: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
-            return db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount > 0
+            row = db.execute("DELETE FROM conversations WHERE id = ? RETURNING expires", (conversation_id,)).fetchone()
+            if row is None or row[0] < time.time():
+                return False
+            db.execute("INSERT OR REPLACE INTO tombstones VALUES (?, ?)", (conversation_id, row[0]))
+            return True
 
         return self._write(delete)
 
