@@ -1038,7 +1038,7 @@ def test_a_conversation_deleted_while_its_answer_streams_holds_none_of_the_quota
     """The answer's record, refused by the tombstone, must not keep quota slots for 30 days."""
     upstream.reset(Reply(chunks=BODIES["openai"]([f"{i} " for i in range(40)]), delay=0.02),
                    Reply(chunks=BODIES["openai"](["ok"])))
-    url = live(STORE_URL=f"sqlite:///{tmp_path}/relay.sqlite3", STORAGE_QUOTA_BYTES=3 * 16_384)
+    url = live(STORE_URL=f"sqlite:///{tmp_path}/relay.sqlite3", STORAGE_QUOTA_BYTES=2 * 16_384)
     reader = open_stream(f"{url}/api/chat/stream", {"provider": "openai", "prompt": "a" * 12_000})
     conversation_id = reader.until("msgid").data["conversation_id"]
     reader.take(2)
