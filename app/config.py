@@ -17,9 +17,17 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from app.logs import without_userinfo
+
 
 class ConfigError(ValueError):
-    """A configuration value that cannot be used; raised at startup, never per request."""
+    """A configuration value that cannot be used; raised at startup, never per request.
+
+    Its message goes to logs that many can read (Apache's error log, a journal): the user
+    and password of any URL in it are removed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(without_userinfo(message))
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,16 @@ import sys
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # What a client may send as a request id: short, no spaces or quotes that would break a log line.
 REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The user and password of a URL (redis://:password@host, http://user:pass@proxy).
+URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
 # Secrets by shape, whatever the configuration: tokens in URLs and headers, provider keys.
 PATTERNS = [
+    (URL_USERINFO, r"\1[redacted]@"),
     (re.compile(r"(access_token=)[^&\s\"']+"), r"\1[redacted]"),
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1[redacted]"),
     (re.compile(r"\b(sk-[A-Za-z0-9_-]{8})[A-Za-z0-9_-]+"), r"\1[redacted]"),
@@ -33,11 +37,24 @@ SECRET_SETTINGS = ("API_TOKENS", "JWT_SECRET", "METRICS_TOKEN")
 
 
 def configured_secrets(env: Any) -> list[str]:
-    """Values that must never reach a log: provider keys and the relay's own tokens."""
+    """Values that must never reach a log: provider keys, the relay's own tokens, and the
+    passwords of URLs in settings (STORE_URL's Redis password), wherever they show up alone."""
     values = [str(v) for k, v in env.items() if k.endswith("_API_KEY") and v]
     for name in SECRET_SETTINGS:
         values += [part.strip() for part in str(env.get(name) or "").split(",")]
+    for value in env.values():
+        if isinstance(value, str) and "@" in value and "://" in value:
+            try:
+                values.append(urlsplit(value.strip()).password or "")
+            except ValueError:
+                pass
     return [v for v in values if v]
+
+
+def without_userinfo(text: str) -> str:
+    """`text` with the user and password of every URL in it replaced (for startup errors,
+    which print settings such as STORE_URL)."""
+    return URL_USERINFO.sub(r"\1[redacted]@", text)
 
 
 class Scrubber:
