@@ -48,7 +48,9 @@ class DrainingGeventWorker(GeventWorker):
       worker and resumes from the store after Last-Event-ID;
     - keeps the process, and so its producers, alive until every answer it started has
       ended and is in the store, for at most DRAIN_SECONDS (graceful_timeout), telling
-      the master it is alive meanwhile.
+      the master it is alive meanwhile. An answer whose reader does not resume elsewhere
+      stops like any answer whose reader left: after STREAM_GRACE_SECONDS (at least 6 s,
+      twice EventSource's reconnect delay) without a reader anywhere.
     Direct streams (/api/chat/stream, WebSocket, OpenAI and AI SDK routes) cannot move:
     they finish on the old worker within the same bound.
 

@@ -84,3 +84,39 @@ def test_rolling_restart_under_running_streams_loses_no_answer(streams, fake_ups
         assert "draining:" in server.output()
     finally:
         server.stop()
+
+
+def test_a_draining_worker_stops_an_answer_whose_reader_never_comes_back():
+    """Finding (issue 20): on a drain the readers of resumable answers are sent to resume on
+    another worker, and the answers were then never checked for absence: one whose reader
+    never came back ran to its end (up to DRAIN_SECONDS) with nobody to read it. Now a reader
+    that resumes elsewhere keeps it going (the store says someone reads), and without one
+    the answer stops like any answer whose reader left."""
+    from types import SimpleNamespace
+
+    from app.relay import Relay
+    from app.store import MemoryStore
+    from tests.test_relay import Counting, driver
+
+    settings = SimpleNamespace(STREAM_LOG_TTL=60, STREAM_GRACE_SECONDS=0.5, TOOL_MAX_ROUNDS=2,
+                               SSE_HEARTBEAT_SECONDS=15)
+    relay = Relay(settings, MemoryStore())
+    provider = Counting(100_000, pause=0.01)  # about 17 minutes of answer
+    task = SimpleNamespace(model="m", messages=[])
+    generation = relay.start(provider, task, "conv", stream_id="d" * 22, owner="me", resumable=True, driven=True)
+    body = driver(generation)
+    next(body), next(body), next(body)  # retry, msgid, a token
+    assert relay.detach_readers() == 1  # the worker is stopping
+    list(body)  # the response ends without a last event: EventSource reconnects elsewhere
+    body.close()
+
+    resumed_until = time.monotonic() + 3  # a reader elsewhere, for a while
+    while time.monotonic() < resumed_until:
+        relay.store.touch(generation.id, "reader")  # what a reader in another process does
+        assert not generation.cancel.is_set(), "stopped while a reader was still reading elsewhere"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30  # then it leaves too: the answer must stop
+    while not generation.finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert generation.finished and generation.answer.outcome == "abandoned", generation.answer.outcome
+    assert provider.produced < 100_000
