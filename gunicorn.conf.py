@@ -26,6 +26,13 @@ timeout = 30
 # answers take minutes (gunicorn's 30 s would cut them). Ctrl-C (SIGINT) stops at once.
 graceful_timeout = int(os.environ.get("DRAIN_SECONDS", "600"))
 keepalive = 5
+# gunicorn 25.1+ opens a control socket (for `gunicornc`) at one path per user,
+# ~/.gunicorn/gunicorn.ctl, removing whatever is there: a second gunicorn of the user took the
+# first one's, and stopping either removed the other's. None, unless CONTROL_SOCKET names a
+# path for this instance alone. (Older gunicorns ignore both settings.)
+control_socket_disable = not os.environ.get("CONTROL_SOCKET")
+if not control_socket_disable:
+    control_socket = os.environ["CONTROL_SOCKET"]
 # The longest request line (method, URL, version): gunicorn's maximum, Apache's default.
 # A prompt sent as a GET query (EventSource) must fit; longer ones belong in a POST, which
 # the JS client switches to by itself (/api/capabilities says the limit).

@@ -120,3 +120,34 @@ def test_a_draining_worker_stops_an_answer_whose_reader_never_comes_back():
         time.sleep(0.1)
     assert generation.finished and generation.answer.outcome == "abandoned", generation.answer.outcome
     assert provider.produced < 100_000
+
+
+def test_each_gunicorn_has_its_own_control_socket_or_none(tmp_path, fake_upstream):
+    """Finding (issue 20): gunicorn (25.1 and later) opens a control socket at one path per
+    user, ~/.gunicorn/gunicorn.ctl, removing whatever is there: a second relay (or any other
+    gunicorn app of the user) took the first one's socket away, and stopping either removed
+    the other's. gunicorn.conf.py opens none unless CONTROL_SOCKET names a path of its own."""
+    home = tmp_path / "home"
+    shared = home / ".gunicorn" / "gunicorn.ctl"
+    shared.parent.mkdir(parents=True)
+    shared.write_text("another gunicorn's socket")
+    before = shared.stat().st_ino
+    env = {**provider_env(fake_upstream.url), "HOME": str(home), "XDG_RUNTIME_DIR": ""}
+    server = gunicorn(free_port(), env)
+    try:
+        time.sleep(1.0)  # the arbiter starts its control server on a thread of its own
+        assert shared.exists() and shared.stat().st_ino == before, "the other instance's socket was replaced"
+    finally:
+        server.stop()
+    assert shared.exists() and shared.read_text() == "another gunicorn's socket"
+
+    own = tmp_path / "relay.ctl"
+    server = gunicorn(free_port(), {**env, "CONTROL_SOCKET": str(own)})
+    try:
+        deadline = time.monotonic() + 10
+        while not own.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert own.is_socket()
+    finally:
+        server.stop()
+    assert shared.read_text() == "another gunicorn's socket"
