@@ -131,6 +131,9 @@ Group $RUN_GROUP
 <IfModule !wsgi_module>
     LoadModule wsgi_module $MODULES/mod_wsgi.so
 </IfModule>
+<IfModule !unique_id_module>
+    LoadModule unique_id_module $MODULES/mod_unique_id.so
+</IfModule>
 <IfModule !proxy_module>
     LoadModule proxy_module $MODULES/mod_proxy.so
 </IfModule>

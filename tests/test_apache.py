@@ -264,6 +264,28 @@ def test_apache_reverse_proxy_to_gunicorn_streams_incrementally(relay_env, gunic
         proxy.stop()
 
 
+def test_the_request_id_is_the_proxy_s_never_the_client_s(relay_env, fake_upstream, upstream):
+    """Finding (issue 20): behind Apache's proxy (TRUSTED_PROXIES=1, as proxy-gunicorn.conf
+    says) the client's X-Request-ID reached the app, which takes it from a trusted proxy: callers
+    chose the ids on the relay's log lines. Apache now sets its own (mod_unique_id) or none."""
+    backend = gunicorn(free_port(), {**provider_env(fake_upstream.url), "TRUSTED_PROXIES": "1",
+                                     "STORE_URL": "memory://"})
+    proxy = apache(free_port(), relay_env, proxy_to=backend.url)
+    try:
+        chosen = {"X-Request-ID": "chosen-by-the-client"}
+        upstream.reset(Reply(chunks=BODIES["openai"](["a"])))
+        for response in (requests.get(f"{proxy.url}/api/capabilities", headers=chosen, timeout=10),
+                         requests.get(f"{proxy.url}/api/chat/stream?provider=openai&prompt=hi", headers=chosen,
+                                      timeout=10)):
+            assert response.ok and response.headers["X-Request-ID"] != "chosen-by-the-client"
+        given = response.headers["X-Request-ID"]
+        msgid = next(line for line in response.text.split("\n") if line.startswith('data: {"id"'))
+        assert given in msgid
+    finally:
+        proxy.stop()
+        backend.stop()
+
+
 def test_gunicorn_accepts_a_get_prompt_up_to_its_raised_request_line_limit(gunicorn_url):
     prompt = "y" * 7000  # over gunicorn's stock 4094-byte request line, under 8190
     response = requests.get(f"{gunicorn_url}/api/chat/stream", params={"prompt": prompt, "provider": "demo",
