@@ -194,10 +194,65 @@ def test_health_checks_answer_while_every_thread_of_the_pages_group_is_busy(rela
         server.stop()
 
 
+def daemon_pids(server, group: str) -> set[int]:
+    """The processes of one mod_wsgi daemon group of this Apache (display-name=%{GROUP})."""
+    root = server.output().split("(logs: ")[1].split("/logs)")[0]
+    parent = open(f"{root}/run/httpd.pid").read().strip()
+    listing = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", parent], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in listing.splitlines() if f"(wsgi:{group})" in line}
+
+
+def test_slow_answers_that_are_not_streamed_never_restart_the_pages_group(relay_env, upstream):
+    """Finding (issue 20): non-streaming answers (`POST /api/chat`, `/v1` without `stream`) send
+    nothing until the model is done. In the pages' group (relay-app) a slow one was cut by
+    the I/O timeout (504) while it went on generating, and a few of them at once tripped the
+    group's request-timeout (the average over its threads): the daemon restarted, and every
+    page it was serving got a 500. Here with every timeout at 2 s and answers of 4 s: they are
+    served in full, pages answer meanwhile, and the pages' group is never restarted."""
+    env = {**relay_env, "RELAY_IO_TIMEOUT": "2", "RELAY_APP_PROCESSES": "1", "RELAY_APP_THREADS": "2",
+           "RELAY_APP_REQUEST_TIMEOUT": "2", "MAX_STREAMS_PER_CLIENT": "0"}
+    server = apache(free_port(), env)
+    try:
+        pages = daemon_pids(server, "relay-app")
+        assert len(pages) == 1
+        slow = Reply(chunks=BODIES["openai"](["slow ", "answer"]), head_delay=4.0)  # a model that thinks first
+        upstream.reset(slow)
+        rest = {"provider": "openai", "prompt": "hi"}
+        openai = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}
+        results: dict[int, requests.Response | Exception] = {}
+
+        def ask(i: int, path: str, body: dict) -> None:
+            try:
+                results[i] = requests.post(f"{server.url}{path}", json=body, timeout=30)
+            except requests.RequestException as exc:
+                results[i] = exc
+
+        askers = [threading.Thread(target=ask, args=(i, "/api/chat", rest)) for i in range(3)]
+        askers.append(threading.Thread(target=ask, args=(3, "/v1/chat/completions", openai)))
+        for asker in askers:
+            asker.start()
+        upstream.wait_for_request(4, timeout=10)
+        page = requests.get(f"{server.url}/", timeout=10)  # while all four think
+        assert page.status_code == 200
+        for asker in askers:
+            asker.join(30)
+        codes = [getattr(results.get(i), "status_code", results.get(i)) for i in range(4)]
+        assert codes == [200, 200, 200, 200], codes
+        assert all(results[i].json()["content"] == "slow answer" for i in range(3))
+        assert results[3].json()["choices"][0]["message"]["content"] == "slow answer"
+        time.sleep(1.0)  # mod_wsgi's monitor would have seen a request-timeout by now
+        assert daemon_pids(server, "relay-app") == pages, "the pages' group was restarted"
+        assert requests.get(f"{server.url}/", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("heartbeat,survives", [(0.5, True), (10, False)])
 def test_stream_outlives_apache_timeouts_thanks_to_heartbeats(relay_env, upstream, heartbeat, survives):
-    """Apache and mod_wsgi I/O timeouts of 2 s, an upstream silent for 5 s mid-answer."""
-    env = {**relay_env, "RELAY_IO_TIMEOUT": "2", "SSE_HEARTBEAT_SECONDS": str(heartbeat)}
+    """Apache and mod_wsgi I/O timeouts of 2 s, an upstream silent for 5 s mid-answer. (The
+    stream group waits RELAY_ANSWER_TIMEOUT for a read, so that answers that are not streamed
+    can take long: at 2 s as well here, for the control to show what heartbeats are for.)"""
+    env = {**relay_env, "RELAY_IO_TIMEOUT": "2", "RELAY_ANSWER_TIMEOUT": "2", "SSE_HEARTBEAT_SECONDS": str(heartbeat)}
     server = apache(free_port(), env)
     try:
         pieces = ["before ", "the ", "pause ", "and ", "after"]
