@@ -341,6 +341,27 @@ def test_the_request_id_is_the_proxy_s_never_the_client_s(relay_env, fake_upstre
         backend.stop()
 
 
+def ask_slow_answers(url: str, upstream) -> None:
+    """A REST answer and a non-streamed /v1 answer that each take 4 s before their first byte
+    (a model that thinks first) come back whole."""
+    upstream.reset(Reply(chunks=BODIES["openai"](["slow ", "answer"]), head_delay=4.0))
+    rest = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "hi"}, timeout=30)
+    assert rest.status_code == 200 and rest.json()["content"] == "slow answer"
+    completion = requests.post(f"{url}/v1/chat/completions", timeout=30, json={
+        "model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["message"]["content"] == "slow answer"
+
+
+def test_slow_answers_that_are_not_streamed_pass_the_reverse_proxy(relay_env, gunicorn_url, upstream):
+    """The same answers as above through Apache's mod_proxy (proxy-gunicorn.conf), its read
+    timeout at 2 s: it was the same for every route, and cut them with a 504."""
+    proxy = apache(free_port(), {**relay_env, "RELAY_IO_TIMEOUT": "2"}, proxy_to=gunicorn_url)
+    try:
+        ask_slow_answers(proxy.url, upstream)
+    finally:
+        proxy.stop()
+
+
 def test_gunicorn_accepts_a_get_prompt_up_to_its_raised_request_line_limit(gunicorn_url):
     prompt = "y" * 7000  # over gunicorn's stock 4094-byte request line, under 8190
     response = requests.get(f"{gunicorn_url}/api/chat/stream", params={"prompt": prompt, "provider": "demo",

@@ -15,7 +15,7 @@ import requests
 from tests.conftest import close_ws, free_port, open_stream, provider_env, require, text_of
 from tests.fake_upstream import BODIES, Reply
 from tests.servers import gunicorn, nginx
-from tests.test_apache import PACED, STREAM_ROUTES, assert_streams_incrementally
+from tests.test_apache import PACED, STREAM_ROUTES, ask_slow_answers, assert_streams_incrementally
 
 pytestmark = pytest.mark.nginx
 
@@ -102,3 +102,19 @@ def test_the_request_id_is_nginx_s_never_the_client_s(front, upstream):
         assert re.fullmatch(r"[0-9a-f]{32}", given), given  # nginx's $request_id, the same in its own logs
     msgid = next(line for line in response.text.split("\n") if line.startswith("data: {\"id\""))
     assert json.loads(msgid[6:])["request_id"] == given
+
+
+def test_slow_answers_that_are_not_streamed_are_not_cut(fake_upstream, upstream):
+    """Finding (issue 20): a completion without `stream` (and the REST answer) sends nothing
+    until the model is done; nginx's read timeout for the streams (60 s, fed by heartbeats) cut
+    it with a 504 while gunicorn went on generating. Here every 60 s timeout is 2 s, the answers'
+    own 20 s, and the answers take 4 s."""
+    backend = gunicorn(free_port(), {**provider_env(fake_upstream.url), "STORE_URL": "memory://",
+                                     "TRUSTED_PROXIES": "1"})
+    proxy = nginx(free_port(), backend.url, edits={"proxy_read_timeout 60s;": "proxy_read_timeout 2s;",
+                                                   "proxy_read_timeout 600s;": "proxy_read_timeout 20s;"})
+    try:
+        ask_slow_answers(proxy.url, upstream)
+    finally:
+        proxy.stop()
+        backend.stop()
