@@ -247,6 +247,27 @@ def test_slow_answers_that_are_not_streamed_never_restart_the_pages_group(relay_
         server.stop()
 
 
+def test_a_client_that_stops_reading_a_stream_is_dropped_after_the_io_timeout(relay_env, upstream):
+    """The stream group waits long for its daemons (RELAY_ANSWER_TIMEOUT, for answers that are
+    not streamed), but a write to a client that stopped reading still gives up after
+    RELAY_IO_TIMEOUT (response-socket-timeout), and its answer stops."""
+    server = apache(free_port(), {**relay_env, "RELAY_IO_TIMEOUT": "2"})
+    try:
+        big = "x" * 4000  # far more than every socket buffer in between
+        upstream.reset(Reply(chunks=BODIES["openai"]([big] * 4000)))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        sock.sendall(b"GET /api/chat/stream?provider=openai&prompt=hi HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            seen = upstream.wait_for_request(timeout=10)
+            assert seen.closed.wait(30), "the upstream is still held for a client that never reads"
+        finally:
+            sock.close()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("heartbeat,survives", [(0.5, True), (10, False)])
 def test_stream_outlives_apache_timeouts_thanks_to_heartbeats(relay_env, upstream, heartbeat, survives):
     """Apache and mod_wsgi I/O timeouts of 2 s, an upstream silent for 5 s mid-answer. (The
