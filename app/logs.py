@@ -2,10 +2,11 @@
 every line of a request, and no secrets on any line.
 
 The request id comes from `X-Request-ID` when a trusted proxy sends one (`TRUSTED_PROXIES`;
-the proxy must set it, never pass the client's on: apache/nginx.conf and
-apache/proxy-gunicorn.conf do), else it is made here; it is returned in the response's `X-Request-ID` header and in the
-stream's `msgid` event, and it follows the answer into its producer thread, so the stream's
-summary line carries it too. Provider keys, tokens and `access_token` query parameters are
+the proxy must set it, never pass the client's on, as apache/nginx.conf and
+apache/proxy-gunicorn.conf do), else it is made here; it is returned in the response's
+`X-Request-ID` header and in the stream's `msgid` event, and it follows the answer into its
+producer thread, so the stream's summary line carries it too. Provider keys, tokens,
+`access_token` query parameters and the passwords of URLs are
 scrubbed from every line, gunicorn's access log included.
 """
 
