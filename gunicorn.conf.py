@@ -26,6 +26,13 @@ timeout = 30
 # answers take minutes (gunicorn's 30 s would cut them). Ctrl-C (SIGINT) stops at once.
 graceful_timeout = int(os.environ.get("DRAIN_SECONDS", "600"))
 keepalive = 5
+# gunicorn 25.1+ opens a control socket (for `gunicornc`) at one path per user,
+# ~/.gunicorn/gunicorn.ctl, removing whatever is there: a second gunicorn of the user took the
+# first one's, and stopping either removed the other's. None, unless CONTROL_SOCKET names a
+# path for this instance alone. (Older gunicorns ignore both settings.)
+control_socket_disable = not os.environ.get("CONTROL_SOCKET")
+if not control_socket_disable:
+    control_socket = os.environ["CONTROL_SOCKET"]
 # The longest request line (method, URL, version): gunicorn's maximum, Apache's default.
 # A prompt sent as a GET query (EventSource) must fit; longer ones belong in a POST, which
 # the JS client switches to by itself (/api/capabilities says the limit).
@@ -48,7 +55,9 @@ class DrainingGeventWorker(GeventWorker):
       worker and resumes from the store after Last-Event-ID;
     - keeps the process, and so its producers, alive until every answer it started has
       ended and is in the store, for at most DRAIN_SECONDS (graceful_timeout), telling
-      the master it is alive meanwhile.
+      the master it is alive meanwhile. An answer whose reader does not resume elsewhere
+      stops like any answer whose reader left: after STREAM_GRACE_SECONDS (at least 6 s,
+      twice EventSource's reconnect delay) without a reader anywhere.
     Direct streams (/api/chat/stream, WebSocket, OpenAI and AI SDK routes) cannot move:
     they finish on the old worker within the same bound.
 

@@ -8,7 +8,8 @@
 # The caller's provider keys, base URLs and relay settings (LLM_*, OPENAI_*, SSE_*, …)
 # are written to an env file that the app reads, as a production vhost would.
 # Sizing and timeouts: RELAY_SSE_PROCESSES, RELAY_SSE_THREADS, RELAY_APP_PROCESSES,
-# RELAY_APP_THREADS, RELAY_IO_TIMEOUT, RELAY_MAX_WORKERS, RELAY_THREADS_PER_CHILD (environment).
+# RELAY_APP_THREADS, RELAY_IO_TIMEOUT, RELAY_ANSWER_TIMEOUT, RELAY_APP_REQUEST_TIMEOUT,
+# RELAY_MAX_WORKERS, RELAY_THREADS_PER_CHILD (environment).
 # A global "AddOutputFilterByType DEFLATE … text/event-stream" is in force, as a
 # distribution's default config might have it: the snippets must switch it off for SSE.
 set -euo pipefail
@@ -131,6 +132,9 @@ Group $RUN_GROUP
 <IfModule !wsgi_module>
     LoadModule wsgi_module $MODULES/mod_wsgi.so
 </IfModule>
+<IfModule !unique_id_module>
+    LoadModule unique_id_module $MODULES/mod_unique_id.so
+</IfModule>
 <IfModule !proxy_module>
     LoadModule proxy_module $MODULES/mod_proxy.so
 </IfModule>
@@ -163,6 +167,8 @@ $(define_opt RELAY_SSE_THREADS)
 $(define_opt RELAY_APP_PROCESSES)
 $(define_opt RELAY_APP_THREADS)
 $(define_opt RELAY_IO_TIMEOUT)
+$(define_opt RELAY_ANSWER_TIMEOUT)
+$(define_opt RELAY_APP_REQUEST_TIMEOUT)
 $SITE_DEFINES
 
 <VirtualHost 127.0.0.1:$PORT>

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import re
@@ -196,6 +197,7 @@ class Access:
         self.max_tickets = settings.MAX_TICKETS_PER_CLIENT
         self.max_readers = settings.MAX_READERS_PER_CLIENT
         self.trusted_proxies = settings.TRUSTED_PROXIES
+        self.ipv6_prefix = settings.IPV6_CLIENT_PREFIX
         origins = [o.strip().rstrip("/") for o in settings.CORS_ORIGINS.split(",") if o.strip()]
         self.any_origin = "*" in origins
         self.origins = set(origins) - {"*"}
@@ -244,11 +246,10 @@ class Access:
                         "shares the proxy's address, so per-client limits count them together")
         return Caller(self.client_id(req), False)
 
-    @staticmethod
-    def client_id(req: Request) -> str:
+    def client_id(self, req: Request) -> str:
         """The identity of a caller without credentials: its address (the proxy's, unless
-        TRUSTED_PROXIES lets the app see past it)."""
-        return f"ip:{req.remote_addr}"
+        TRUSTED_PROXIES lets the app see past it), an IPv6 one as its network."""
+        return f"ip:{client_network(req.remote_addr or '', self.ipv6_prefix)}"
 
     def identify(self, token: str) -> str | None:
         for known in self.tokens:
@@ -512,6 +513,21 @@ class LookupMisses:
             if len(self.counts) >= self.MAX_CLIENTS:
                 self.counts.clear()
             self.counts[client] = self.counts.get(client, 0) + 1
+
+
+def client_network(address: str, ipv6_prefix: int) -> str:
+    """An address as the client it stands for: an IPv4 address alone (also when a dual-stack
+    socket writes it as ::ffff:a.b.c.d), an IPv6 one as its /`ipv6_prefix` network, since a
+    host holds a whole /64 and may use a new address of it for every request."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # without a link-local zone (fe80::1%eth0)
+    except ValueError:
+        return address  # not an address (a unix socket's peer): itself
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
 
 
 def _same_origin(origin: str, req: Request) -> bool:

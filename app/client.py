@@ -56,7 +56,7 @@ def current_caller() -> Caller:
     if not has_request_context():
         return LOCAL
     caller = g.get("caller")
-    return caller if caller is not None else Caller(f"ip:{request.remote_addr}", False)
+    return caller if caller is not None else Caller(current_service().access.client_id(request), False)
 
 
 def _chat(options: dict[str, Any]) -> tuple[ChatService, Caller, ChatRequest]:

@@ -17,9 +17,17 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from app.logs import without_userinfo
+
 
 class ConfigError(ValueError):
-    """A configuration value that cannot be used; raised at startup, never per request."""
+    """A configuration value that cannot be used; raised at startup, never per request.
+
+    Its message goes to logs that many can read (Apache's error log, a journal): the user
+    and password of any URL in it are removed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(without_userinfo(message))
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,9 @@ class Settings:
     # Proxies in front of the app whose X-Forwarded-* headers are trusted (gunicorn
     # behind Apache/nginx: 1); 0 under mod_wsgi, where REMOTE_ADDR is the client.
     TRUSTED_PROXIES: int = 0
+    # An IPv6 caller without credentials is its /64: one host (one home or phone network)
+    # is given a whole /64 and can take a new address in it for every request (128: each address).
+    IPV6_CLIENT_PREFIX: int = 64
     LOG_LEVEL: str = "INFO"
     # "text" for people, "json" (one object a line) for log shippers.
     LOG_FORMAT: str = "text"
@@ -169,6 +180,8 @@ class Settings:
                      "JWT_LEEWAY", "TOOL_MAX_ROUNDS", "UPSTREAM_MAX_RETRIES", "STORAGE_QUOTA_BYTES"):
             if getattr(settings, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if not 1 <= settings.IPV6_CLIENT_PREFIX <= 128:
+            raise ConfigError("IPV6_CLIENT_PREFIX must be between 1 and 128")
         return settings
 
     @property

@@ -35,11 +35,13 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
         openai_api.parse_aliases(settings.MODEL_ALIASES)
         store = open_store(settings.STORE_URL, app.instance_path)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(str(exc)) from None  # the message says it all (and has no secret in it)
     except Exception as exc:  # e.g. www-data cannot write the default SQLite file under mod_wsgi
+        # Not chained: a client library's own exception may quote the URL, password and all.
         where = settings.STORE_URL or f"sqlite in {app.instance_path}"
-        raise ConfigError(f"cannot open the store ({where}): {exc}. Set STORE_URL to a SQLite path this "
-                          "process can write (sqlite:////var/lib/llm-sse-relay/relay.sqlite3) or to redis://…") from exc
+        raise ConfigError(f"cannot open the store ({where}): {type(exc).__name__}: {exc}. Set STORE_URL to a "
+                          "SQLite path this process can write (sqlite:////var/lib/llm-sse-relay/relay.sqlite3) "
+                          "or to redis://…") from None
     providers = build_providers(env, settings)
     if settings.LLM_PROVIDER not in providers:
         raise ConfigError(f"LLM_PROVIDER={settings.LLM_PROVIDER!r} is not available here; known: "

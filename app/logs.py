@@ -1,10 +1,12 @@
 """Logs a person or a machine can read: text or JSON lines (`LOG_FORMAT`), a request id on
 every line of a request, and no secrets on any line.
 
-The request id comes from `X-Request-ID` when a trusted proxy sends one (`TRUSTED_PROXIES`),
-else it is made here; it is returned in the response's `X-Request-ID` header and in the
-stream's `msgid` event, and it follows the answer into its producer thread, so the stream's
-summary line carries it too. Provider keys, tokens and `access_token` query parameters are
+The request id comes from `X-Request-ID` when a trusted proxy sends one (`TRUSTED_PROXIES`;
+the proxy must set it, never pass the client's on, as apache/nginx.conf and
+apache/proxy-gunicorn.conf do), else it is made here; it is returned in the response's
+`X-Request-ID` header and in the stream's `msgid` event, and it follows the answer into its
+producer thread, so the stream's summary line carries it too. Provider keys, tokens,
+`access_token` query parameters and the passwords of URLs are
 scrubbed from every line, gunicorn's access log included.
 """
 
@@ -18,12 +20,16 @@ import sys
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # What a client may send as a request id: short, no spaces or quotes that would break a log line.
 REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The user and password of a URL (redis://:password@host, http://user:pass@proxy).
+URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
 # Secrets by shape, whatever the configuration: tokens in URLs and headers, provider keys.
 PATTERNS = [
+    (URL_USERINFO, r"\1[redacted]@"),
     (re.compile(r"(access_token=)[^&\s\"']+"), r"\1[redacted]"),
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1[redacted]"),
     (re.compile(r"\b(sk-[A-Za-z0-9_-]{8})[A-Za-z0-9_-]+"), r"\1[redacted]"),
@@ -33,11 +39,24 @@ SECRET_SETTINGS = ("API_TOKENS", "JWT_SECRET", "METRICS_TOKEN")
 
 
 def configured_secrets(env: Any) -> list[str]:
-    """Values that must never reach a log: provider keys and the relay's own tokens."""
+    """Values that must never reach a log: provider keys, the relay's own tokens, and the
+    passwords of URLs in settings (STORE_URL's Redis password), wherever they show up alone."""
     values = [str(v) for k, v in env.items() if k.endswith("_API_KEY") and v]
     for name in SECRET_SETTINGS:
         values += [part.strip() for part in str(env.get(name) or "").split(",")]
+    for value in env.values():
+        if isinstance(value, str) and "@" in value and "://" in value:
+            try:
+                values.append(urlsplit(value.strip()).password or "")
+            except ValueError:
+                pass
     return [v for v in values if v]
+
+
+def without_userinfo(text: str) -> str:
+    """`text` with the user and password of every URL in it replaced (for startup errors,
+    which print settings such as STORE_URL)."""
+    return URL_USERINFO.sub(r"\1[redacted]@", text)
 
 
 class Scrubber:

@@ -19,9 +19,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from typing import Any
+
+from app.config import ConfigError
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
@@ -48,7 +51,8 @@ def default_dir(instance_path: str) -> str:
 
 def prepare_dir(path: str) -> None:
     """Make the directory this server's: emptied once per parent process, under a lock."""
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    check_private(path)
     parent = str(os.getppid())
     with open(os.path.join(path, ".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -69,6 +73,23 @@ def prepare_dir(path: str) -> None:
         for name in os.listdir(path):
             if name.startswith("gauge_live") and name.endswith(".db") and not _alive(name):
                 os.remove(os.path.join(path, name))
+
+
+def check_private(path: str) -> None:
+    """Refuse a directory (or a symlink to one) that is another user's or that others may write
+    to. The default is a predictable name in the shared temp dir: whoever made it first would
+    choose where this server's processes create files, and which `.db` files they delete."""
+    uid = os.getuid()
+    link, target = os.lstat(path), os.stat(path)
+    owner = next((s.st_uid for s in (link, target) if s.st_uid != uid), None)
+    if owner is not None:
+        raise ConfigError(f"METRICS_DIR {path} belongs to another user (uid {owner}); "
+                          "set METRICS_DIR to a directory of this server's user")
+    if not stat.S_ISDIR(target.st_mode):
+        raise ConfigError(f"METRICS_DIR {path} is not a directory")
+    if target.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"METRICS_DIR {path} may be written by other users (mode {stat.S_IMODE(target.st_mode):o}); "
+                          f"chmod 700 it or set METRICS_DIR to a private directory")
 
 
 def _alive(filename: str) -> bool:

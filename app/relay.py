@@ -32,7 +32,7 @@ from app.logs import REQUEST_ID
 from app.protocols import Ending, RelayEvents
 from app.providers import Provider, ProviderError, Task
 from app.providers.base import Cancellation, Finish, Idle, Meta, Reasoning, Signed, Text, ToolCall, Usage
-from app.sse import StreamLog, encode_event
+from app.sse import RETRY_MS, StreamLog, encode_event
 from app.store import Store
 from app.tools import Tool, answer_deltas
 
@@ -111,6 +111,10 @@ class Resumable:
     store: Store
     grace: float
 
+
+# A reader sent away by a draining process comes back (on another worker) after EventSource's
+# `retry` interval; twice that before it counts as gone, whatever STREAM_GRACE_SECONDS says.
+RESUME_WINDOW_SECONDS = 2 * RETRY_MS / 1000
 
 # What a producer step ended on (see Generation.step).
 PROGRESS, WAITING, SILENT = 0, 1, 2
@@ -206,16 +210,22 @@ class Generation:
             self.readers += 1
 
     def reader_left(self, completed: bool) -> None:
-        """A direct stream's only reader left before the end: nobody pays for the rest."""
+        """A direct stream's only reader left before the end: nobody pays for the rest. A
+        resumable one's is waited for, here or in another process, for a grace period."""
         with self._lock:
             self.readers -= 1
             last = self.readers == 0
-            if not last or completed or self.log.closed or self.log.detached:
-                return  # (a detached reader was sent to resume on another worker)
-            if self.resumable is not None and self.resumable.grace > 0:
+            if not last or completed or self.log.closed:
+                return
+            grace = self.resumable.grace if self.resumable is not None else 0.0
+            if self.log.detached:
+                # This process is draining and sent its readers to resume on another worker:
+                # that is not leaving, so even with no grace period they get time to come back.
+                grace = max(grace, RESUME_WINDOW_SECONDS)
+            if grace > 0:
                 if not self._watching:
                     self._watching = True
-                    threading.Thread(target=self._watch_absence, daemon=True).start()
+                    threading.Thread(target=self._watch_absence, args=(grace,), daemon=True).start()
                 return
         self.stop("abandoned")
 
@@ -230,10 +240,9 @@ class Generation:
         """Produce up to the next delta: PROGRESS, WAITING or SILENT, or None once ended."""
         return next(self._steps, None)
 
-    def _watch_absence(self) -> None:
-        """Stop once nobody, here or in another process, has read for a grace period."""
+    def _watch_absence(self, grace: float) -> None:
+        """Stop once nobody, here or in another process, has read for `grace` seconds."""
         assert self.resumable is not None
-        grace = self.resumable.grace
         while not self.cancel.wait(grace):
             if self.log.closed:
                 break

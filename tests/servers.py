@@ -70,8 +70,9 @@ def gunicorn(port: int, env: dict[str, str]) -> ServerProcess:
                          startup=30)
 
 
-def nginx(port: int, backend: str) -> ServerProcess:
-    """Debian's nginx with apache/nginx.conf as shipped, only its two addresses changed."""
+def nginx(port: int, backend: str, edits: dict[str, str] | None = None) -> ServerProcess:
+    """Debian's nginx with apache/nginx.conf as shipped, only its two addresses changed (and
+    `edits`, text replaced, e.g. shorter timeouts)."""
     import shutil
 
     prefix = Path(tempfile.mkdtemp(prefix="relay-nginx-"))
@@ -80,6 +81,9 @@ def nginx(port: int, backend: str) -> ServerProcess:
     site = (REPO / "apache" / "nginx.conf").read_text()
     site = site.replace("server 127.0.0.1:8000;", f"server {backend.removeprefix('http://')};")
     site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    for old, new in (edits or {}).items():
+        assert old in site, old
+        site = site.replace(old, new)
     (prefix / "nginx.conf").write_text(f"""
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log warn;

@@ -2,8 +2,10 @@
 
 import time
 
+import pytest
 import requests
 
+from app.config import ConfigError
 from tests.conftest import open_stream, text_of
 from tests.fake_upstream import BODIES, Reply
 
@@ -104,3 +106,34 @@ def test_cors_wildcard_never_with_credentials(make_app):
     response = client.post("/api/chat", json=DEMO, headers={"Origin": "https://any.example"})
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "Access-Control-Allow-Credentials" not in response.headers
+
+
+def from_address(client, address: str, path: str = "/api/chat"):
+    return client.post(path, json=DEMO, environ_base={"REMOTE_ADDR": address})
+
+
+def test_ipv6_callers_are_counted_by_their_64_prefix(make_app):
+    """Attack (issue 20): a host owns a whole /64 and picks a fresh address for each request;
+    counted per address, every one of them got a rate limit and stream caps of its own."""
+    client = make_app(RATE_LIMIT="2/minute").test_client()
+    assert from_address(client, "2001:db8:1:2::1").status_code == 200
+    assert from_address(client, "2001:db8:1:2:aaaa:bbbb:cccc:dddd").status_code == 200
+    refused = from_address(client, "2001:db8:1:2::3")
+    assert refused.status_code == 429 and refused.get_json()["error"]["type"] == "rate_limited"
+    assert from_address(client, "2001:db8:1:3::1").status_code == 200  # the next /64 is another client
+    # IPv4 addresses, also written as IPv4-mapped IPv6 (a dual-stack socket), count one by one.
+    assert [from_address(client, "192.0.2.7").status_code for _ in range(2)] == [200, 200]
+    assert from_address(client, "::ffff:192.0.2.7").status_code == 429
+    assert from_address(client, "::ffff:192.0.2.8").status_code == 200
+
+
+def test_ipv6_client_prefix_is_a_setting(make_app):
+    per_address = make_app(RATE_LIMIT="1/minute", IPV6_CLIENT_PREFIX=128).test_client()
+    assert from_address(per_address, "2001:db8::1").status_code == 200
+    assert from_address(per_address, "2001:db8::2").status_code == 200
+    per_48 = make_app(RATE_LIMIT="1/minute", IPV6_CLIENT_PREFIX=48).test_client()
+    assert from_address(per_48, "2001:db8:1:2::1").status_code == 200
+    assert from_address(per_48, "2001:db8:1:3::1").status_code == 429
+    for bad in ("-1", "129", "x"):
+        with pytest.raises(ConfigError):
+            make_app(IPV6_CLIENT_PREFIX=bad)

@@ -194,10 +194,86 @@ def test_health_checks_answer_while_every_thread_of_the_pages_group_is_busy(rela
         server.stop()
 
 
+def daemon_pids(server, group: str) -> set[int]:
+    """The processes of one mod_wsgi daemon group of this Apache (display-name=%{GROUP})."""
+    root = server.output().split("(logs: ")[1].split("/logs)")[0]
+    parent = open(f"{root}/run/httpd.pid").read().strip()
+    listing = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", parent], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in listing.splitlines() if f"(wsgi:{group})" in line}
+
+
+def test_slow_answers_that_are_not_streamed_never_restart_the_pages_group(relay_env, upstream):
+    """Finding (issue 20): non-streaming answers (`POST /api/chat`, `/v1` without `stream`) send
+    nothing until the model is done. In the pages' group (relay-app) a slow one was cut by
+    the I/O timeout (504) while it went on generating, and a few of them at once tripped the
+    group's request-timeout (the average over its threads): the daemon restarted, and every
+    page it was serving got a 500. Here with every timeout at 2 s and answers of 4 s: they are
+    served in full, pages answer meanwhile, and the pages' group is never restarted."""
+    env = {**relay_env, "RELAY_IO_TIMEOUT": "2", "RELAY_APP_PROCESSES": "1", "RELAY_APP_THREADS": "2",
+           "RELAY_APP_REQUEST_TIMEOUT": "2", "MAX_STREAMS_PER_CLIENT": "0"}
+    server = apache(free_port(), env)
+    try:
+        pages = daemon_pids(server, "relay-app")
+        assert len(pages) == 1
+        slow = Reply(chunks=BODIES["openai"](["slow ", "answer"]), head_delay=4.0)  # a model that thinks first
+        upstream.reset(slow)
+        rest = {"provider": "openai", "prompt": "hi"}
+        openai = {"model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}
+        results: dict[int, requests.Response | Exception] = {}
+
+        def ask(i: int, path: str, body: dict) -> None:
+            try:
+                results[i] = requests.post(f"{server.url}{path}", json=body, timeout=30)
+            except requests.RequestException as exc:
+                results[i] = exc
+
+        askers = [threading.Thread(target=ask, args=(i, "/api/chat", rest)) for i in range(3)]
+        askers.append(threading.Thread(target=ask, args=(3, "/v1/chat/completions", openai)))
+        for asker in askers:
+            asker.start()
+        upstream.wait_for_request(4, timeout=10)
+        page = requests.get(f"{server.url}/", timeout=10)  # while all four think
+        assert page.status_code == 200
+        for asker in askers:
+            asker.join(30)
+        codes = [getattr(results.get(i), "status_code", results.get(i)) for i in range(4)]
+        assert codes == [200, 200, 200, 200], codes
+        assert all(results[i].json()["content"] == "slow answer" for i in range(3))
+        assert results[3].json()["choices"][0]["message"]["content"] == "slow answer"
+        time.sleep(1.0)  # mod_wsgi's monitor would have seen a request-timeout by now
+        assert daemon_pids(server, "relay-app") == pages, "the pages' group was restarted"
+        assert requests.get(f"{server.url}/", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_client_that_stops_reading_a_stream_is_dropped_after_the_io_timeout(relay_env, upstream):
+    """The stream group waits long for its daemons (RELAY_ANSWER_TIMEOUT, for answers that are
+    not streamed), but a write to a client that stopped reading still gives up after
+    RELAY_IO_TIMEOUT (response-socket-timeout), and its answer stops."""
+    server = apache(free_port(), {**relay_env, "RELAY_IO_TIMEOUT": "2"})
+    try:
+        big = "x" * 4000  # far more than every socket buffer in between
+        upstream.reset(Reply(chunks=BODIES["openai"]([big] * 4000)))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        sock.sendall(b"GET /api/chat/stream?provider=openai&prompt=hi HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            seen = upstream.wait_for_request(timeout=10)
+            assert seen.closed.wait(30), "the upstream is still held for a client that never reads"
+        finally:
+            sock.close()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("heartbeat,survives", [(0.5, True), (10, False)])
 def test_stream_outlives_apache_timeouts_thanks_to_heartbeats(relay_env, upstream, heartbeat, survives):
-    """Apache and mod_wsgi I/O timeouts of 2 s, an upstream silent for 5 s mid-answer."""
-    env = {**relay_env, "RELAY_IO_TIMEOUT": "2", "SSE_HEARTBEAT_SECONDS": str(heartbeat)}
+    """Apache and mod_wsgi I/O timeouts of 2 s, an upstream silent for 5 s mid-answer. (The
+    stream group waits RELAY_ANSWER_TIMEOUT for a read, so that answers that are not streamed
+    can take long: at 2 s as well here, for the control to show what heartbeats are for.)"""
+    env = {**relay_env, "RELAY_IO_TIMEOUT": "2", "RELAY_ANSWER_TIMEOUT": "2", "SSE_HEARTBEAT_SECONDS": str(heartbeat)}
     server = apache(free_port(), env)
     try:
         pieces = ["before ", "the ", "pause ", "and ", "after"]
@@ -260,6 +336,49 @@ def test_apache_reverse_proxy_to_gunicorn_streams_incrementally(relay_env, gunic
         assert_streams_incrementally(proxy.url, upstream)
         page = requests.get(f"{proxy.url}/", headers={"Accept-Encoding": "gzip"}, timeout=10)
         assert page.headers.get("Content-Encoding") == "gzip"
+    finally:
+        proxy.stop()
+
+
+def test_the_request_id_is_the_proxy_s_never_the_client_s(relay_env, fake_upstream, upstream):
+    """Finding (issue 20): behind Apache's proxy (TRUSTED_PROXIES=1, as proxy-gunicorn.conf
+    says) the client's X-Request-ID reached the app, which takes it from a trusted proxy: callers
+    chose the ids on the relay's log lines. Apache now sets its own (mod_unique_id) or none."""
+    backend = gunicorn(free_port(), {**provider_env(fake_upstream.url), "TRUSTED_PROXIES": "1",
+                                     "STORE_URL": "memory://"})
+    proxy = apache(free_port(), relay_env, proxy_to=backend.url)
+    try:
+        chosen = {"X-Request-ID": "chosen-by-the-client"}
+        upstream.reset(Reply(chunks=BODIES["openai"](["a"])))
+        for response in (requests.get(f"{proxy.url}/api/capabilities", headers=chosen, timeout=10),
+                         requests.get(f"{proxy.url}/api/chat/stream?provider=openai&prompt=hi", headers=chosen,
+                                      timeout=10)):
+            assert response.ok and response.headers["X-Request-ID"] != "chosen-by-the-client"
+        given = response.headers["X-Request-ID"]
+        msgid = next(line for line in response.text.split("\n") if line.startswith('data: {"id"'))
+        assert given in msgid
+    finally:
+        proxy.stop()
+        backend.stop()
+
+
+def ask_slow_answers(url: str, upstream) -> None:
+    """A REST answer and a non-streamed /v1 answer that each take 4 s before their first byte
+    (a model that thinks first) come back whole."""
+    upstream.reset(Reply(chunks=BODIES["openai"](["slow ", "answer"]), head_delay=4.0))
+    rest = requests.post(f"{url}/api/chat", json={"provider": "openai", "prompt": "hi"}, timeout=30)
+    assert rest.status_code == 200 and rest.json()["content"] == "slow answer"
+    completion = requests.post(f"{url}/v1/chat/completions", timeout=30, json={
+        "model": "openai/gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["message"]["content"] == "slow answer"
+
+
+def test_slow_answers_that_are_not_streamed_pass_the_reverse_proxy(relay_env, gunicorn_url, upstream):
+    """The same answers as above through Apache's mod_proxy (proxy-gunicorn.conf), its read
+    timeout at 2 s: it was the same for every route, and cut them with a 504."""
+    proxy = apache(free_port(), {**relay_env, "RELAY_IO_TIMEOUT": "2"}, proxy_to=gunicorn_url)
+    try:
+        ask_slow_answers(proxy.url, upstream)
     finally:
         proxy.stop()
 

@@ -84,3 +84,70 @@ def test_rolling_restart_under_running_streams_loses_no_answer(streams, fake_ups
         assert "draining:" in server.output()
     finally:
         server.stop()
+
+
+def test_a_draining_worker_stops_an_answer_whose_reader_never_comes_back():
+    """Finding (issue 20): on a drain the readers of resumable answers are sent to resume on
+    another worker, and the answers were then never checked for absence: one whose reader
+    never came back ran to its end (up to DRAIN_SECONDS) with nobody to read it. Now a reader
+    that resumes elsewhere keeps it going (the store says someone reads), and without one
+    the answer stops like any answer whose reader left."""
+    from types import SimpleNamespace
+
+    from app.relay import Relay
+    from app.store import MemoryStore
+    from tests.test_relay import Counting, driver
+
+    settings = SimpleNamespace(STREAM_LOG_TTL=60, STREAM_GRACE_SECONDS=0.5, TOOL_MAX_ROUNDS=2,
+                               SSE_HEARTBEAT_SECONDS=15)
+    relay = Relay(settings, MemoryStore())
+    provider = Counting(100_000, pause=0.01)  # about 17 minutes of answer
+    task = SimpleNamespace(model="m", messages=[])
+    generation = relay.start(provider, task, "conv", stream_id="d" * 22, owner="me", resumable=True, driven=True)
+    body = driver(generation)
+    next(body), next(body), next(body)  # retry, msgid, a token
+    assert relay.detach_readers() == 1  # the worker is stopping
+    list(body)  # the response ends without a last event: EventSource reconnects elsewhere
+    body.close()
+
+    resumed_until = time.monotonic() + 3  # a reader elsewhere, for a while
+    while time.monotonic() < resumed_until:
+        relay.store.touch(generation.id, "reader")  # what a reader in another process does
+        assert not generation.cancel.is_set(), "stopped while a reader was still reading elsewhere"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30  # then it leaves too: the answer must stop
+    while not generation.finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert generation.finished and generation.answer.outcome == "abandoned", generation.answer.outcome
+    assert provider.produced < 100_000
+
+
+def test_each_gunicorn_has_its_own_control_socket_or_none(tmp_path, fake_upstream):
+    """Finding (issue 20): gunicorn (25.1 and later) opens a control socket at one path per
+    user, ~/.gunicorn/gunicorn.ctl, removing whatever is there: a second relay (or any other
+    gunicorn app of the user) took the first one's socket away, and stopping either removed
+    the other's. gunicorn.conf.py opens none unless CONTROL_SOCKET names a path of its own."""
+    home = tmp_path / "home"
+    shared = home / ".gunicorn" / "gunicorn.ctl"
+    shared.parent.mkdir(parents=True)
+    shared.write_text("another gunicorn's socket")
+    before = shared.stat().st_ino
+    env = {**provider_env(fake_upstream.url), "HOME": str(home), "XDG_RUNTIME_DIR": ""}
+    server = gunicorn(free_port(), env)
+    try:
+        time.sleep(1.0)  # the arbiter starts its control server on a thread of its own
+        assert shared.exists() and shared.stat().st_ino == before, "the other instance's socket was replaced"
+    finally:
+        server.stop()
+    assert shared.exists() and shared.read_text() == "another gunicorn's socket"
+
+    own = tmp_path / "relay.ctl"
+    server = gunicorn(free_port(), {**env, "CONTROL_SOCKET": str(own)})
+    try:
+        deadline = time.monotonic() + 10
+        while not own.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert own.is_socket()
+    finally:
+        server.stop()
+    assert shared.read_text() == "another gunicorn's socket"

@@ -1065,3 +1065,32 @@ def test_unknown_stream_ids_cost_no_store_writes_and_are_rate_limited(make_app, 
     assert writes == [] and statuses == [404] * 5 + [429] * 2
     refused = client.get(f"/api/chat/streams/{new_id()}")
     assert_json_error(refused, 429, "rate_limited") and refused.headers["Retry-After"]
+
+
+@pytest.mark.parametrize("store_url", [
+    "redis://opsuser:pw-s3cret-9f2@127.0.0.1:1/0",  # nothing listens: the store cannot be opened
+    "rediss://:pw-s3cret-9f2@127.0.0.1:1/0",
+    "postgres://opsuser:pw-s3cret-9f2@db.internal/relay",  # not a store this relay knows
+])
+def test_startup_errors_never_print_a_password_from_a_url(store_url):
+    """Finding (issue 20): a Redis password in STORE_URL was printed in the startup error,
+    which lands in Apache's error log and in every process manager's journal."""
+    import traceback
+
+    from app import create_app
+    from app.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        create_app({"STORE_URL": store_url, "LLM_RELAY_ENV_FILE": "/nonexistent"})
+    printed = "".join(traceback.format_exception(caught.value))  # the chained causes too
+    assert "pw-s3cret-9f2" not in printed and "opsuser" not in printed
+    assert "STORE_URL" in str(caught.value) or "store" in str(caught.value)  # still says what is wrong
+
+
+def test_log_lines_never_carry_a_password_from_a_url():
+    from app.logs import Scrubber, configured_secrets
+
+    scrub = Scrubber(configured_secrets({"STORE_URL": "redis://:pw-s3cret-9f2@cache:6379/0"}))
+    assert "pw-s3cret-9f2" not in scrub("reading from the store failed: pw-s3cret-9f2 refused")
+    assert scrub("proxy http://user:hunter2-long@proxy.internal:3128 refused") == \
+        "proxy http://[redacted]@proxy.internal:3128 refused"

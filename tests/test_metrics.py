@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -156,3 +157,36 @@ def test_every_label_value_comes_from_a_closed_set():
     metrics.answer_ended("transport-x1", "provider-x1", "model-x1", answer, 0.0, None, 0)
     text = metrics.exposition()[0].decode()
     assert "x1" not in text
+
+
+def test_the_metrics_directory_is_private_to_its_user(tmp_path, monkeypatch):
+    """Finding (issue 20): the default METRICS_DIR is a predictable path in /tmp. Another user
+    who made it first (or a symlink there) would get this server's processes writing files
+    into a directory of theirs, and deleting files in one they chose: it must be ours alone."""
+    import stat
+
+    from app import metrics
+    from app.config import ConfigError
+
+    fresh = tmp_path / "fresh"
+    metrics.prepare_dir(str(fresh))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    for mode in (0o777, 0o775, 0o1777):  # anyone (or the group) may add files or links
+        shared = tmp_path / f"shared-{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        with pytest.raises(ConfigError, match="METRICS_DIR"):
+            metrics.prepare_dir(str(shared))
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    real_uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)  # as another user sees it
+    with pytest.raises(ConfigError, match="METRICS_DIR.*another user"):
+        metrics.prepare_dir(str(theirs))
+    monkeypatch.undo()
+    if os.geteuid() == 0:  # only root can give a symlink away: one of another user's, to our own directory
+        link = tmp_path / "link"
+        link.symlink_to(fresh)
+        os.lchown(link, 65534, 65534)
+        with pytest.raises(ConfigError, match="METRICS_DIR.*another user"):
+            metrics.prepare_dir(str(link))

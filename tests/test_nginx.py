@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import openai
@@ -14,7 +15,7 @@ import requests
 from tests.conftest import close_ws, free_port, open_stream, provider_env, require, text_of
 from tests.fake_upstream import BODIES, Reply
 from tests.servers import gunicorn, nginx
-from tests.test_apache import PACED, STREAM_ROUTES, assert_streams_incrementally
+from tests.test_apache import PACED, STREAM_ROUTES, ask_slow_answers, assert_streams_incrementally
 
 pytestmark = pytest.mark.nginx
 
@@ -84,3 +85,36 @@ def test_page_script_and_json_are_gzipped(front):
     for path in ("/", "/static/transport.js", "/static/style.css", "/api/capabilities"):
         response = requests.get(front + path, headers={"Accept-Encoding": "gzip"}, timeout=10)
         assert response.status_code == 200 and response.headers.get("Content-Encoding") == "gzip", path
+
+
+def test_the_request_id_is_nginx_s_never_the_client_s(front, upstream):
+    """Finding (issue 20): the app takes X-Request-ID from a trusted proxy (TRUSTED_PROXIES=1),
+    and nginx passed the client's on, so callers chose the ids on the relay's log lines (and
+    could give theirs another request's id). nginx sets its own, $request_id."""
+    chosen = {"X-Request-ID": "chosen-by-the-client"}
+    upstream.reset(Reply(chunks=BODIES["openai"](["a"])))
+    for response in (requests.get(f"{front}/api/capabilities", headers=chosen, timeout=10),
+                     requests.post(f"{front}/api/chat", json={"provider": "openai", "prompt": "hi"}, headers=chosen,
+                                   timeout=10),
+                     requests.get(f"{front}/api/chat/stream?provider=openai&prompt=hi", headers=chosen, timeout=10)):
+        assert response.ok
+        given = response.headers["X-Request-ID"]
+        assert re.fullmatch(r"[0-9a-f]{32}", given), given  # nginx's $request_id, the same in its own logs
+    msgid = next(line for line in response.text.split("\n") if line.startswith("data: {\"id\""))
+    assert json.loads(msgid[6:])["request_id"] == given
+
+
+def test_slow_answers_that_are_not_streamed_are_not_cut(fake_upstream, upstream):
+    """Finding (issue 20): a completion without `stream` (and the REST answer) sends nothing
+    until the model is done; nginx's read timeout for the streams (60 s, fed by heartbeats) cut
+    it with a 504 while gunicorn went on generating. Here every 60 s timeout is 2 s, the answers'
+    own 20 s, and the answers take 4 s."""
+    backend = gunicorn(free_port(), {**provider_env(fake_upstream.url), "STORE_URL": "memory://",
+                                     "TRUSTED_PROXIES": "1"})
+    proxy = nginx(free_port(), backend.url, edits={"proxy_read_timeout 60s;": "proxy_read_timeout 2s;",
+                                                   "proxy_read_timeout 600s;": "proxy_read_timeout 20s;"})
+    try:
+        ask_slow_answers(proxy.url, upstream)
+    finally:
+        proxy.stop()
+        backend.stop()

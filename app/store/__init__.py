@@ -19,7 +19,8 @@ def open_store(url: str, instance_path: str) -> Store:
         from app.store.redis import RedisStore
 
         return RedisStore(url)
-    raise ValueError(f"STORE_URL={url!r}: expected sqlite:///path, redis://host:port/db or memory://")
+    scheme = url.partition("://")[0] if "://" in url else url[:20]
+    raise ValueError(f"STORE_URL starts with {scheme!r}: expected sqlite:///path, redis://host:port/db or memory://")
 
 
 def _sqlite(path: str) -> Store:
