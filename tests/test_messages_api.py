@@ -5,15 +5,18 @@ provider: what the SDKs assemble equals what the upstream sent, whatever provide
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 
 import anthropic
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.protocols import AnthropicEvents, Ending
 from app.providers.base import Signed, ToolCall
-from tests.conftest import run_node
+from tests.conftest import require, run_node
 from tests.fake_upstream import (
     BODIES,
     TRICKY_TEXT,
@@ -23,6 +26,7 @@ from tests.fake_upstream import (
     hostile_chunks,
     openai_tool_call_body,
 )
+from tests.test_fuzz import FUZZ, check, headers, json_values, server  # noqa: F401  (server: the fuzzed app)
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -392,11 +396,6 @@ def test_the_anthropic_npm_package_streams_tools_aborts_and_errors(live, upstrea
 
 # ------------------------------------------------------------------ fuzzed like the other routes
 
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from tests.test_fuzz import FUZZ, check, headers, json_values, server  # noqa: E402, F401  (server: the fixture)
-
 blocks = st.fixed_dictionaries(
     {"type": st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking", "x"])
      | json_values},
@@ -435,3 +434,55 @@ def test_fuzzed_messages_requests(server, fake_upstream, body, hdrs):  # noqa: F
     check(response)
     if response.status_code >= 400:
         assert response.json()["type"] == "error"
+
+
+# ------------------------------------------------------------------ against a Messages API no one here wrote
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama.cpp's own server (tests/local_model.py, from the local model work), which speaks
+    the Messages API itself: the reference the relay's shapes are compared with."""
+    try:
+        from tests.local_model import MODEL, LocalModel
+    except ImportError:
+        require(False, "tests/local_model.py (llama.cpp with Gemma 3 270M)")
+    require(importlib.util.find_spec("xllamacpp") is not None, "xllamacpp (llama.cpp)")
+    model_server = LocalModel()
+    yield model_server.url, MODEL
+    model_server.stop()
+
+
+def shapes(client: anthropic.Anthropic, model: str) -> dict:
+    """What the SDK reads from one streamed and one whole answer, less what differs by nature
+    (ids, texts, counts)."""
+    stream = client.messages.create(model=model, max_tokens=6, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                    stream=True, extra_body={"temperature": 0})
+    events, text = [], ""
+    for event in stream:
+        if not events or events[-1] != event.type or event.type != "content_block_delta":
+            events.append(event.type)
+        if event.type == "content_block_delta":
+            text += event.delta.text
+        if event.type == "message_start":
+            start = event.message
+        if event.type == "message_delta":
+            delta = event
+    whole = client.messages.create(model=model, max_tokens=6, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                   extra_body={"temperature": 0})
+    return {"events": events, "start": sorted(start.model_dump(exclude_none=True)) + [start.type, start.role],
+            "stop_reason": (delta.delta.stop_reason, whole.stop_reason),
+            "usage_counted": (delta.usage.output_tokens > 0, whole.usage.input_tokens > 0,
+                              whole.usage.output_tokens > 0),
+            "whole": sorted(whole.model_dump(exclude_none=True)) + [whole.type, whole.role],
+            "blocks": [block.type for block in whole.content], "same_text": text == whole.content[0].text}
+
+
+def test_the_same_client_code_reads_the_same_shapes_as_from_llama_cpp(llama_cpp, make_app, serve):
+    url, model = llama_cpp
+    # Retries: llama.cpp at times closes a kept-alive connection as the SDK's next request goes out.
+    reference = shapes(anthropic.Anthropic(base_url=url, api_key="x", max_retries=2), model)
+    relay = serve(make_app(OPENAI_COMPATIBLE_BASE_URL=f"{url}/v1", OPENAI_COMPATIBLE_API_KEY=""))
+    ours = shapes(anthropic.Anthropic(base_url=relay, api_key="x", max_retries=0), f"openai-compatible/{model}")
+    assert ours == reference
+    assert reference["events"] == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                                   "message_delta", "message_stop"]
