@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from typing import Any
 
 from flask import Blueprint, g, request
@@ -27,7 +28,7 @@ from app.providers import ProviderError
 from app.providers.anthropic import AnthropicProvider
 from app.providers.base import Provider, Task, parsed_arguments
 from app.request_body import parse_json_object
-from app.service import ChatService
+from app.service import ChatService, Reading
 
 bp = Blueprint("anthropic_messages", __name__)
 
@@ -354,6 +355,19 @@ def message_object(message_id: str, model: str, answer: Any) -> dict[str, Any]:
             "usage": anthropic_usage(answer.usage)}
 
 
+def await_first_outcome(reading: Reading, within: float) -> None:
+    """Hold a stream's response until the provider sent content or failed, for at most `within`
+    seconds (one heartbeat: an idle upstream still gets its pings after that). Anthropic answers
+    a request it refuses (a rate limit, an overload) with an HTTP status before any stream, and
+    its SDKs pick their exception class by that status; so does the route, whenever the failure
+    comes in time. Nothing is consumed: the response reads the log from its start."""
+    log, deadline = reading.log, time.monotonic() + within
+    # Past message_start, the one frame of the opening (written when a driven log is first read).
+    while not log.closed and not log.wait(1, max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            return
+
+
 @bp.post("/v1/messages")
 def messages():
     relay = service()
@@ -363,7 +377,13 @@ def messages():
     data = parse_json_object(request.get_data(cache=False))
     chat, stream = parse_messages_request(data, relay)
     if stream:
-        reading = relay.stream(g.caller, chat, wire=AnthropicEvents(data["model"]), transport="anthropic")
+        wire = AnthropicEvents(data["model"])
+        reading = relay.stream(g.caller, chat, wire=wire, transport="anthropic")
+        await_first_outcome(reading, relay.settings.SSE_HEARTBEAT_SECONDS)
+        if wire.failed_early is not None:
+            reading.on_close(True)
+            status, message = wire.failed_early
+            raise ApiError(status, "upstream_error", message)
         return relay.sse(reading, retry=False, keepalive=AnthropicEvents.KEEPALIVE)
     try:
         request_id, _, answer = relay.answer(g.caller, chat, transport="anthropic")

@@ -285,6 +285,9 @@ class AnthropicEvents:
         self.provider = ""
         self.index = -1  # of the last block started
         self.open: str | None = None  # the type of the block still open
+        # (status, message) of an answer that failed before any content: what the route
+        # answers as an HTTP error when the response has not started yet.
+        self.failed_early: tuple[int, str] | None = None
 
     @staticmethod
     def _event(data: dict[str, Any]) -> bytes:
@@ -352,6 +355,8 @@ class AnthropicEvents:
     def closing(self, ending: Ending) -> list[bytes]:
         if ending.error is not None:
             status, message = anthropic_failure(ending.error)
+            if self.index < 0:
+                self.failed_early = (status, message)
             return [self._event({"type": "error", "error": {"type": anthropic_error_type(status),
                                                              "message": message}})]
         frames = [self._stop()] if self.open else []

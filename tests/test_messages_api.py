@@ -181,12 +181,18 @@ def test_errors_have_anthropic_shape_and_status(client, upstream, live):
         missing.messages.create(model="openai/gpt-4.1", max_tokens=10, messages=HELLO)
     assert absent.value.body["error"]["type"] == "not_found_error"
     # An upstream 429: a 429 rate_limit_error in our words, never the provider's text.
-    upstream.reset(Reply(status=429, content_type="application/json", headers={"retry-after": "7"},
+    upstream.reset(Reply(status=429, content_type="application/json",
                          chunks=[b'{"error": {"message": "Rate limit reached for org-secret"}}']))
     with pytest.raises(anthropic.RateLimitError) as limited:
         client.messages.create(model="openai/gpt-4.1", max_tokens=10, messages=HELLO)
     assert limited.value.body["error"]["type"] == "rate_limit_error"
     assert "org-secret" not in json.dumps(limited.value.body)
+    # Streamed: the response waits (up to a heartbeat) for the provider, so a failure before any
+    # content is an HTTP error too, as Anthropic answers it, and the SDK raises its usual class.
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        with client.messages.stream(model="openai/gpt-4.1", max_tokens=10, messages=HELLO) as stream:
+            stream.get_final_message()
+    assert limited.value.body["error"]["type"] == "rate_limit_error"
     # During the stream: `event: error`, which the SDK raises.
     upstream.reset(Reply(chunks=BODIES["anthropic"](["partial ", "answer"], error_after=1)))
     with pytest.raises(anthropic.APIStatusError) as failed:
@@ -270,6 +276,20 @@ def test_an_idle_upstream_gets_ping_events_not_comments(live, upstream):
     assert pings and all(json.loads(p) == {"type": "ping"} for p in pings)
     assert all(name is not None for name, _ in frames) and "retry:" not in raw
     assert frames[0][0] == "message_start" and frames[-1][0] == "message_stop"
+
+
+def test_a_failure_after_the_stream_started_is_an_error_event(live, upstream):
+    # The provider is silent past the one heartbeat the response waits for, then refuses.
+    upstream.reset(Reply(status=429, content_type="application/json", head_delay=2.5,
+                         chunks=[b'{"error": {"message": "slow down"}}']))
+    raw = requests.post(f"{live(SSE_HEARTBEAT_SECONDS=1, UPSTREAM_MAX_RETRIES=0)}/v1/messages", stream=True,
+                        timeout=10, json={"model": "openai/m", "max_tokens": 10, "messages": HELLO, "stream": True})
+    assert raw.status_code == 200
+    frames = frames_of(raw.text)
+    assert [name for name, _ in frames if name != "ping"] == ["message_start", "error"]
+    assert "ping" in [name for name, _ in frames]
+    assert json.loads(frames[-1][1]) == {"type": "error", "error": {
+        "type": "rate_limit_error", "message": "the model provider is rate limiting this server; try again shortly"}}
 
 
 def test_a_response_can_choose_its_keepalive_frame():
