@@ -223,6 +223,8 @@ class Access:
             header = req.headers.get("Authorization", "")
             if header[:7].lower() == "bearer ":
                 token = header[7:].strip()
+            elif req.path in API_KEY_HEADER_PATHS:
+                token = req.headers.get("x-api-key") or None
             elif req.method == "GET":
                 # EventSource cannot send headers; this lands in access logs, prefer POST-SSE.
                 token = req.args.get("access_token") or None
@@ -546,6 +548,9 @@ def _same_origin(origin: str, req: Request) -> bool:
 
 
 API_PREFIXES = ("/api/", "/v1/")
+# Routes whose clients may send the token as Anthropic's `x-api-key` header (older `anthropic`
+# SDKs, curl examples from Anthropic's docs); everywhere else it is `Authorization: Bearer` only.
+API_KEY_HEADER_PATHS = frozenset({"/v1/messages"})
 # Open to everyone: health, the page, what the server offers. The WebSocket checks its
 # first message instead (browsers cannot set headers on it); stream URLs are capabilities.
 PUBLIC = {"/healthz", "/", "/api/capabilities", "/api/chat/ws"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, has_request_context, jsonify, request
+from flask import Flask, g, has_request_context, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
@@ -35,9 +35,25 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 429: "rate_limit_error"}
 
 
+# The Anthropic Messages route answers in Anthropic's shape and statuses; its SDKs pick their
+# exception class by status (docs/anthropic-api.md). Other 4xx are invalid_request_error, as
+# Anthropic documents.
+ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                   413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                   529: "overloaded_error"}
+ANTHROPIC_PATHS = ("/v1/messages",)
+
+
+def anthropic_error_type(status: int) -> str:
+    return ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
 def error_response(status: int, type: str, message: str, headers: dict[str, str] | None = None,
                    upstream_status: int | None = None):
-    if has_request_context() and request.path.startswith("/v1/"):
+    if has_request_context() and request.path in ANTHROPIC_PATHS:
+        response = jsonify({"type": "error", "error": {"type": anthropic_error_type(status), "message": message},
+                            "request_id": g.get("request_id")})
+    elif has_request_context() and request.path.startswith("/v1/"):
         kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
         response = jsonify({"error": {"message": message, "type": kind, "param": None, "code": type}})
     else:

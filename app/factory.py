@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import ai_sdk, logs, openai_api, websocket
+from app import ai_sdk, logs, messages_api, openai_api, websocket
 from app.access import install, parse_rate
 from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
@@ -64,6 +64,7 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     app.register_blueprint(bp)
     app.register_blueprint(websocket.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(messages_api.bp)
     app.register_blueprint(ai_sdk.bp)
     register_error_handlers(app)
     return app

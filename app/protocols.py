@@ -13,6 +13,8 @@ itself lives in app/sse.py.
   OpenAI SDKs read them (docs/openai-api.md).
 - `UiMessageStream`: the Vercel AI SDK's UI message stream (`x-vercel-ai-ui-message-stream:
   v1`), what `useChat` reads (docs/ai-sdk.md).
+- `AnthropicEvents`: Anthropic's Messages stream, named events and `event: ping` heartbeats
+  (docs/anthropic-api.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from app.errors import anthropic_error_type
 from app.providers.base import Signed, ToolCall
 from app.sse import encode_event, encode_json, encode_token
 
@@ -275,3 +278,149 @@ class UiMessageStream:
         finish = UI_FINISH.get(ending.finish_reason, "other" if ending.finish_reason != "stopped" else "stop")
         return frames + [self._part({"type": "finish-step"}), self._part({"type": "finish", "finishReason": finish}),
                          OpenAIChunks.DONE]
+
+
+# ------------------------------------------------------------------ Anthropic's Messages stream
+
+ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                  "stop_sequence": "stop_sequence", "content_filter": "refusal", "pause": "pause_turn"}
+# What a client of the Messages route is told when the provider failed: a status and our own
+# words (a provider's text can name its account, organisation or internals). Anthropic's SDKs
+# pick the exception class by status, so the statuses are Anthropic's.
+ANTHROPIC_UPSTREAM_STATUS = {
+    429: (429, "the model provider is rate limiting this server; try again shortly"),
+    503: (529, "the model provider is overloaded; try again shortly"),
+    529: (529, "the model provider is overloaded; try again shortly"),
+    400: (400, "the model provider refused this request"),
+    422: (400, "the model provider refused this request"),
+    404: (404, "the model provider does not offer this model"),
+    413: (413, "the request is too large for the model provider"),
+}
+ANTHROPIC_UPSTREAM_KIND = {
+    "upstream_timeout": (500, "the model provider did not answer in time"),
+    "upstream_unreachable": (500, "the model provider could not be reached"),
+    "upstream_disconnected": (500, "the model provider stopped before the end of its answer"),
+    "upstream_protocol_error": (500, "the model provider sent a malformed answer"),
+    "upstream_blocked": (400, "the model provider refused this prompt"),
+    "upstream_auth": (500, "the model provider refused this server's credentials"),
+}
+
+
+def anthropic_stop_reason(finish: str | None) -> str:
+    """Anthropic's stop reason for a normalized finish reason; an answer stopped early ends its turn."""
+    return ANTHROPIC_STOP.get(finish or "stop", "end_turn")
+
+
+def anthropic_usage(usage: dict[str, Any] | None) -> dict[str, int]:
+    usage = usage or {}
+    return {"input_tokens": usage.get("input_tokens") or 0, "output_tokens": usage.get("output_tokens") or 0}
+
+
+def anthropic_failure(error: dict[str, Any]) -> tuple[int, str]:
+    """(status, message) for a failed answer (a `ProviderError.as_event()` or the relay's own error)."""
+    kind = str(error.get("type") or "")
+    if error.get("status") in ANTHROPIC_UPSTREAM_STATUS:
+        return ANTHROPIC_UPSTREAM_STATUS[error["status"]]
+    if kind in ANTHROPIC_UPSTREAM_KIND:
+        return ANTHROPIC_UPSTREAM_KIND[kind]
+    if kind.startswith("upstream_"):
+        return 500, "the model provider failed to answer"
+    return 500, str(error.get("message") or "the server failed while answering")  # the relay's own words
+
+
+class AnthropicEvents:
+    """Anthropic's Messages stream, as its SDKs read it: `message_start`, then content blocks
+    (`content_block_start`, `content_block_delta`, `content_block_stop`) numbered from 0 in
+    order, `message_delta` with the stop reason and usage, `message_stop`. Every event is named
+    as its `type` (the SDKs skip unnamed events); a failure is `event: error`. Heartbeats are
+    `KEEPALIVE` events, since these clients take no comment as a sign of life."""
+
+    resumable = False
+    KEEPALIVE = encode_event(None, "ping", {"type": "ping"})
+
+    def __init__(self, model: str) -> None:
+        self.model = model  # as the client named it
+        self.provider = ""
+        self.index = -1  # of the last block started
+        self.open: str | None = None  # the type of the block still open
+        # (status, message) of an answer that failed before any content: what the route
+        # answers as an HTTP error when the response has not started yet.
+        self.failed_early: tuple[int, str] | None = None
+
+    @staticmethod
+    def _event(data: dict[str, Any]) -> bytes:
+        return encode_event(None, data["type"], data)
+
+    def _stop(self) -> bytes:
+        if self.open is None:
+            return b""
+        self.open = None
+        return self._event({"type": "content_block_stop", "index": self.index})
+
+    def _start(self, block: dict[str, Any]) -> bytes:
+        frames = self._stop()
+        self.index += 1
+        self.open = block["type"]
+        return frames + self._event({"type": "content_block_start", "index": self.index, "content_block": block})
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return self._event({"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
+                request_id: str = "-") -> list[bytes]:
+        self.provider = provider
+        # Sent before the provider answers, so the token counts come with message_delta (the
+        # SDKs take input_tokens from there too).
+        message = {"id": f"msg_{stream_id}", "type": "message", "role": "assistant", "content": [],
+                   "model": self.model, "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": 0, "output_tokens": 0}}
+        return [self._event({"type": "message_start", "message": message})]
+
+    def text(self, text: str) -> bytes:
+        frames = b"" if self.open == "text" else self._start({"type": "text", "text": ""})
+        return frames + self._delta({"type": "text_delta", "text": text})
+
+    def reasoning(self, text: str) -> bytes:
+        """Visible thinking (a `Reasoning` delta) as a thinking block."""
+        frames = b"" if self.open == "thinking" else self._start({"type": "thinking", "thinking": ""})
+        return frames + self._delta({"type": "thinking_delta", "thinking": text})
+
+    def signed(self, delta: Signed) -> bytes | None:
+        """A provider's signed reasoning: an Anthropic thinking block's signature ends the block its
+        text streamed into (`signature_delta`); a redacted block goes out whole. Only what the
+        provider of this stream produced: a signature is worth nothing to any other."""
+        item = delta.item
+        if delta.provider != self.provider or not isinstance(item, dict):
+            return None
+        if item.get("type") == "redacted_thinking" and isinstance(item.get("data"), str):
+            return self._start({"type": "redacted_thinking", "data": item["data"]}) + self._stop()
+        if item.get("type") != "thinking" or not isinstance(item.get("signature"), str):
+            return None
+        frames = b""
+        if self.open != "thinking":  # its text did not stream as reasoning: send it now
+            frames = self._start({"type": "thinking", "thinking": ""})
+            frames += self._delta({"type": "thinking_delta", "thinking": str(item.get("thinking") or "")})
+        return frames + self._delta({"type": "signature_delta", "signature": item["signature"]}) + self._stop()
+
+    def meta(self, data: dict[str, Any]) -> bytes | None:
+        return None  # retries, rate limits: nothing an Anthropic client expects
+
+    def tool_call(self, call: ToolCall) -> bytes | None:
+        # Calls reach the relay whole: one input_json_delta with all of the input.
+        return (self._start({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+                + self._delta({"type": "input_json_delta", "partial_json": call.arguments}) + self._stop())
+
+    def closing(self, ending: Ending) -> list[bytes]:
+        if ending.error is not None:
+            status, message = anthropic_failure(ending.error)
+            if self.index < 0:
+                self.failed_early = (status, message)
+            return [self._event({"type": "error", "error": {"type": anthropic_error_type(status),
+                                                             "message": message}})]
+        frames = [self._stop()] if self.open else []
+        return frames + [
+            self._event({"type": "message_delta",
+                         "delta": {"stop_reason": anthropic_stop_reason(ending.finish_reason), "stop_sequence": None},
+                         "usage": anthropic_usage(ending.usage)}),
+            self._event({"type": "message_stop"}),
+        ]

@@ -34,7 +34,7 @@ from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
 from app.relay import SUPERSEDED, Adopted, Answer, DrivenLog, Generation, Relay, StoreLogView, collect, new_id
-from app.sse import StreamLog, client_socket, peer_closed, sse_response
+from app.sse import HEARTBEAT, StreamLog, client_socket, peer_closed, sse_response
 from app.store import Store
 from app.tools import toolbox
 
@@ -149,12 +149,14 @@ class ChatService:
         return self._reading(self._start(chat, task, conversation_id, stream_id, caller.id, resumable=False,
                                          wire=wire, transport=transport), 0)
 
-    def sse(self, reading: Reading, retry: bool = True, headers: dict[str, str] | None = None) -> Response:
+    def sse(self, reading: Reading, retry: bool = True, headers: dict[str, str] | None = None,
+            keepalive: bytes = HEARTBEAT) -> Response:
         """A reading as the SSE response every transport sends: this app's heartbeat and
-        client write timeout; `retry=False` for clients of other SSE formats than EventSource."""
+        client write timeout; `retry=False` for clients of other SSE formats than EventSource,
+        `keepalive` the frame a heartbeat writes (app/sse.py)."""
         return sse_response(reading.log, heartbeat=self.settings.SSE_HEARTBEAT_SECONDS, position=reading.position,
                             on_close=reading.on_close, retry=retry, headers=headers,
-                            write_timeout=self.settings.CLIENT_WRITE_TIMEOUT)
+                            write_timeout=self.settings.CLIENT_WRITE_TIMEOUT, keepalive=keepalive)
 
     # -- POST-SSE
     def create_ticket(self, caller: Caller, chat: ChatRequest) -> dict[str, str]:

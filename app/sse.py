@@ -182,6 +182,7 @@ class SseBody:
         on_close: Callable[[bool], None] | None = None,
         client_socket: socket.socket | None = None,
         retry: bool = True,
+        keepalive: bytes = HEARTBEAT,
     ) -> None:
         self.log = log
         self.heartbeat = heartbeat
@@ -192,6 +193,9 @@ class SseBody:
         # The `retry:` field is for EventSource; clients of other SSE formats (OpenAI's SDKs)
         # take a frame with no data as an event and fail on it.
         self._started = not retry
+        # What a heartbeat writes: a comment by default; an event for clients that take no
+        # comment as a sign of life (Anthropic's SDKs skip comments and time out meanwhile).
+        self.keepalive = keepalive
         self._closed = False
 
     def __iter__(self) -> SseBody:
@@ -217,7 +221,7 @@ class SseBody:
             raise StopIteration  # resume elsewhere: EventSource reconnects with Last-Event-ID
         if peer_closed(self.client_socket):
             raise StopIteration
-        return HEARTBEAT
+        return self.keepalive
 
     def close(self) -> None:
         if self._closed:
@@ -289,6 +293,7 @@ def sse_response(
     retry: bool = True,
     headers: dict[str, str] | None = None,
     write_timeout: float | None = None,
+    keepalive: bytes = HEARTBEAT,
 ) -> Response:
     """A Flask response that streams `events` as Server-Sent Events.
 
@@ -296,7 +301,8 @@ def sse_response(
     and `closed`), or any iterable of
     `(event_name, data)` pairs (run in a background thread so heartbeats keep
     flowing while it is slow). `write_timeout`: seconds a write to the client may make no
-    progress before the response is dropped (under gunicorn and werkzeug).
+    progress before the response is dropped (under gunicorn and werkzeug). `keepalive`: the
+    frame each heartbeat writes (an encoded comment or event; default `: ping`).
     """
     if isinstance(events, StreamLog) or callable(getattr(events, "wait", None)):
         log = events  # a StreamLog, or anything with its wait()/closed (a log in the store)
@@ -318,7 +324,7 @@ def sse_response(
         # gunicorn has no write timeout: a client that stops reading would hold this response
         # (and the answer its thread produces) forever. Apache has its own (`Timeout`).
         sock.settimeout(write_timeout)
-    body = SseBody(log, heartbeat, position, on_close, sock, retry=retry)
+    body = SseBody(log, heartbeat, position, on_close, sock, retry=retry, keepalive=keepalive)
     response = Response(
         body,
         status=status,
