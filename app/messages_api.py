@@ -12,15 +12,14 @@ statuses (app/errors.py). Details: docs/anthropic-api.md.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import time
 from typing import Any
 
 from flask import Blueprint, g, request
 
-from app.chat_request import ChatRequest, invalid, message_list, number_option
+from app import images
+from app.chat_request import ChatRequest, check_images, invalid, message_list, new_turn, number_option
 from app.errors import ApiError
 from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model, service
 from app.protocols import AnthropicEvents, anthropic_failure, anthropic_stop_reason, anthropic_usage
@@ -37,7 +36,6 @@ bp = Blueprint("anthropic_messages", __name__)
 KNOWN = {"model", "max_tokens", "system", "messages", "tools", "tool_choice", "stop_sequences", "temperature",
          "thinking", "output_config", "stream", "metadata", "cache_control"}
 # What Anthropic accepts; every provider the relay speaks to takes these.
-MEDIA_TYPES = {"image/jpeg", "image/png", "image/gif", "image/webp"}
 # The most stop sequences every provider accepts (OpenAI's chat API takes 4).
 MAX_STOP_SEQUENCES = 4
 # Anthropic's smallest thinking budget; the effort levels are the inverse of the usual
@@ -70,26 +68,15 @@ def _text(block: dict[str, Any], where: str) -> str:
     return block["text"]
 
 
-def image_part(block: dict[str, Any], where: str) -> dict[str, str]:
-    """An image block as the neutral image part (app/providers/base.py `Task`): base64 data of a
-    type every provider takes, or an https URL (which the relay never fetches itself)."""
+def image_part(block: dict[str, Any], where: str, max_bytes: int) -> dict[str, str]:
+    """An image block as the neutral image part, checked by app/images.py: base64 data that is
+    the PNG, JPEG, GIF or WebP it claims, or an https URL (which the relay never fetches)."""
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64":
-        media_type, data = source.get("media_type"), source.get("data")
-        if not isinstance(media_type, str) or media_type not in MEDIA_TYPES:
-            raise invalid(f"{where}.source.media_type must be one of {', '.join(sorted(MEDIA_TYPES))}")
-        try:
-            if not isinstance(data, str) or not data or not base64.b64decode(data, validate=True):
-                raise ValueError
-        except (ValueError, binascii.Error):
-            raise invalid(f"{where}.source.data must be the image as base64") from None
-        return {"type": "image", "media_type": media_type, "data": data}
+        return images.base64_part(source.get("media_type"), source.get("data"), f"{where}.source", max_bytes)
     if kind == "url":
-        url = source.get("url")
-        if not isinstance(url, str) or not url.startswith("https://") or len(url) > 2048:
-            raise invalid(f"{where}.source.url must be an https URL")
-        return {"type": "image", "url": url}
+        return images.url_part(source.get("url"), f"{where}.source.url", max_bytes)
     raise invalid(f"{where}.source must be {{type: base64, media_type, data}} or {{type: url, url}}")
 
 
@@ -107,7 +94,7 @@ def _result_text(content: Any, where: str) -> str:
     return "\n\n".join(texts)
 
 
-def _user_turn(content: Any, where: str, names: dict[str, str]) -> list[dict[str, Any]]:
+def _user_turn(content: Any, where: str, names: dict[str, str], max_image_bytes: int) -> list[dict[str, Any]]:
     """A user message: its tool results (neutral `tool` messages, first, as Anthropic orders
     them), then what the user said, if anything."""
     results: list[dict[str, Any]] = []
@@ -118,7 +105,7 @@ def _user_turn(content: Any, where: str, names: dict[str, str]) -> list[dict[str
         if kind == "text":
             parts.append({"type": "text", "text": _text(block, at)})
         elif kind == "image":
-            parts.append(image_part(block, at))
+            parts.append(image_part(block, at, max_image_bytes))
         elif kind == "tool_result":
             call_id = block.get("tool_use_id")
             if not isinstance(call_id, str) or call_id not in names:
@@ -130,12 +117,8 @@ def _user_turn(content: Any, where: str, names: dict[str, str]) -> list[dict[str
             results.append(result)
         else:
             raise invalid(f"{at}: a user message takes text, image and tool_result blocks (got {kind[:40]!r})")
-    if any(part["type"] == "image" for part in parts):
-        # The neutral image parts above are what the adapters will take; until every adapter
-        # sends them on, an image would be dropped or garbled on its way upstream.
-        raise invalid(f"{where}: image input is not supported by this server yet")
     if parts:
-        results.append({"role": "user", "content": "\n\n".join(part["text"] for part in parts)})
+        results.append({"role": "user", "content": images.neutral_content(parts)})
     return results
 
 
@@ -195,7 +178,7 @@ def neutral_messages(value: Any, settings: Any, signer: str | None) -> list[dict
         where = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
         if role == "user":
-            messages += _user_turn(m.get("content"), where, names)
+            messages += _user_turn(m.get("content"), where, names, settings.MAX_IMAGE_BYTES)
         elif role == "assistant":
             messages.append(_assistant_turn(m.get("content"), where, names, signer))
         else:
@@ -217,12 +200,6 @@ def system_prompt(value: Any) -> str | None:
             raise invalid(f"system[{i}] must be a text block")
         texts.append(_text(block, f"system[{i}]"))
     return "\n\n".join(texts) or None
-
-
-def prompt_size(system: str | None, messages: list[dict[str, Any]]) -> int:
-    """Characters of text going upstream: what MAX_PROMPT_CHARS bounds."""
-    return len(system or "") + sum(len(m.get("content") or "") + len(m.get("reasoning") or "")
-                                   + sum(len(c["arguments"]) for c in m.get("tool_calls", ())) for m in messages)
 
 
 # ------------------------------------------------------------------ options
@@ -312,10 +289,7 @@ def parse_messages_request(data: dict[str, Any], relay: ChatService) -> tuple[Ch
     max_tokens = int(number_option(data["max_tokens"], "max_tokens", 1, settings.MAX_OUTPUT_TOKENS, True, False))
     system = system_prompt(data.get("system"))
     messages = neutral_messages(data.get("messages"), settings, _signer(provider))
-    size = prompt_size(system, messages)
-    if size > settings.MAX_PROMPT_CHARS:
-        raise ApiError(413, "prompt_too_large", f"the prompt is {size} characters; the limit is "
-                                                f"{settings.MAX_PROMPT_CHARS}")
+    check_images(messages, settings, provider)  # sizes: the one budget (app/budget.py), in ChatService
     tools = client_tools(data.get("tools"))
     temperature = data.get("temperature")
     if temperature is not None:
@@ -329,9 +303,9 @@ def parse_messages_request(data: dict[str, Any], relay: ChatService) -> tuple[Ch
                 tools=tools, tool_choice=tool_choice(data.get("tool_choice"), tools),
                 stop=stop_sequences(data.get("stop_sequences")),
                 reasoning=effort_of(data.get("thinking"), max_tokens, data.get("output_config")))
-    # The conversation record keeps this turn only (what followed the last assistant message).
-    last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    return ChatRequest(provider, task, None, [], records=messages[last_answer + 1:]), stream
+    # The client resends the whole history each turn and is given no conversation id: nothing is
+    # kept (as on /v1/chat/completions without `store`; docs/anthropic-api.md).
+    return ChatRequest(provider, task, None, [], records=new_turn(messages), keep_record=False), stream
 
 
 def _signer(provider: Provider) -> str | None:

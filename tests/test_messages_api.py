@@ -32,6 +32,15 @@ WEATHER = {"name": "get_weather", "description": "Weather in a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 HELLO = [{"role": "user", "content": "hi"}]
 
+# A real 1×1 PNG (the relay reads its header: a bare signature is not an image).
+PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==")
+
+
+@pytest.fixture(autouse=True)
+def any_model(monkeypatch):
+    """These tests name models freely (`anthropic/m`): ALLOWED_MODELS is tested in test_failover."""
+    monkeypatch.setenv("ALLOWED_MODELS", "*")
+
 
 @pytest.fixture
 def client(live):
@@ -225,26 +234,34 @@ def test_non_finite_tool_input_is_refused(live, upstream):
     assert response.status_code == 400, response.text
 
 
-def test_images_are_validated_then_refused_until_adapters_take_them(client):
-    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
-    for source, words in (({"type": "base64", "media_type": "image/tiff", "data": png}, "media_type"),
+def test_images_are_checked_and_refused_when_they_are_not_what_they_claim(client):
+    fake = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()  # a signature, no header
+    for source, words in (({"type": "base64", "media_type": "image/tiff", "data": PNG}, "PNG, JPEG, GIF or WebP"),
                           ({"type": "base64", "media_type": "image/png", "data": "not base64!"}, "base64"),
                           ({"type": "url", "url": "file:///etc/passwd"}, "https"),
-                          ({"type": "base64", "media_type": "image/png", "data": png}, "not supported")):
+                          ({"type": "base64", "media_type": "image/png", "data": fake}, "not the PNG image")):
         with pytest.raises(anthropic.BadRequestError) as refused:
             client.messages.create(model="openai/gpt-4.1", max_tokens=10, messages=[
                 {"role": "user", "content": [{"type": "image", "source": source}, {"type": "text", "text": "?"}]}])
         assert words in refused.value.body["error"]["message"], refused.value.body
 
 
-def test_image_blocks_become_neutral_image_parts():
-    from app.messages_api import image_part
-
-    png = base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()
-    assert image_part({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
-                      "m") == {"type": "image", "media_type": "image/png", "data": png}
-    assert image_part({"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}}, "m") == {
-        "type": "image", "url": "https://x.test/a.png"}
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_an_image_block_reaches_the_provider_in_its_own_format(provider, client, upstream):
+    upstream.reset(Reply(chunks=BODIES[provider](["a ", "dot"])))
+    model = "anthropic/claude-sonnet-4-5" if provider == "anthropic" else "openai/gpt-4.1"
+    message = client.messages.create(model=model, max_tokens=10, messages=[{"role": "user", "content": [
+                                         {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                      "data": PNG}},
+                                         {"type": "text", "text": "what is it?"}]}])
+    assert message.content[0].text == "a dot"
+    sent = upstream.last().body["messages"][-1]["content"]
+    if provider == "anthropic":
+        assert sent == [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+                        {"type": "text", "text": "what is it?"}]
+    else:
+        assert sent == [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                        {"type": "text", "text": "what is it?"}]
 
 
 def test_relay_tokens_in_bearer_or_x_api_key(live, upstream):
@@ -328,7 +345,9 @@ def test_a_failing_provider_fails_over_behind_the_same_stream(live, upstream):
     assert upstream.last().body["model"] == "claude-fallback"
 
 
-def test_the_answer_is_recorded_once_per_turn(upstream, make_app, serve):
+def test_nothing_is_stored_for_a_client_that_resends_its_history(upstream, make_app, serve):
+    """The client keeps the conversation and gets no id to read or delete a record by: a
+    record would only fill the disk (issue 20)."""
     app = make_app()
     url = serve(app)
     store = app.extensions["llm_sse_relay"].store
@@ -336,12 +355,8 @@ def test_the_answer_is_recorded_once_per_turn(upstream, make_app, serve):
     client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0)
     history = [*HELLO, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and now?"}]
     answer = client.messages.create(model="openai/gpt-4.1", max_tokens=10, messages=history)
-    conversation_id = None
-    for key in getattr(store, "_conversations", {}):
-        conversation_id = key
-    records = store.messages(conversation_id)
-    assert [r["role"] for r in records] == ["user", "assistant"]
-    assert records[0]["content"] == "and now?" and records[1]["content"] == answer.content[0].text
+    assert answer.content[0].text == "fine"
+    assert store._conversations == {}
 
 
 # ------------------------------------------------------------------ the wire, for deltas the relay adds later
