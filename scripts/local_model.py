@@ -22,12 +22,31 @@ MODEL_ALIAS = "gemma-3-270m"
 # (not instruction-tuned) model echo `<|im_end|>` tags as its answer. Plain "Question: /
 # Answer:" text is what a base model continues best: it answers in words ("2+2=4"), then
 # goes on repeating itself until max_tokens, which is all a streaming relay needs.
-PLAIN_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
+#
+# A request that asks for reasoning (`reasoning_effort`, which llama.cpp hands to the
+# template) gets a thinking model's prompt instead: two worked examples whose answers think
+# inside <think>...</think> first, and an answer that opens <think> itself. The model copies
+# the pattern ("<think>The capital of France is Paris.</think> Paris"), and llama.cpp, which
+# finds the <think> markers by rendering this template with and without an assistant's
+# `reasoning_content`, streams what comes before </think> as `delta.reasoning_content` (its
+# `deepseek` reasoning format) and the rest as `content`. Without `reasoning_effort` the prompt
+# is the plain one, token for token.
+THINKING_EXAMPLES = (
+    "Question: What is 2+2?\n"
+    "Answer: <think>Two plus two makes four.</think> 4\n"
+    "Question: What is the capital of Italy?\n"
+    "Answer: <think>The capital of Italy is Rome.</think> Rome\n"
+)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if reasoning_effort is defined %}" + THINKING_EXAMPLES + "{% endif %}"
+    "{% for m in messages %}"
     "{% if m.role == 'user' %}Question: {{ m.content }}\n"
-    "{% elif m.role == 'assistant' %}Answer: {{ m.content }}\n"
+    "{% elif m.role == 'assistant' %}Answer: "
+    "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think> {% endif %}{{ m.content }}\n"
     "{% else %}{{ m.content }}\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Answer:{% if reasoning_effort is defined %} <think>{% endif %}{% endif %}"
 )
 
 
@@ -68,7 +87,10 @@ def serve(host: str, port: int, threads: int, context: int, max_tokens: int) -> 
     # never ends an answer by itself and would repeat itself to the end of its context.
     params.n_predict = max_tokens
     params.cpuparams.n_threads = threads
-    params.chat_template = PLAIN_TEMPLATE
+    params.chat_template = CHAT_TEMPLATE
+    # What the reasoning tests rely on (llama.cpp's default today): the text inside
+    # <think>...</think> streams as `delta.reasoning_content`, apart from `content`.
+    params.reasoning_format = xllamacpp.common_reasoning_format.COMMON_REASONING_FORMAT_DEEPSEEK
     params.endpoint_metrics = True  # the tests count generated tokens there
     params.endpoint_slots = True  # ... and see whether a generation is still running
     # Signals are waited for below; blocked before the server's threads start, so those

@@ -3,6 +3,7 @@ started on a free port, asked directly, and watched through its `/slots` and `/m
 
 from __future__ import annotations
 
+import json
 import sys
 
 import requests
@@ -51,3 +52,22 @@ class LocalModel(ServerProcess):
         reply = requests.post(f"{self.url}/v1/chat/completions", json=body, timeout=60)
         reply.raise_for_status()
         return reply.json()["choices"][0]["message"]["content"]
+
+    def streamed(self, prompt: str, max_tokens: int, reasoning_effort: str) -> tuple[list[str], list[str]]:
+        """A direct streamed call at temperature 0 that asks for reasoning: the pieces of
+        `delta.reasoning_content` and of `delta.content`, in the order llama.cpp sent them."""
+        body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "reasoning_effort": reasoning_effort}
+        reasoning: list[str] = []
+        content: list[str] = []
+        with requests.post(f"{self.url}/v1/chat/completions", json=body, stream=True, timeout=60) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines(decode_unicode=True):
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[len("data: "):])["choices"]:
+                    if choice["delta"].get("reasoning_content"):
+                        reasoning.append(choice["delta"]["reasoning_content"])
+                    if choice["delta"].get("content"):
+                        content.append(choice["delta"]["content"])
+        return reasoning, content

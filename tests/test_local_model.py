@@ -4,20 +4,24 @@ and as `anthropic` (llama.cpp's `/v1/messages`).
 
 What the fakes cannot show: the text a real server generates arrives unchanged, a reader
 who leaves or presses Stop really stops the generation (llama.cpp's `/slots` goes idle and
-its token counter stops far short of what was asked for), and a resumed POST-SSE stream
-costs one generation, counted by llama.cpp itself. One slot at temperature 0 answers the
-same prompt the same way every time, so a direct call is the expected text.
+its token counter stops far short of what was asked for), a resumed POST-SSE stream
+costs one generation, counted by llama.cpp itself, and the thinking llama.cpp's own
+reasoning parser streams as `reasoning_content` reaches the reader as reasoning, apart from
+the answer. One slot at temperature 0 answers the same prompt the same way every time, so a
+direct call is the expected text.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlencode
 
+import openai
 import pytest
 import requests
 
 from tests import servers
 from tests.conftest import free_port, open_stream, text_of
+from tests.local_model import MODEL
 
 PROMPT = "What is the capital of France?"
 SHORT = 24  # tokens: a third of a second of generation here
@@ -35,7 +39,7 @@ def relay(local_model, tmp_path_factory):
     server = servers.gunicorn(free_port(), {
         "LLM_RELAY_ENV_FILE": "/nonexistent",
         "LLM_PROVIDER": "openai-compatible",
-        "LLM_MODEL": "gemma-3-270m",
+        "LLM_MODEL": MODEL,
         "OPENAI_COMPATIBLE_BASE_URL": f"{local_model.url}/v1",
         # The relay adds /v1/messages; llama.cpp ignores the key and the model name.
         "ANTHROPIC_BASE_URL": local_model.url,
@@ -55,8 +59,9 @@ def model(local_model):
     return local_model
 
 
-def stream_url(relay: str, provider: str, max_tokens: int) -> str:
-    query = urlencode({"prompt": PROMPT, "provider": provider, "temperature": 0, "max_tokens": max_tokens})
+def stream_url(relay: str, provider: str, max_tokens: int, **options: str) -> str:
+    query = urlencode({"prompt": PROMPT, "provider": provider, "temperature": 0, "max_tokens": max_tokens,
+                       **options})
     return f"{relay}/api/chat/stream?{query}"
 
 
@@ -119,3 +124,51 @@ def test_a_resumed_post_sse_stream_is_one_generation(relay, model):
     model.wait_idle()
     assert model.tokens_predicted() - before == max_tokens
     assert text_of(events) == model.answer("openai", PROMPT, max_tokens)
+
+
+# Reasoning: asked for with `reasoning_effort`, which the relay sends for its `reasoning`
+# option and llama.cpp hands to scripts/local_model.py's template. That template then shows
+# the model worked examples that think in <think>...</think> and opens <think> for it;
+# llama.cpp streams the thinking as `delta.reasoning_content` and the rest as `content`.
+
+@pytest.fixture(scope="module")
+def direct_reasoning(local_model):
+    """What llama.cpp streams when asked directly: (reasoning pieces, answer pieces)."""
+    local_model.wait_idle()
+    thinking, answer = local_model.streamed(PROMPT, SHORT, "low")
+    assert thinking and answer  # llama.cpp itself split the model's text in two
+    return thinking, answer
+
+
+def test_reasoning_streams_as_reasoning_events_and_the_answer_as_tokens(relay, model, direct_reasoning):
+    thinking, answer = direct_reasoning
+    before = model.tokens_predicted()
+    events = open_stream(stream_url(relay, "openai-compatible", SHORT, reasoning="low")).read_all()
+    assert events[0].event == "msgid" and events[-1].event == "done"
+    text_events = [e.event for e in events if e.event in ("reasoning", "token")]
+    assert text_events == ["reasoning"] * len(thinking) + ["token"] * len(answer)  # thinking first, then the answer
+    assert [e.data["text"] for e in events if e.event == "reasoning"] == thinking
+    assert [e.data["text"] for e in events if e.event == "token"] == answer
+    assert events[-1].data["finish_reason"] == "length"
+    assert model.tokens_predicted() - before == SHORT  # one call upstream, nothing retried
+
+
+def test_v1_streams_reasoning_content_to_the_openai_sdk(relay, model, direct_reasoning):
+    thinking, answer = direct_reasoning
+    client = openai.OpenAI(base_url=f"{relay}/v1", api_key="not-checked", max_retries=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=SHORT,
+        reasoning_effort="low", stream=True)
+    reasoning, content, finish = [], [], []
+    for chunk in stream:
+        for choice in chunk.choices:
+            piece = (choice.delta.model_extra or {}).get("reasoning_content")  # not in the SDK's types
+            if piece:
+                reasoning.append(piece)
+            if choice.delta.content:
+                content.append(choice.delta.content)
+            if choice.finish_reason:
+                finish.append(choice.finish_reason)
+    assert "".join(reasoning) == "".join(thinking) != ""
+    assert "".join(content) == "".join(answer) != ""
+    assert finish == ["length"]
