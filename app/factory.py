@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import ai_sdk, logs, messages_api, openai_api, websocket
+from app import ai_sdk, logs, messages_api, openai_api, responses_api, websocket
 from app.access import install, parse_rate
 from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
@@ -66,6 +66,7 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(messages_api.bp)
     app.register_blueprint(ai_sdk.bp)
+    app.register_blueprint(responses_api.bp)
     register_error_handlers(app)
     return app
 

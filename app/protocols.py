@@ -15,6 +15,8 @@ itself lives in app/sse.py.
   v1`), what `useChat` reads (docs/ai-sdk.md).
 - `AnthropicEvents`: Anthropic's Messages stream, named events and `event: ping` heartbeats
   (docs/anthropic-api.md).
+- `ResponseEvents`: OpenAI's Responses API stream, semantic events with a `sequence_number`
+  (docs/openai-api.md).
 """
 
 from __future__ import annotations
@@ -424,3 +426,192 @@ class AnthropicEvents:
                          "usage": anthropic_usage(ending.usage)}),
             self._event({"type": "message_stop"}),
         ]
+
+
+# ------------------------------------------------------------------ OpenAI's Responses API
+# Shapes from openai-python's `types/responses` (Response, ResponseStreamEvent, the output
+# items, ResponseUsage); docs/openai-api.md.
+
+# Why a response stopped short, as `incomplete_details.reason`.
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def response_item_id(kind: str, response_id: str, output_index: int) -> str:
+    """An output item's id, derived from its response's: the streamed items and the stored
+    object (GET /v1/responses/{id}) name the same item alike."""
+    return f"{kind}_{response_id.removeprefix('resp_')}_{output_index}"
+
+
+def response_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """A `ResponseUsage`; counts a provider did not report are 0."""
+    usage = usage or {}
+    given, produced = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
+    return {"input_tokens": given, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": produced,
+            "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens") or 0},
+            "total_tokens": usage.get("total_tokens") or given + produced}
+
+
+def message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed"
+                       ) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "status": status, "call_id": call_id, "name": name,
+            "arguments": arguments}
+
+
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "reasoning", "status": status, "summary": [{"type": "summary_text", "text": text}]}
+
+
+def response_error(error: dict[str, Any]) -> dict[str, Any]:
+    """A `ResponseError`: its `code` is one of OpenAI's (the SDK's enum), the message ours."""
+    limited = error.get("status") == 429 or error.get("type") in ("rate_limited", "rate_limit_error")
+    return {"code": "rate_limit_exceeded" if limited else "server_error",
+            "message": str(error.get("message") or "the answer failed")}
+
+
+def response_ending(ending: Ending) -> dict[str, Any]:
+    """The status (and its details) of a response that ended so."""
+    if ending.error is not None:
+        return {"status": "failed", "error": response_error(ending.error)}
+    if ending.finish_reason == "stopped":  # cancelled, or its reader left a direct stream
+        return {"status": "cancelled"}
+    if ending.finish_reason in INCOMPLETE_REASONS:
+        return {"status": "incomplete", "incomplete_details": {"reason": INCOMPLETE_REASONS[ending.finish_reason]}}
+    return {"status": "completed", "completed_at": int(time.time())}
+
+
+class ResponseEvents:
+    """OpenAI's Responses stream: semantic events numbered by `sequence_number` from 0.
+
+    Each event is an SSE frame with `event:` = its type and no `id:` (OpenAI's SDKs resume
+    by sequence number, `starting_after`). A log frame holds one or several events (the
+    first text delta also opens its message item), and sequence numbers are written into
+    the frames once, by the producer: every replay of the log numbers them alike.
+
+    `response` is the Response object as the request made it (model, instructions, tools,
+    …); this fills in id, status, output and usage. Reasoning summary events are written
+    only when the request asked for a summary (`reasoning.summary`), as OpenAI does.
+    """
+
+    resumable = True
+
+    def __init__(self, response: dict[str, Any], summaries: bool = False) -> None:
+        self.response = response
+        self.summaries = summaries
+        self.sequence = 0
+        self.output: list[dict[str, Any]] = []  # the finished items
+        self.open: dict[str, Any] | None = None  # the message or reasoning item being written
+        self.written: list[str] = []  # its text so far
+
+    def _event(self, kind: str, **data: Any) -> bytes:
+        number, self.sequence = self.sequence, self.sequence + 1
+        return encode_event(None, kind, {"type": kind, "sequence_number": number, **data})
+
+    def _snapshot(self, **state: Any) -> dict[str, Any]:
+        return {**self.response, "output": list(self.output), **state}
+
+    def _item_id(self, kind: str) -> str:
+        return response_item_id(kind, self.response["id"], len(self.output))
+
+    def _add(self, item: dict[str, Any]) -> bytes:
+        return self._event("response.output_item.added", output_index=len(self.output), item=item)
+
+    def _done(self, item: dict[str, Any]) -> bytes:
+        frame = self._event("response.output_item.done", output_index=len(self.output), item=item)
+        self.output.append(item)
+        return frame
+
+    def _close(self, status: str = "completed") -> bytes:
+        """Finish the open message or reasoning item with its whole text."""
+        item, self.open = self.open, None
+        if item is None:
+            return b""
+        text = "".join(self.written)
+        where = {"item_id": item["id"], "output_index": len(self.output)}
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            return (self._event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
+                    + self._event("response.content_part.done", **where, content_index=0, part=part)
+                    + self._done(message_item(item["id"], text, status)))
+        part = {"type": "summary_text", "text": text}
+        return (self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=text)
+                + self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)
+                + self._done(reasoning_item(item["id"], text, status)))
+
+    def _open(self, kind: str) -> bytes:
+        """Start a message or reasoning item (closing the other kind, if open)."""
+        if self.open is not None and self.open["type"] == kind:
+            return b""
+        frames = self._close()
+        self.written = []
+        where = {"output_index": len(self.output)}
+        if kind == "message":
+            self.open = {"id": self._item_id("msg"), "type": "message"}
+            return (frames + self._add({"id": self.open["id"], "type": "message", "status": "in_progress",
+                                        "role": "assistant", "content": []})
+                    + self._event("response.content_part.added", item_id=self.open["id"], **where, content_index=0,
+                                  part={"type": "output_text", "text": "", "annotations": []}))
+        self.open = {"id": self._item_id("rs"), "type": "reasoning"}
+        return (frames + self._add({"id": self.open["id"], "type": "reasoning", "status": "in_progress",
+                                    "summary": []})
+                + self._event("response.reasoning_summary_part.added", item_id=self.open["id"], **where,
+                              summary_index=0, part={"type": "summary_text", "text": ""}))
+
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
+                request_id: str = "-") -> list[bytes]:
+        # A stored response is found by its conversation; one that is not stored has none.
+        self.response = {**self.response, "id": f"resp_{conversation_id or stream_id}"}
+        created = "queued" if self.response.get("background") else "in_progress"
+        return [self._event("response.created", response=self._snapshot(status=created)),
+                self._event("response.in_progress", response=self._snapshot(status="in_progress"))]
+
+    def text(self, text: str) -> bytes:
+        frames = self._open("message")
+        self.written.append(text)
+        return frames + self._event("response.output_text.delta", item_id=self.open["id"],
+                                    output_index=len(self.output), content_index=0, delta=text, logprobs=[])
+
+    def reasoning(self, text: str) -> bytes | None:
+        if not self.summaries:
+            return None  # OpenAI sends summaries only to a request that asks for them
+        frames = self._open("reasoning")
+        self.written.append(text)
+        return frames + self._event("response.reasoning_summary_text.delta", item_id=self.open["id"],
+                                    output_index=len(self.output), summary_index=0, delta=text)
+
+    def meta(self, data: dict[str, Any]) -> bytes | None:
+        return None  # retries, failovers: nothing a Responses client expects
+
+    def signed(self, item: Signed) -> bytes | None:
+        return None  # kept with the stored answer: previous_response_id sends it back to its provider
+
+    def tool_call(self, call: ToolCall) -> bytes | None:
+        # Calls reach the relay whole: their arguments go out as one delta.
+        frames = self._close()
+        item_id = self._item_id("fc")
+        where = {"item_id": item_id, "output_index": len(self.output)}
+        return (frames + self._add(function_call_item(item_id, call.id, call.name, "", "in_progress"))
+                + self._event("response.function_call_arguments.delta", **where, delta=call.arguments)
+                + self._event("response.function_call_arguments.done", **where, name=call.name,
+                              arguments=call.arguments)
+                + self._done(function_call_item(item_id, call.id, call.name, call.arguments)))
+
+    def closing(self, ending: Ending) -> list[bytes]:
+        state = response_ending(ending)
+        frames = [self._close("completed" if state["status"] == "completed" else "incomplete")]
+        response = self._snapshot(**state, usage=response_usage(ending.usage))
+        if state["status"] == "failed":
+            # `error` is what the SDKs surface as the failure; `response.failed` ends the response.
+            error = state["error"]
+            frames.append(self._event("error", code=error["code"], message=error["message"], param=None))
+            frames.append(self._event("response.failed", response=response))
+        elif state["status"] == "completed":
+            frames.append(self._event("response.completed", response=response))
+        else:  # incomplete or cancelled: the SDKs' types have no event of its own for cancelled
+            frames.append(self._event("response.incomplete", response=response))
+        return [frame for frame in frames if frame]

@@ -411,6 +411,56 @@ class ChatService:
         self._valid_id(conversation_id, "conversation")
         self.conversations.forget(caller, conversation_id)
 
+    # -- background answers (OpenAI's Responses API, app/responses_api.py)
+    def start_background(self, caller: Caller, chat: ChatRequest, wire: Any,
+                         transport: str = "responses") -> tuple[str, Reading]:
+        """Start an answer that runs to its end whether or not anyone reads it; only
+        `stop_stream` stops it. Its log goes to the store, so it can be read from the start
+        on any worker or host. Returns its conversation id and a reading of it here (whose
+        reader leaving changes nothing)."""
+        check_budget(chat.task, self.settings)
+        self._check_model(chat)
+        stream_id = new_id()
+        self.access.open_stream(caller.id, stream_id)
+        try:
+            conversation_id, task, _ = self.conversations.begin(caller, chat, stream_id)
+        except BaseException:
+            self.access.close_stream(caller.id, stream_id)
+            raise
+        generation = self._start(chat, task, conversation_id, stream_id, caller.id, resumable=True, wire=wire,
+                                 transport=transport)
+        # No reader drives it (there may be none) and none joins it: no reader's leaving,
+        # and no grace period, ends it.
+        if generation.claim_driver():
+            threading.Thread(target=generation.run, name=f"relay-{stream_id[:8]}", daemon=True).start()
+        return conversation_id, Reading(generation.log)
+
+    def background_reading(self, reader: str, stream_id: str) -> Reading:
+        """A background answer's log from its start, wherever it is produced (the route has
+        checked that the caller owns it). Holds one of the reader's MAX_READERS_PER_CLIENT
+        slots while open."""
+        slot = new_id()
+        self.access.open_reader(reader, slot)
+        try:
+            generation = self.relay.resumable(stream_id)
+            if generation is not None:
+                log: StreamLog | StoreLogView = generation.log
+            elif self.store.log_state(stream_id) is not None:
+                log = StoreLogView(self.store, stream_id)
+            else:
+                raise ApiError(404, "not_found", "the events of this response are no longer kept")
+        except BaseException:
+            self.access.close_reader(reader, slot)
+            raise
+        return Reading(log, 0, on_close=lambda completed: self.access.close_reader(reader, slot))
+
+    def background_running(self, stream_id: str) -> bool:
+        """Whether a background answer is still being produced (here or on another host)."""
+        generation = self.relay.resumable(stream_id)
+        if generation is not None:
+            return not generation.log.closed
+        return self.store.log_state(stream_id) == "open"
+
     # -- shared steps
     def _start(self, chat: ChatRequest, task: Task, conversation_id: str, stream_id: str, owner: str,
                resumable: bool, wire: Any = None, transport: str = "sse", resumed: Adopted | None = None

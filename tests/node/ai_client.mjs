@@ -1,6 +1,8 @@
 // Drives the `ai` npm package's own chat transport and UI message stream reader against a
-// relay: node ai_client.mjs <scenario> <relay URL>. Prints one JSON object.
-import { DefaultChatTransport, readUIMessageStream } from "ai";
+// relay: node ai_client.mjs <scenario> <relay URL>. Prints one JSON object. The `responses`
+// scenario is the AI SDK's OpenAI provider pointed at the relay's /v1 (it speaks the Responses API).
+import { createOpenAI } from "@ai-sdk/openai";
+import { DefaultChatTransport, readUIMessageStream, streamText } from "ai";
 
 const [scenario, base] = process.argv.slice(2);
 const user = (text) => ({ id: `u-${text.length}`, role: "user", parts: [{ type: "text", text }] });
@@ -47,6 +49,13 @@ async function run() {
   if (scenario === "error") {
     const { message } = await send({ provider: "anthropic" }, [user("hi")]).catch((err) => ({ message: { parts: [] }, err }));
     return { text: message ? textOf(message) : null };
+  }
+  if (scenario === "responses") {
+    const openai = createOpenAI({ baseURL: base, apiKey: "relay-token" });
+    const result = streamText({ model: openai("gemini/gemini-2.5-flash"), prompt: "hi" });
+    let text = "";
+    for await (const piece of result.textStream) text += piece;
+    return { text, finishReason: await result.finishReason, usage: await result.usage };
   }
   throw new Error(`unknown scenario ${scenario}`);
 }

@@ -54,6 +54,30 @@ async function run() {
       return { status: err.status, type: err.type ?? err.error?.type, message: err.message };
     }
   }
+  if (scenario === "responses-stream") {
+    const stream = await client.responses.create({ model: "openai/gpt-4.1", input: "hi", stream: true });
+    let text = "", status = null, events = 0;
+    const sequence = [];
+    for await (const event of stream) {
+      events += 1;
+      sequence.push(event.sequence_number);
+      if (event.type === "response.output_text.delta") text += event.delta;
+      if (event.type === "response.completed") status = event.response.status;
+    }
+    return { text, status, events, sequence };
+  }
+  if (scenario === "responses-whole") {
+    const response = await client.responses.create({ model: "anthropic/claude", input: "hi" });
+    return { text: response.output_text, status: response.status };
+  }
+  if (scenario === "responses-tools") {
+    // The SDK's own stream helper assembles the function call item.
+    const stream = client.responses.stream({ model: "openai/gpt-4.1", input: "weather in Paris?",
+      tools: [{ type: "function", name: "get_weather", parameters: weather.function.parameters, strict: false }] });
+    const final = await stream.finalResponse();
+    const call = final.output[0];
+    return { type: call.type, name: call.name, arguments: JSON.parse(call.arguments) };
+  }
   throw new Error(`unknown scenario ${scenario}`);
 }
 
