@@ -40,7 +40,7 @@ from app.protocols import (
 )
 from app.providers.base import Task
 from app.relay import Answer
-from app.request_body import parse_json_object
+from app.routes import json_body
 from app.service import ChatService
 from app.tools import neutral_call
 
@@ -400,10 +400,9 @@ class EventsAfter:
 @bp.post("/v1/responses")
 def create_response():
     relay = service()
-    if not request.is_json:
-        raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+    data = json_body()
     relay.admit(g.caller)
-    chat, how = parse_response_request(parse_json_object(request.get_data(cache=False)), relay)
+    chat, how = parse_response_request(data, relay)
     head = how["head"]
     wire = ResponseEvents(head["response"], head["summaries"])
     if how["background"]:

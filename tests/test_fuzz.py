@@ -170,6 +170,52 @@ ids = st.sampled_from(["A" * 22, "short", "x" * 70, "..", "%0A", "a%00b"]) | st.
                                                                                       min_size=1, max_size=30)
 
 
+# POST /v1/responses: every field, items of every kind, and each wire's own end of stream.
+response_parts = st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["input_text", "input_image", "output_text", "refusal", "input_file"]) | json_values},
+    optional={"text": json_values, "refusal": json_values, "image_url": st.sampled_from(
+        ["data:image/png;base64,AAAA", "https://x/y.png", "http://x"]) | json_values}),
+    max_size=3)
+input_items = st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference"])
+     | json_values},
+    optional={"role": st.sampled_from(["user", "assistant", "system", "developer", "x"]) | json_values,
+              "content": json_values | response_parts, "call_id": st.just("call_1") | json_values,
+              "name": st.just("get_weather") | json_values, "arguments": st.just("{}") | json_values,
+              "output": json_values | response_parts}), min_size=1, max_size=4)
+responses_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(["demo/demo-fast", "openai/gpt-4.1", "smart"]) | json_values,
+     "input": st.one_of(st.just("hi"), hostile_text, input_items, json_values)},
+    optional={"stream": st.booleans() | json_values, "background": st.booleans() | json_values,
+              "store": st.booleans() | json_values, "instructions": json_values,
+              "tools": json_values | st.lists(st.fixed_dictionaries(
+                  {"type": st.just("function"), "name": st.sampled_from(["get_weather", "bad name"]) | json_values},
+                  optional={"parameters": json_values, "strict": json_values, "description": json_values}),
+                  max_size=2),
+              "tool_choice": json_values | st.sampled_from(["auto", "required", {"type": "function",
+                                                                                 "name": "get_weather"}]),
+              "reasoning": json_values | st.fixed_dictionaries({}, optional={
+                  "effort": st.sampled_from(["low", "xhigh", "max"]) | json_values,
+                  "summary": st.sampled_from(["auto", "x"]) | json_values}),
+              "previous_response_id": json_values | st.sampled_from(["resp_" + "A" * 22, "resp_", "x"]),
+              "max_output_tokens": json_values, "temperature": json_values, "metadata": json_values,
+              "text": json_values, "include": json_values, "bogus": json_values})
+# Mostly valid requests too, so the fuzz reaches the relay, the stores and the readers of a log.
+plausible_responses = st.fixed_dictionaries(
+    {"model": st.sampled_from(["demo/demo-fast", "openai/gpt-4.1"]),
+     "input": st.sampled_from(["hi", [{"role": "user", "content": "hi"}],
+                               [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]]) | hostile_text},
+    optional={"stream": st.booleans(), "background": st.booleans(), "store": st.booleans(),
+              "instructions": hostile_text, "tool_choice": st.sampled_from(["auto", "none"]),
+              "reasoning": st.sampled_from([{"effort": "low", "summary": "auto"}, {"effort": "none"}]),
+              "max_output_tokens": st.integers(1, 100), "temperature": st.floats(0, 2),
+              "metadata": st.just({"k": "v"}), "tools": st.just([{"type": "function", "name": "get_weather"}])})
+retrieve_queries = st.dictionaries(st.sampled_from(["stream", "starting_after", "include", "x"]),
+                                   st.sampled_from(["true", "false", "0", "3", "-1", "99999999999999"]) | query_values,
+                                   max_size=3)
+RESPONSE_ENDINGS = ("event: response.completed", "event: response.failed", "event: response.incomplete")
+
+
 @pytest.fixture(scope="module", params=["open", "auth"])
 def server(request, fake_upstream):
     """The app under a real server, with auth off and with auth on."""
@@ -204,6 +250,9 @@ def check(response: requests.Response) -> None:
         body = response.content.decode()
         if urlsplit(response.request.url).path in ("/v1/chat/completions", "/api/chat/ui"):  # their own wires
             assert body.rstrip().endswith("data: [DONE]"), body[-300:]
+        elif urlsplit(response.request.url).path.startswith("/v1/responses"):
+            last = body.rstrip().rsplit("\n\n", 1)[-1]
+            assert last.split("\n")[0] in RESPONSE_ENDINGS, body[-300:]
         else:
             assert body.rstrip().endswith("}") and ("event: done" in body or "event: error" in body), body[-300:]
 
@@ -269,3 +318,21 @@ def test_server_stays_healthy_after_the_fuzz(server):
     for _ in range(5):
         response = requests.get(server + "/healthz", timeout=2)
         assert response.json() == {"status": "ok"}
+
+
+@FUZZ
+@given(body=plausible_responses | responses_bodies, hdrs=headers, query=retrieve_queries)
+def test_responses(server, body, hdrs, query):
+    """The Responses API: a created response is retrieved, replayed from any point and cancelled."""
+    response = send("POST", server + "/v1/responses", data=json.dumps(body), headers=hdrs)
+    if response.status_code == 200 and response.headers["Content-Type"].startswith("application/json"):
+        url = f"{server}/v1/responses/{response.json()['id']}"
+        send("GET", url, params=query, headers=hdrs)
+        send("POST", url + "/cancel", headers=hdrs)
+
+
+@FUZZ
+@given(response_id=ids.map(lambda i: "resp_" + i) | ids, hdrs=headers, query=retrieve_queries,
+       method=st.sampled_from(["GET", "POST", "DELETE"]), cancel=st.booleans())
+def test_response_ids(server, response_id, hdrs, query, method, cancel):
+    send(method, f"{server}/v1/responses/{response_id}" + ("/cancel" if cancel else ""), params=query, headers=hdrs)

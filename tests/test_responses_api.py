@@ -6,6 +6,7 @@ Redis, cancel. Every event and object is also checked against the SDK's own type
 
 from __future__ import annotations
 
+import base64
 import json
 
 import openai
@@ -19,12 +20,21 @@ from app.providers.base import ToolCall
 from app.responses_api import EventsAfter
 from app.sse import StreamLog
 from tests.conftest import run_node, wait_until
-from tests.fake_upstream import BODIES, TRICKY_TEXT, Reply, hostile_chunks, openai_tool_call_body
+from tests.fake_upstream import (
+    BODIES,
+    TRICKY_TEXT,
+    Reply,
+    anthropic_thinking_body,
+    hostile_chunks,
+    openai_tool_call_body,
+    thinking_signature,
+)
 
 STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 SLOW = [f"w{i} " for i in range(60)]
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 # The fields a Response object must have (what the route fills in from the request).
 TEMPLATE = {"id": "", "object": "response", "created_at": 1, "model": "m", "output": [], "parallel_tool_calls": True,
             "tool_choice": "auto", "tools": []}
@@ -115,6 +125,49 @@ def test_request_options_reach_the_provider(client, upstream):
     upstream.reset(Reply(chunks=BODIES["anthropic"](["ok"])))
     answer = client.responses.create(model="smart", input="hi")  # an alias, as on /v1/chat/completions
     assert answer.output_text == "ok" and upstream.last().path == "/v1/messages"
+
+
+def test_reasoning_summaries_and_the_signed_thinking_sent_back(client, upstream):
+    reasoning = {"effort": "low", "summary": "auto"}
+    upstream.reset(Reply(chunks=anthropic_thinking_body(["Let me ", "think."], ["Hi", "!"])))
+    events = events_of(post(client, {"model": "anthropic/claude-sonnet-4-5", "input": "hi", "stream": True,
+                                     "reasoning": reasoning}).text)
+    numbered(events)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_summary_text.delta") == \
+        "Let me think."
+    final = events[-1]["response"]
+    assert [o["type"] for o in final["output"]] == ["reasoning", "message"]
+    assert final["output"][1]["content"][0]["text"] == "Hi!" and upstream.last().body["thinking"]["type"] == "enabled"
+    # Not streamed: the same items; continued: the signed thinking goes back to Anthropic with its turn.
+    upstream.reset(Reply(chunks=anthropic_thinking_body(["Hmm."], ["Hello."])))
+    whole = client.responses.create(model="anthropic/claude-sonnet-4-5", input="hi", reasoning=reasoning)
+    assert whole.output[0].summary[0].text == "Hmm." and whole.output_text == "Hello."
+    assert client.responses.retrieve(whole.id).output[0].summary[0].text == "Hmm."
+    upstream.reset(Reply(chunks=anthropic_thinking_body(["Again."], ["Sure."])))
+    client.responses.create(model="anthropic/claude-sonnet-4-5", input="more", previous_response_id=whole.id,
+                            reasoning=reasoning)
+    turn = upstream.last().body["messages"][1]
+    assert turn["role"] == "assistant" and turn["content"][0] == {"type": "thinking", "thinking": "Hmm.",
+                                                                  "signature": thinking_signature("Hmm.")}
+    # A request that asks for no summary gets none (as OpenAI sends none).
+    upstream.reset(Reply(chunks=anthropic_thinking_body(["Quiet."], ["Ok."])))
+    quiet = client.responses.create(model="anthropic/claude-sonnet-4-5", input="hi", reasoning={"effort": "low"})
+    assert [o.type for o in quiet.output] == ["message"]
+
+
+def test_images_in_the_input_reach_the_provider(client, upstream):
+    png = base64.b64encode(PNG).decode()
+    upstream.reset(Reply(chunks=BODIES["openai"](["A dot."])))
+    answer = client.responses.create(model="openai/gpt-4.1", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "What is this?"},
+        {"type": "input_image", "image_url": f"data:image/png;base64,{png}", "detail": "auto"}]}])
+    assert answer.output_text == "A dot."
+    parts = upstream.last().body["messages"][0]["content"]
+    assert parts[0] == {"type": "text", "text": "What is this?"} and parts[1]["image_url"]["url"].endswith(png)
+    for bad in ({"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+                {"type": "input_image", "file_id": "file-1"}, {"type": "input_file", "file_id": "file-1"}):
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model="openai/gpt-4.1", input=[{"role": "user", "content": [bad]}])
 
 
 def test_function_tools_round_trip_with_previous_response_id(client, upstream):
