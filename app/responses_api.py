@@ -1,5 +1,5 @@
-"""OpenAI's Responses API as a drop-in route: `POST /v1/responses`, `GET /v1/responses/{id}`,
-`POST /v1/responses/{id}/cancel`.
+"""OpenAI's Responses API as a drop-in route: `POST /v1/responses`, `GET` and `DELETE
+/v1/responses/{id}`, `POST /v1/responses/{id}/cancel`.
 
 Code written for `client.responses.create(...)` (the openai SDKs, the AI SDK's
 `@ai-sdk/openai`) uses the relay by changing its base URL and key, whatever provider the
@@ -453,3 +453,13 @@ def cancel_response(response_id: str):
         return jsonify(response_object(head, response_id, record, running=False))
     relay.stop_stream(g.caller, head["request_id"])
     return jsonify({**response_object(head, response_id, None, running=True), "status": "cancelled"})
+
+
+@bp.delete("/v1/responses/<response_id>")
+def delete_response(response_id: str):
+    relay = service()
+    head, records = stored(relay, response_id)
+    if head["response"].get("background") and recorded(head, records) is None:
+        relay.stop_stream(g.caller, head["request_id"])  # nobody could ever read what it still makes
+    relay.forget_conversation(g.caller, conversation_of(response_id))
+    return jsonify(id=response_id, object="response", deleted=True)

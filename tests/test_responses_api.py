@@ -34,7 +34,8 @@ STREAM_EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 SLOW = [f"w{i} " for i in range(60)]
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
+                       "AAAABJRU5ErkJggg==")
 # The fields a Response object must have (what the route fills in from the request).
 TEMPLATE = {"id": "", "object": "response", "created_at": 1, "model": "m", "output": [], "parallel_tool_calls": True,
             "tool_choice": "auto", "tools": []}
@@ -304,6 +305,12 @@ def test_background_response_runs_without_a_reader_and_is_retrieved_whole(client
         client.responses.cancel(plain.id)
     with pytest.raises(openai.BadRequestError):
         client.responses.retrieve(plain.id, stream=True)
+    # Deleted: gone for good (a record nobody could delete would be a free way to fill the disk).
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(created.id)
 
 
 def test_cancel_stops_a_background_response(client, upstream):
@@ -322,8 +329,8 @@ def test_cancel_stops_a_background_response(client, upstream):
 @pytest.mark.redis
 def test_background_stream_resumes_on_another_server_from_the_stream_log(redis_server, upstream, make_app, serve):
     redis_server.flush()
-    one = openai.OpenAI(base_url=serve(make_app(STORE_URL=redis_server.url, ALLOWED_MODELS="*")) + "/v1", api_key="x", max_retries=0)
-    two = openai.OpenAI(base_url=serve(make_app(STORE_URL=redis_server.url, ALLOWED_MODELS="*")) + "/v1", api_key="x", max_retries=0)
+    one, two = (openai.OpenAI(base_url=serve(make_app(STORE_URL=redis_server.url, ALLOWED_MODELS="*")) + "/v1",
+                              api_key="x", max_retries=0) for _ in range(2))
     upstream.reset(Reply(chunks=BODIES["openai"](SLOW), delay=0.03))
     stream = one.responses.create(model="openai/m", input="hi", background=True, stream=True)
     got = []
