@@ -33,7 +33,18 @@ from app.protocols import RelayEvents
 from app.providers import Provider, ProviderError
 from app.providers.base import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
-from app.relay import SUPERSEDED, Adopted, Answer, DrivenLog, Generation, Relay, StoreLogView, collect, new_id
+from app.relay import (
+    PRODUCER_ALIVE_SECONDS,
+    SUPERSEDED,
+    Adopted,
+    Answer,
+    DrivenLog,
+    Generation,
+    Relay,
+    StoreLogView,
+    collect,
+    new_id,
+)
 from app.sse import HEARTBEAT, StreamLog, client_socket, peer_closed, sse_response
 from app.store import Store
 from app.tools import toolbox
@@ -455,11 +466,15 @@ class ChatService:
         return Reading(log, 0, on_close=lambda completed: self.access.close_reader(reader, slot))
 
     def background_running(self, stream_id: str) -> bool:
-        """Whether a background answer is still being produced (here or on another host)."""
+        """Whether a background answer is still being produced, here or in another process that
+        is alive (its producer says so every PRODUCER_ALIVE_SECONDS)."""
         generation = self.relay.resumable(stream_id)
         if generation is not None:
             return not generation.log.closed
-        return self.store.log_state(stream_id) == "open"
+        if self.store.log_state(stream_id) != "open":
+            return False
+        seen = self.store.seen_at(stream_id, "producer")
+        return seen is None or time.time() - seen < 5 * PRODUCER_ALIVE_SECONDS
 
     # -- shared steps
     def _start(self, chat: ChatRequest, task: Task, conversation_id: str, stream_id: str, owner: str,

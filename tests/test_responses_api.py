@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 
 import openai
 import pydantic
@@ -409,3 +410,40 @@ def test_node_clients_the_openai_package_and_the_ai_sdk(live, upstream):
     result = run_node("ai_client.mjs", "responses", url + "/v1")
     assert result["text"] == "".join(TRICKY_TEXT) and result["finishReason"] == "stop"
     assert result["usage"]["outputTokens"] > 0 and "Generate" in upstream.last().path
+
+
+@pytest.fixture
+def two_gunicorns(redis_server, fake_upstream):
+    """Two gunicorn processes (the production worker class) sharing one Redis."""
+    from tests.conftest import free_port, provider_env
+    from tests.servers import gunicorn
+
+    redis_server.flush()
+    env = {**provider_env(fake_upstream.url), "STORE_URL": redis_server.url, "ALLOWED_MODELS": "*",
+           "SSE_HEARTBEAT_SECONDS": "0.5"}
+    servers = [gunicorn(free_port(), env), gunicorn(free_port(), env)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.redis
+def test_background_response_across_gunicorn_processes(two_gunicorns, upstream):
+    producer = two_gunicorns[0]
+    one, two = (openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0) for s in two_gunicorns)
+    upstream.reset(Reply(chunks=BODIES["openai"](SLOW), delay=0.03))
+    stream = one.responses.create(model="openai/m", input="hi", background=True, stream=True)
+    got = [event for _, event in zip(range(9), stream, strict=False)]
+    stream.close()
+    rest = list(two.responses.retrieve(got[0].response.id, stream=True, starting_after=got[-1].sequence_number))
+    events = got + rest
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert text_in(events) == "".join(SLOW) and len(upstream.seen) == 1
+    # Its producer's process dies: the object says so on the other one, not in_progress forever.
+    upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(400)]), delay=0.05))
+    doomed = one.responses.create(model="openai/m", input="hi", background=True)
+    upstream.wait_for_request()
+    assert two.responses.retrieve(doomed.id).status == "in_progress"
+    producer.proc.send_signal(signal.SIGKILL)
+    wait_until(lambda: two.responses.retrieve(doomed.id).status == "failed", timeout=20,
+               what="the lost response to be reported failed")
