@@ -315,7 +315,9 @@ def parse_response_request(data: dict[str, Any], relay: ChatService) -> tuple[Ch
     history: list[dict[str, Any]] = []
     previous = data.get("previous_response_id")
     if previous is not None:
-        _, records = stored(relay, previous)
+        earlier, records = stored(relay, previous)
+        if recorded(earlier, records) is None:
+            raise invalid("the previous response has not ended yet")
         history = relay.conversations.replayable(records)
     names = {c["id"]: c["name"] for m in history for c in m.get("tool_calls", ())}
     messages = neutral_input(data.get("input"), settings, names)

@@ -318,6 +318,8 @@ def test_cancel_stops_a_background_response(client, upstream):
     upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(400)]), delay=0.05))
     created = client.responses.create(model="openai/m", input="hi", background=True)
     seen = upstream.wait_for_request()
+    with pytest.raises(openai.BadRequestError, match="not ended"):  # nothing to continue from yet
+        client.responses.create(model="openai/m", input="and?", previous_response_id=created.id)
     cancelled = client.responses.cancel(created.id)
     assert cancelled.status == "cancelled"
     assert seen.closed.wait(5), "the upstream kept generating after cancel"
