@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+from itertools import islice
 
 import openai
 import pydantic
@@ -252,9 +253,7 @@ def test_leaving_a_direct_stream_closes_the_upstream_and_keepalives_are_comments
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(200)]), delay=0.05))
     stream = client.responses.create(model="openai/gpt-4.1", input="hi", stream=True)
-    for i, _ in enumerate(stream):
-        if i == 5:
-            break
+    assert len(list(islice(stream, 6))) == 6
     stream.close()
     assert upstream.wait_for_request().closed.wait(3), "the upstream kept generating"
     upstream.reset(Reply(chunks=BODIES["openai"](["late"]), pauses={2: 2.5}))
@@ -336,11 +335,7 @@ def test_background_stream_resumes_on_another_server_from_the_stream_log(redis_s
                               api_key="x", max_retries=0) for _ in range(2))
     upstream.reset(Reply(chunks=BODIES["openai"](SLOW), delay=0.03))
     stream = one.responses.create(model="openai/m", input="hi", background=True, stream=True)
-    got = []
-    for event in stream:
-        got.append(event)
-        if len(got) == 12:
-            break
+    got = list(islice(stream, 12))
     stream.close()  # the client leaves; the answer goes on
     response_id = got[0].response.id
     rest = list(two.responses.retrieve(response_id, stream=True, starting_after=got[-1].sequence_number))
@@ -435,7 +430,7 @@ def test_background_response_across_gunicorn_processes(two_gunicorns, upstream):
     one, two = (openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0) for s in two_gunicorns)
     upstream.reset(Reply(chunks=BODIES["openai"](SLOW), delay=0.03))
     stream = one.responses.create(model="openai/m", input="hi", background=True, stream=True)
-    got = [event for _, event in zip(range(9), stream, strict=False)]
+    got = list(islice(stream, 9))
     stream.close()
     rest = list(two.responses.retrieve(got[0].response.id, stream=True, starting_after=got[-1].sequence_number))
     events = got + rest
