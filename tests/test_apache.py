@@ -52,6 +52,9 @@ STREAM_ROUTES = {
                                         "messages": [{"role": "user", "content": "hi"}]},
                lambda e: (e.data["choices"][0]["delta"].get("content") or None)
                if isinstance(e.data, dict) and e.data.get("choices") else None),
+    "responses": ("/v1/responses", {"model": "openai/gpt-4.1", "input": "hi", "stream": True},
+                  lambda e: e.data["delta"] if isinstance(e.data, dict)
+                  and e.data.get("type") == "response.output_text.delta" else None),
     "ai-sdk": ("/api/chat/ui", {"id": "c", "provider": "openai",
                                 "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]},
                lambda e: e.data["delta"] if isinstance(e.data, dict) and e.data.get("type") == "text-delta" else None),
