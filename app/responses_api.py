@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
@@ -87,9 +88,11 @@ def _content(content: Any, where: str, max_image_bytes: int = 0) -> Any:
     return images.neutral_content(parts)
 
 
-def neutral_input(value: Any, settings: Any, names: dict[str, str]) -> list[dict[str, Any]]:
-    """`input` (text, or items: messages, function_call, function_call_output) as the relay's
-    provider-neutral messages. `names` maps earlier call ids to their tool's name."""
+def neutral_input(value: Any, settings: Any, names: dict[str, str],
+                  reference: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`input` (text, or items: messages, function_call, function_call_output, references to
+    output items of stored responses) as the relay's provider-neutral messages. `names` maps
+    earlier call ids to their tool's name; `reference` gives the item an `item_reference` names."""
     if isinstance(value, str):
         if not value.strip():
             raise invalid("'input' must not be empty")
@@ -104,6 +107,9 @@ def neutral_input(value: Any, settings: Any, names: dict[str, str]) -> list[dict
         if not isinstance(item, dict):
             raise invalid(f"{where} must be an object")
         kind = item.get("type", "message")
+        if kind == "item_reference":  # what the AI SDK sends for its earlier assistant messages (store on)
+            item = reference(item.get("id"))
+            kind = item["type"]
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
@@ -128,9 +134,6 @@ def neutral_input(value: Any, settings: Any, names: dict[str, str]) -> list[dict
                              "content": _content(output, f"{where}.output")})
         elif kind == "reasoning":
             continue  # another model's reasoning state: no provider here can take it back
-        elif kind == "item_reference":
-            raise invalid(f"{where}: item references are not supported; send the items themselves, or use "
-                          "previous_response_id")
         else:
             raise invalid(f"{where}: items of type {str(kind)[:40]!r} are not supported")
     if not messages or messages[-1]["role"] not in ("user", "tool"):
@@ -236,6 +239,25 @@ def stored(relay: ChatService, response_id: Any) -> tuple[dict[str, Any], list[d
     return head, records
 
 
+def referenced_item(relay: ChatService, item_id: Any) -> dict[str, Any]:
+    """An output item of one of the caller's stored responses, by its id (`msg_`, `fc_` or `rs_`,
+    then the response's conversation id and the item's index: see `response_item_id`)."""
+    kind, _, rest = item_id.partition("_") if isinstance(item_id, str) else ("", "", "")
+    conversation_id = rest.rpartition("_")[0]
+    found = None
+    if kind in ("msg", "fc", "rs") and ID_PATTERN.fullmatch(conversation_id):
+        try:
+            head, records = stored(relay, f"resp_{conversation_id}")
+        except ApiError:
+            head, records = {}, []
+        record = recorded(head, records) if head else None
+        items = output_items(f"resp_{conversation_id}", record, head.get("summaries", False)) if record else []
+        found = next((item for item in items if item["id"] == item_id), None)
+    if found is None:
+        raise invalid(f"item_reference: no item '{str(item_id)[:100]}' among your stored responses")
+    return found
+
+
 def output_items(response_id: str, record: dict[str, Any], summaries: bool) -> list[dict[str, Any]]:
     """An answer's record as output items, in the order the stream writes them."""
     items: list[dict[str, Any]] = []
@@ -320,7 +342,7 @@ def parse_response_request(data: dict[str, Any], relay: ChatService) -> tuple[Ch
             raise invalid("the previous response has not ended yet")
         history = relay.conversations.replayable(records)
     names = {c["id"]: c["name"] for m in history for c in m.get("tool_calls", ())}
-    messages = neutral_input(data.get("input"), settings, names)
+    messages = neutral_input(data.get("input"), settings, names, lambda item_id: referenced_item(relay, item_id))
     # Within the history budget, less what the input takes: what is sent stays within the
     # request budget (app/budget.py counts it all).
     history = relay.conversations.bounded(history, reserve=sum(len(images.text_of(m["content"])) for m in messages),

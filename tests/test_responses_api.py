@@ -206,6 +206,21 @@ def test_function_tools_round_trip_with_previous_response_id(client, upstream):
         client.responses.create(model="openai/gpt-4.1", previous_response_id=stateless.id, input="and?")
 
 
+def test_item_references_name_output_items_of_the_callers_stored_responses(client, upstream):
+    upstream.reset(Reply(chunks=BODIES["openai"](["Hi there."])))
+    first = client.responses.create(model="openai/m", input="hi")
+    upstream.reset(Reply(chunks=BODIES["openai"](["Fine."])))
+    client.responses.create(model="openai/m", input=[{"role": "user", "content": "hi"},
+                                                     {"type": "item_reference", "id": first.output[0].id},
+                                                     {"role": "user", "content": "how are you?"}])
+    assert [(m["role"], m["content"]) for m in upstream.last().body["messages"]] == [
+        ("user", "hi"), ("assistant", "Hi there."), ("user", "how are you?")]
+    for unknown in ("msg_nope_0", first.output[0].id[:-1] + "7", "resp_x", 42):
+        with pytest.raises(openai.BadRequestError, match="item_reference"):
+            client.responses.create(model="openai/m", input=[{"type": "item_reference", "id": unknown},
+                                                             {"role": "user", "content": "?"}])
+
+
 def test_streamed_tool_calls_are_function_call_items(client, upstream):
     upstream.reset(Reply(chunks=openai_tool_call_body([("call_1", "get_weather", '{"city": "Oslo"}'),
                                                        ("call_2", "get_weather", '{"city": "Rome"}')])))
@@ -278,6 +293,9 @@ def test_another_callers_response_is_not_found(live, upstream):
         beta.responses.cancel(mine.id)
     with pytest.raises(openai.NotFoundError):
         beta.responses.create(model="openai/m", previous_response_id=mine.id, input="and?")
+    with pytest.raises(openai.BadRequestError):  # nor are its items
+        beta.responses.create(model="openai/m", input=[{"type": "item_reference", "id": mine.output[0].id},
+                                                       {"role": "user", "content": "and?"}])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url, api_key="sk-other", max_retries=0).responses.retrieve(mine.id)
 
@@ -407,6 +425,11 @@ def test_node_clients_the_openai_package_and_the_ai_sdk(live, upstream):
     result = run_node("ai_client.mjs", "responses", url + "/v1")
     assert result["text"] == "".join(TRICKY_TEXT) and result["finishReason"] == "stop"
     assert result["usage"]["outputTokens"] > 0 and "Generate" in upstream.last().path
+    upstream.reset(Reply(chunks=BODIES["openai"](["Hello."])), Reply(chunks=BODIES["openai"](["More."])))
+    assert run_node("ai_client.mjs", "responses-turns", url + "/v1") == {"first": "Hello.", "second": "More."}
+    assert upstream.last().body["messages"] == [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "Hello."},
+                                                {"role": "user", "content": "and then?"}]
 
 
 @pytest.fixture

@@ -57,6 +57,16 @@ async function run() {
     for await (const piece of result.textStream) text += piece;
     return { text, finishReason: await result.finishReason, usage: await result.usage };
   }
+  if (scenario === "responses-turns") {
+    // A second turn: the SDK refers to its earlier answer by item id (store is on by default).
+    const openai = createOpenAI({ baseURL: base, apiKey: "relay-token" });
+    const model = openai("openai/gpt-4.1");
+    const messages = [{ role: "user", content: "hi" }];
+    const first = streamText({ model, messages });
+    messages.push(...(await first.response).messages, { role: "user", content: "and then?" });
+    const second = streamText({ model, messages });
+    return { first: await first.text, second: await second.text };
+  }
   throw new Error(`unknown scenario ${scenario}`);
 }
 
