@@ -30,7 +30,8 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 OTHER = "other"
-TRANSPORTS = frozenset({"sse", "fetch", "postsse", "ws", "rest", "openai", "responses", "ai-sdk", "python"})
+TRANSPORTS = frozenset({"sse", "fetch", "postsse", "ws", "rest", "openai", "responses", "anthropic", "ai-sdk",
+                        "python"})
 OUTCOMES = frozenset({"done", "error", "stopped", "abandoned", "closed"})
 UPSTREAM_ERRORS = frozenset({"upstream_error", "upstream_auth", "upstream_rate_limited", "upstream_timeout",
                              "upstream_unreachable", "upstream_disconnected", "upstream_protocol_error",

@@ -55,6 +55,11 @@ STREAM_ROUTES = {
     "responses": ("/v1/responses", {"model": "openai/gpt-4.1", "input": "hi", "stream": True},
                   lambda e: e.data["delta"] if isinstance(e.data, dict)
                   and e.data.get("type") == "response.output_text.delta" else None),
+    "anthropic": ("/v1/messages", {"model": "openai/gpt-4.1", "max_tokens": 50, "stream": True,
+                                   "messages": [{"role": "user", "content": "hi"}]},
+                  lambda e: e.data["delta"]["text"] if isinstance(e.data, dict)
+                  and e.data.get("type") == "content_block_delta" and e.data["delta"].get("type") == "text_delta"
+                  else None),
     "ai-sdk": ("/api/chat/ui", {"id": "c", "provider": "openai",
                                 "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]},
                lambda e: e.data["delta"] if isinstance(e.data, dict) and e.data.get("type") == "text-delta" else None),
