@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import free_port, provider_env, require
 from tests.fake_upstream import BODIES, Reply
 from tests.servers import gunicorn
+from tests.test_images import png
 
 pytestmark = pytest.mark.browser
 
@@ -263,19 +264,6 @@ def test_a_prompt_too_long_for_a_get_url_goes_by_post(page, site, upstream):
     }""")
     assert result == {"used": "postsse", "text": "long prompt ok"}
     assert len(upstream.last().body["messages"][0]["content"]) == 9000
-
-
-def png(width: int, height: int) -> bytes:
-    """A real PNG of `width`×`height` grey pixels (what a user would attach)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + b"\x80" * width for _ in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def test_reasoning_streams_in_a_thinking_block_that_folds_when_the_answer_starts(page, make_app, serve):
