@@ -147,3 +147,33 @@ def test_item_references_read_each_stored_response_once(make_app, upstream):
                                                    "input": [*references, {"role": "user", "content": "and?"}]})
     assert response.status_code == 200, response.get_data()
     assert reads.count(first["id"].removeprefix("resp_")) == 1
+
+
+def test_a_self_hosted_model_server_is_never_handed_an_image_url(make_app, upstream):
+    """`openai-compatible` is a server the operator runs (vLLM, llama.cpp, Ollama), usually
+    inside its network: given an image URL it fetches it from there (vLLM follows redirects,
+    its MediaConnector had an SSRF advisory of its own). The relay passed any client's https
+    URL to it, a fetch from inside the operator's network by proxy. Like Gemini, it takes
+    images as data: URLs only; hosted providers still take URLs."""
+    client = make_app(ALLOWED_MODELS="*", OPENAI_COMPATIBLE_BASE_URL=upstream.url).test_client()
+    upstream.reset(Reply(chunks=BODIES["openai-compatible"](["x"])))
+    content = [{"type": "text", "text": "what is this?"},
+               {"type": "image_url", "image_url": {"url": "https://attacker.example/redirect-to-169.254.169.254"}}]
+    body = {"messages": [{"role": "user", "content": content}]}
+    refused = client.post("/v1/chat/completions", json={**body, "model": "openai-compatible/m"})
+    assert refused.status_code == 400 and not upstream.seen
+    assert client.post("/v1/chat/completions", json={**body, "model": "openai/m"}).status_code == 200
+
+
+def test_a_self_hosted_fallback_is_never_handed_an_image_url(make_app, upstream):
+    """The route checks the request's own provider; the same URL must not reach a self-hosted
+    server when it answers as a fallback of a provider that takes URLs."""
+    client = make_app(ALLOWED_MODELS="*", OPENAI_COMPATIBLE_BASE_URL=upstream.url,
+                      LLM_FALLBACKS="openai-compatible/m").test_client()
+    upstream.reset(Reply(status=500, chunks=[b'{"error": {"message": "down"}}'], content_type="application/json"),
+                   Reply(chunks=BODIES["openai-compatible"](["x"])))
+    content = [{"type": "text", "text": "what is this?"},
+               {"type": "image_url", "image_url": {"url": "https://attacker.example/x.png"}}]
+    client.post("/v1/chat/completions", json={"model": "openai/m", "messages": [{"role": "user", "content": content}]})
+    assert [seen.body["model"] for seen in upstream.seen] == ["m"] and "attacker" in json.dumps(upstream.seen[0].body)
+    assert len(upstream.seen) == 1
