@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_until
-from tests.fake_upstream import BODIES, Reply, responses_body, thinking_signature
+from tests.fake_upstream import BODIES, Reply, openai_tool_call_body, responses_body, thinking_signature
 
 ALPHA = {"Authorization": "Bearer alpha"}
 
@@ -177,3 +177,18 @@ def test_a_self_hosted_fallback_is_never_handed_an_image_url(make_app, upstream)
     client.post("/v1/chat/completions", json={"model": "openai/m", "messages": [{"role": "user", "content": content}]})
     assert [seen.body["model"] for seen in upstream.seen] == ["m"] and "attacker" in json.dumps(upstream.seen[0].body)
     assert len(upstream.seen) == 1
+
+
+def test_a_model_s_deep_tool_arguments_are_told_to_it_not_a_500(make_app, upstream):
+    """A prompt can make a model call a server-side tool with arguments nested thousands deep
+    ("[" is one token). `Toolbox.run` parsed them with plain json.loads: RecursionError, a 500
+    on /api/chat (an internal_error event on a stream). They are refused like any bad
+    arguments, and the model is told."""
+    client = make_app().test_client()
+    upstream.reset(Reply(chunks=openai_tool_call_body([("c1", "calculate", "[" * 100_000)])),
+                   Reply(chunks=BODIES["openai"](["Sorry."])))
+    response = client.post("/api/chat", json={"provider": "openai", "prompt": "x", "tools": True})
+    assert response.status_code == 200, response.get_data()
+    assert response.get_json()["content"] == "Sorry."
+    results = [m for m in upstream.last().body["messages"] if m["role"] == "tool"]
+    assert results[0]["content"].startswith("error: the arguments")
