@@ -426,6 +426,25 @@ class MeteredStore:
                 self.store.release(_quota_key(info.owner), f"{conversation_id}:{unit}")
         return deleted
 
+    def hold(self, owner: str, name: str, size: int, ttl: float) -> None:
+        """Count `size` bytes kept outside conversations under `name` (a background answer's
+        stream log, which echoes its request and outlives a deleted conversation) against
+        `owner` for `ttl` seconds; 413 when they do not fit. They are not given back early."""
+        if not self._metered(owner):
+            return
+        for unit in range(_units(size)):
+            if not self.store.acquire(_quota_key(owner), f"{name}:{unit}", self.quota // QUOTA_UNIT, ttl):
+                self.unhold(owner, name, unit * QUOTA_UNIT)
+                raise ApiError(413, "storage_quota_exceeded",
+                               f"storing this would take this client past its storage quota ({self.quota} bytes); "
+                               f"delete what it no longer needs, or wait for it to expire")
+
+    def unhold(self, owner: str, name: str, size: int) -> None:
+        """Give back what `hold` took (nothing was stored after all)."""
+        if self._metered(owner):
+            for unit in range(_units(size)):
+                self.store.release(_quota_key(owner), f"{name}:{unit}")
+
     def _metered(self, owner: str) -> bool:
         return bool(self.quota) and not owner.startswith(UNMETERED)
 

@@ -31,6 +31,7 @@ from app.chat_request import (
 from app.errors import ApiError
 from app.protocols import THINKING_BLOCKS, OpenAIChunks, openai_finish, openai_tool_call, openai_usage, thinking_blocks
 from app.providers import Provider, offered
+from app.providers.anthropic import AnthropicProvider
 from app.providers.base import Task
 from app.request_body import parse_json_object
 from app.service import ChatService
@@ -122,18 +123,31 @@ def _tool_calls(value: Any, where: str, provider: str) -> list[dict[str, Any]]:
     return calls
 
 
-def _thinking_blocks(value: Any, where: str, provider: str) -> list[dict[str, Any]]:
-    """An assistant message's `thinking_blocks` (see protocols.thinking_blocks), as signed items
-    of the provider the request goes to: the only one that could have signed them."""
+def _thinking_blocks(value: Any, where: str, signer: str | None) -> list[dict[str, Any]]:
+    """An assistant message's `thinking_blocks` (see protocols.thinking_blocks): Anthropic's
+    blocks, so signed items of `signer`, the Anthropic provider the request goes to (none for
+    any other: it would be sent a forgery), with the block's own fields only."""
     if not isinstance(value, list) or not all(isinstance(b, dict) and b.get("type") in THINKING_BLOCKS
                                               for b in value):
         raise invalid(f"{where}.thinking_blocks must be a list of thinking or redacted_thinking blocks")
-    return [{"provider": provider, "item": block} for block in value]
+    fields = {"thinking": ("thinking", "signature"), "redacted_thinking": ("data",)}
+    blocks = [{"type": b["type"], **{k: b.get(k) for k in fields[b["type"]]}} for b in value]
+    if not all(isinstance(v, str) for b in blocks for v in b.values()):
+        raise invalid(f"{where}.thinking_blocks: thinking needs 'thinking' and 'signature', redacted_thinking "
+                      f"'data' (strings)")
+    return [{"provider": signer, "item": block} for block in blocks] if signer else []
 
 
-def neutral_messages(value: Any, settings: Any, provider: str = "") -> list[dict[str, Any]]:
+def thinking_signer(provider: Provider) -> str | None:
+    """The provider that may get signed thinking blocks back: only an Anthropic one."""
+    return provider.name if isinstance(provider, AnthropicProvider) else None
+
+
+def neutral_messages(value: Any, settings: Any, provider: str = "", signer: str | None = None
+                     ) -> list[dict[str, Any]]:
     """OpenAI chat messages as the relay's provider-neutral messages (`provider`: the name of
-    the provider they go to, whose reasoning state the client may send back)."""
+    the provider they go to, whose reasoning state the client may send back; `signer`: that
+    provider's name if it is one that takes Anthropic thinking blocks, see `thinking_signer`)."""
     value = message_list(value, settings, "chat messages")
     messages: list[dict[str, Any]] = []
     names: dict[str, str] = {}
@@ -150,8 +164,9 @@ def neutral_messages(value: Any, settings: Any, provider: str = "") -> list[dict
             if m.get("tool_calls"):
                 message["tool_calls"] = _tool_calls(m["tool_calls"], where, provider)
                 names.update((c["id"], c["name"]) for c in message["tool_calls"])
-            if m.get("thinking_blocks"):
-                message["signed"] = _thinking_blocks(m["thinking_blocks"], where, provider)
+            signed = _thinking_blocks(m["thinking_blocks"], where, signer) if m.get("thinking_blocks") else []
+            if signed:
+                message["signed"] = signed
             messages.append(message)
         elif role == "tool":
             call_id = m.get("tool_call_id")
@@ -213,7 +228,7 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
     if response_format not in (None, {"type": "text"}):
         raise invalid("only response_format {type: text} is supported")
     provider, model = resolve_model(data.get("model"), service.providers, settings)
-    messages = neutral_messages(data.get("messages"), settings, provider.name)
+    messages = neutral_messages(data.get("messages"), settings, provider.name, thinking_signer(provider))
     check_images(messages, settings, provider)
     tools = client_tools(data.get("tools"))
     temperature = data.get("temperature")

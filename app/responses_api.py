@@ -43,6 +43,7 @@ from app.providers.base import Task
 from app.relay import Answer
 from app.routes import json_body
 from app.service import ChatService
+from app.store.base import to_json
 from app.tools import neutral_call
 
 bp = Blueprint("responses", __name__)
@@ -57,6 +58,7 @@ KNOWN = {"model", "input", "instructions", "tools", "tool_choice", "max_output_t
 RETRIEVE_QUERY = {"stream", "starting_after", "include", "include[]", "include_obfuscation"}
 SUMMARIES = (None, "auto", "concise", "detailed")
 NOT_FOUND = "no such response"
+MAX_USER_CHARS = 512
 
 
 def service() -> ChatService:
@@ -203,6 +205,16 @@ def _flag(data: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+def _user(value: Any) -> str | None:
+    """`user`, echoed in the stored Response object and in every event that carries it: as
+    short as a `metadata` value (no budget counts it otherwise)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_USER_CHARS:
+        raise invalid(f"'user' must be a string of at most {MAX_USER_CHARS} characters")
+    return value
+
+
 def _metadata(value: Any) -> dict[str, str]:
     if value is None:
         return {}
@@ -239,20 +251,26 @@ def stored(relay: ChatService, response_id: Any) -> tuple[dict[str, Any], list[d
     return head, records
 
 
-def referenced_item(relay: ChatService, item_id: Any) -> dict[str, Any]:
+def referenced_item(relay: ChatService, item_id: Any,
+                    read: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """An output item of one of the caller's stored responses, by its id (`msg_`, `fc_` or `rs_`,
-    then the response's conversation id and the item's index: see `response_item_id`)."""
+    then the response's conversation id and the item's index: see `response_item_id`). `read`
+    keeps the output items of each response already read for this request: a request may
+    name one response's items hundreds of times, and its conversation may weigh megabytes."""
     kind, _, rest = item_id.partition("_") if isinstance(item_id, str) else ("", "", "")
     conversation_id = rest.rpartition("_")[0]
     found = None
     if kind in ("msg", "fc", "rs") and ID_PATTERN.fullmatch(conversation_id):
-        try:
-            head, records = stored(relay, f"resp_{conversation_id}")
-        except ApiError:
-            head, records = {}, []
-        record = recorded(head, records) if head else None
-        items = output_items(f"resp_{conversation_id}", record, head.get("summaries", False)) if record else []
-        found = next((item for item in items if item["id"] == item_id), None)
+        read = {} if read is None else read
+        if conversation_id not in read:
+            try:
+                head, records = stored(relay, f"resp_{conversation_id}")
+            except ApiError:
+                head, records = {}, []
+            record = recorded(head, records) if head else None
+            read[conversation_id] = output_items(f"resp_{conversation_id}", record,
+                                                 head.get("summaries", False)) if record else []
+        found = next((item for item in read[conversation_id] if item["id"] == item_id), None)
     if found is None:
         raise invalid(f"item_reference: no item '{str(item_id)[:100]}' among your stored responses")
     return found
@@ -342,7 +360,8 @@ def parse_response_request(data: dict[str, Any], relay: ChatService) -> tuple[Ch
             raise invalid("the previous response has not ended yet")
         history = relay.conversations.replayable(records)
     names = {c["id"]: c["name"] for m in history for c in m.get("tool_calls", ())}
-    messages = neutral_input(data.get("input"), settings, names, lambda item_id: referenced_item(relay, item_id))
+    read: dict[str, list[dict[str, Any]]] = {}
+    messages = neutral_input(data.get("input"), settings, names, lambda item_id: referenced_item(relay, item_id, read))
     # Within the history budget, less what the input takes: what is sent stays within the
     # request budget (app/budget.py counts it all).
     history = relay.conversations.bounded(history, reserve=sum(len(images.text_of(m["content"])) for m in messages),
@@ -359,7 +378,7 @@ def parse_response_request(data: dict[str, Any], relay: ChatService) -> tuple[Ch
         "tool_choice": data.get("tool_choice") or "auto", "tools": echoed_tools,
         "top_p": top_p if isinstance(top_p, int | float) and not isinstance(top_p, bool) else None,
         "truncation": "disabled", "usage": None,
-        "user": data.get("user") if isinstance(data.get("user"), str) else None,
+        "user": _user(data.get("user")),
     }
     task = Task(messages=history + messages, model=model, system=instructions, temperature=temperature,
                 max_tokens=limit, tools=tools, tool_choice=choice, reasoning=effort)
@@ -430,7 +449,9 @@ def create_response():
     head = how["head"]
     wire = ResponseEvents(head["response"], head["summaries"])
     if how["background"]:
-        conversation_id, reading = relay.start_background(g.caller, chat, wire)
+        # Its log repeats the Response object (response.created, .in_progress, the end).
+        conversation_id, reading = relay.start_background(
+            g.caller, chat, wire, log_bytes=3 * len(to_json(head["response"]).encode()))
         if how["stream"]:
             return relay.sse(reading, retry=False)
         return jsonify({**head["response"], "id": f"resp_{conversation_id}", "status": "queued"})

@@ -424,19 +424,29 @@ class ChatService:
 
     # -- background answers (OpenAI's Responses API, app/responses_api.py)
     def start_background(self, caller: Caller, chat: ChatRequest, wire: Any,
-                         transport: str = "responses") -> tuple[str, Reading]:
+                         transport: str = "responses", log_bytes: int = 0) -> tuple[str, Reading]:
         """Start an answer that runs to its end whether or not anyone reads it; only
         `stop_stream` stops it. Its log goes to the store, so it can be read from the start
         on any worker or host. Returns its conversation id and a reading of it here (whose
-        reader leaving changes nothing)."""
+        reader leaving changes nothing).
+
+        `log_bytes`, what the log repeats of the request (the wire's echo of it), counts
+        against the caller's storage quota for as long as such a log may be kept (its answer,
+        then STREAM_LOG_TTL): deleting the conversation leaves the log, so without this a
+        create-and-delete loop would fill the store."""
         check_budget(chat.task, self.settings)
         self._check_model(chat)
         stream_id = new_id()
         self.access.open_stream(caller.id, stream_id)
+        metered = self.conversations.store if isinstance(self.conversations.store, MeteredStore) else None
         try:
+            if metered is not None:
+                metered.hold(caller.id, f"log:{stream_id}", log_bytes, 2 * self.settings.STREAM_LOG_TTL)
             conversation_id, task, _ = self.conversations.begin(caller, chat, stream_id)
         except BaseException:
             self.access.close_stream(caller.id, stream_id)
+            if metered is not None:
+                metered.unhold(caller.id, f"log:{stream_id}", log_bytes)
             raise
         generation = self._start(chat, task, conversation_id, stream_id, caller.id, resumable=True, wire=wire,
                                  transport=transport)

@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from app.json_depth import MAX_DEPTH, json_nesting
 from app.providers.base import Cancellation, Delta, Finish, Meta, Provider, Reasoning, Signed, Task, Text, ToolCall
 
 PREVIEW_CHARS = 200
@@ -117,6 +118,9 @@ class Toolbox:
         tool = self.tools.get(call.name)
         if tool is None:
             return ToolResult(call, f"error: there is no tool named {call.name!r}", False)
+        if json_nesting(call.arguments or "") > MAX_DEPTH:  # a model's text: the parser must not recurse unbounded
+            return ToolResult(call, f"error: the arguments are not valid JSON (they nest deeper than {MAX_DEPTH} "
+                                    f"levels)", False)
         try:
             arguments = json.loads(call.arguments or "{}")
             if not isinstance(arguments, dict):

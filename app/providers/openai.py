@@ -11,10 +11,12 @@ import json
 from typing import Any
 
 from app.decoders import SseEvent
+from app.images import images_in
 from app.providers.base import (
     Delta,
     Finish,
     HttpProvider,
+    ProviderError,
     Reasoning,
     Task,
     Text,
@@ -228,3 +230,13 @@ class CompatibleProvider(OpenAIProvider):
 
     key_required = False
     max_tokens_field = "max_tokens"  # what the local servers understand
+    # A server the operator runs, often inside its network, that fetches an image URL itself
+    # (vLLM, llama.cpp): a client's URL would be a request from there. Bytes only.
+    takes_image_urls = False
+
+    def build_request(self, task: Task) -> tuple[str, dict[str, str], dict[str, Any]]:
+        # Routes refuse a URL for this provider; a fallback (LLM_FALLBACKS) must refuse it too.
+        if any(part.get("url") for part in images_in(task.messages)):
+            raise ProviderError("invalid_request", f"{self.name} takes images as data: URLs only, not by web URL",
+                                status=400)
+        return super().build_request(task)
