@@ -378,6 +378,8 @@ class Access:
 # ceil(n / QUOTA_UNIT) of its owner's slots. Small enough that rounding costs little (a
 # 64 MiB quota is 4096 slots), large enough that a turn takes one or two slot writes.
 QUOTA_UNIT = 16_384
+# A slot limit no caller reaches: what is already stored is counted whatever the quota.
+PAST_THE_QUOTA = 2**31 - 1
 # Callers that are the application itself (the Python API outside any request), not clients.
 UNMETERED = "local:"
 
@@ -408,14 +410,14 @@ class MeteredStore:
                         owner: str = "") -> ConversationInfo | None:
         holder, held = self._hold(conversation_id, messages, ttl, owner, refuse=True)
         info = self.store.append_messages(conversation_id, messages, ttl, owner)
-        self._keep(conversation_id, holder, held, ttl, info is not None)
+        self._keep(conversation_id, holder, held, ttl, info)
         return info
 
     def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float,
                        owner: str = "") -> ConversationInfo | None:
         holder, held = self._hold(conversation_id, [message], ttl, owner, refuse=False)
         info = self.store.append_message(conversation_id, message, ttl, owner)
-        self._keep(conversation_id, holder, held, ttl, info is not None)
+        self._keep(conversation_id, holder, held, ttl, info)
         return info
 
     def delete_conversation(self, conversation_id: str) -> bool:
@@ -475,15 +477,24 @@ class MeteredStore:
                                f"expire")
         return owner, needed
 
-    def _keep(self, conversation_id: str, owner: str, held: int, ttl: float, stored: bool) -> None:
-        """The conversation's slots live as long as it now does; a record its tombstone refused
-        (deleted while its answer ran) holds none."""
-        members = [(_quota_key(owner), f"{conversation_id}:{unit}") for unit in range(held)]
-        if stored and members:
-            self.store.refresh(members, ttl)
-        elif not stored:
-            for key, member in members:
-                self.store.release(key, member)
+    def _keep(self, conversation_id: str, owner: str, held: int, ttl: float,
+              info: ConversationInfo | None) -> None:
+        """The conversation's slots cover what it holds now and live as long as it does. Records
+        another request appended between this one's count and its append (two turns of one
+        conversation at once) are counted here, past the quota if need be, so the caller's next
+        request is refused: the store never holds more than is counted. A record its tombstone
+        refused (deleted while its answer ran) holds none."""
+        key = _quota_key(owner)
+        if info is None:
+            for unit in range(held):
+                self.store.release(key, f"{conversation_id}:{unit}")
+            return
+        if not held:  # not metered
+            return
+        total = max(held, _units(info.bytes))
+        for unit in range(held, total):
+            self.store.acquire(key, f"{conversation_id}:{unit}", PAST_THE_QUOTA, ttl)
+        self.store.refresh([(key, f"{conversation_id}:{unit}") for unit in range(total)], ttl)
 
 
 def _units(size: int) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
 import requests
 
 from tests.conftest import wait_until
@@ -90,10 +89,6 @@ def test_thinking_blocks_from_a_client_reach_only_an_anthropic_provider(make_app
     assert turn[0] == {"type": "thinking", "thinking": "I was told so.", "signature": genuine["signature"]}
 
 
-@pytest.mark.xfail(strict=True, reason="MeteredStore reads a conversation's size, takes the slots it lacks, then "
-                   "appends, in three store calls: requests that write one conversation at once take the same slots "
-                   "and store twice what they count. Needs the size read and the append in one store transaction "
-                   "(or slots taken from the size append_messages returns).")
 def test_concurrent_turns_of_one_conversation_cannot_share_their_quota_slots(make_app):
     """Two POST /api/chat/streams on one conversation at once (a client may have 16 tickets
     waiting and 8 answers running) each count the conversation from the same size: the
