@@ -31,7 +31,7 @@ from app.logs import REQUEST_ID
 from app.metrics import Metrics
 from app.protocols import RelayEvents
 from app.providers import Provider, ProviderError
-from app.providers.base import Cancellation, Task, Text
+from app.providers.domain import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
 from app.relay import (
     PRODUCER_ALIVE_SECONDS,

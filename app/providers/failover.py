@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
-from app.providers.base import Cancellation, Delta, Meta, Provider, ProviderError, RetryBudget, Task, Text, retrying
+from app.providers.domain import Cancellation, Delta, Meta, Provider, ProviderError, Task, Text
+from app.providers.transport import RetryBudget, retrying
 
 CONTINUE = ("Your previous answer was cut off by a technical problem. Continue it exactly where it stopped, "
             "mid-sentence if need be: do not repeat anything already written and do not add an introduction.")
