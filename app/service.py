@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -280,7 +281,7 @@ class ChatService:
         return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, slot,
                                          resumable=True, transport="postsse"), position)
 
-    def _adopt(self, stream_id: str) -> Any:
+    def _adopt(self, stream_id: str) -> StreamLog | None:
         """Continue an answer whose producer died (its process was restarted or killed), here.
 
         Exactly one process adopts it (the record is taken once), and takes the log over: a
@@ -380,7 +381,7 @@ class ChatService:
                 self.metrics.answer_ended(transport, chat.provider.name, chat.task.model, answer, started, None,
                                           len(answer.parts))
 
-    def _watch_client(self, sock: Any, cancel: Cancellation) -> threading.Event:
+    def _watch_client(self, sock: socket.socket | None, cancel: Cancellation) -> threading.Event:
         """Cancel `cancel` once the client on `sock` has gone (checked every heartbeat, as an
         SSE response does between frames: a WSGI app sees a departure only on its socket).
         Returns the event that ends the watch."""

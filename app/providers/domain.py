@@ -266,6 +266,9 @@ class Provider:
     # Whether the provider takes an image by its https URL (fetching it itself); one that does
     # not gets images as bytes only, and a URL is refused before the call (app/images.py).
     takes_image_urls = True
+    # Whether a final assistant turn is continued as is (Anthropic's prefill): failover then
+    # hands the answer so far over as that turn, with no instruction to continue it.
+    supports_prefill = False
 
     def attempt(self, task: Task, cancel: Cancellation) -> Iterator[Delta]:
         """One call, no retries (what failover and a request's retry budget build on)."""

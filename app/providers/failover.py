@@ -48,7 +48,7 @@ def continuation(task: Task, model: str, written: str, provider: Provider) -> Ta
     """The task for the next provider: the same request, with the answer so far as its beginning."""
     if not written:
         return replace(task, model=model)
-    if getattr(provider, "supports_prefill", False):
+    if provider.supports_prefill:
         # A final assistant turn is continued as is (it may not end in white space).
         return replace(task, model=model, messages=[*task.messages, {"role": "assistant", "content": written.rstrip()}])
     return replace(task, model=model, messages=[*task.messages, {"role": "assistant", "content": written},

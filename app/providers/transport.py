@@ -82,7 +82,7 @@ RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 MAX_ERROR_BODY = 64 * 1024
 
 
-def retry_after_from_headers(headers: Any) -> float | None:
+def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait, as the official SDKs read it: retry-after-ms, then retry-after."""
     value = headers.get("retry-after-ms")
     if value:
@@ -330,7 +330,7 @@ class HttpProvider(Provider):
 
         def run() -> None:
             try:
-                result: Any = send()
+                result: requests.Response | BaseException = send()
             except BaseException as exc:  # re-raised on the driver's thread
                 result = exc
             with settled:
