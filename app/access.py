@@ -24,6 +24,8 @@ import math
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -307,6 +309,38 @@ class Access:
 
     def close_reader(self, caller_id: str, reader_id: str) -> None:
         self._give(f"readers:{caller_id}", reader_id, self.max_readers)
+
+    @contextmanager
+    def stream_slot(self, caller_id: str, stream_id: str) -> Iterator[None]:
+        """`open_stream` for the block, `close_stream` when it ends, however it ends. A slot
+        that outlives the block (a stream's, held until its generation ends) is taken with
+        `ExitStack.enter_context` and handed on with `pop_all()`."""
+        self.open_stream(caller_id, stream_id)
+        try:
+            yield
+        finally:
+            self.close_stream(caller_id, stream_id)
+
+    @contextmanager
+    def reader_slot(self, caller_id: str, reader_id: str) -> Iterator[None]:
+        """`open_reader` for the block, `close_reader` when it ends (see `stream_slot`)."""
+        self.open_reader(caller_id, reader_id)
+        try:
+            yield
+        finally:
+            self.close_reader(caller_id, reader_id)
+
+    @contextmanager
+    def held_ticket(self, caller_id: str, ticket_id: str, ttl: float) -> Iterator[None]:
+        """`hold_ticket` for a ticket the block stores, given back if the block fails. A ticket
+        stored stays held after the block, until it is opened, stopped (`release_ticket`) or
+        expires."""
+        self.hold_ticket(caller_id, ticket_id, ttl)
+        try:
+            yield
+        except BaseException:
+            self.release_ticket(caller_id, ticket_id)
+            raise
 
     def _take(self, key: str, member: str, limit: int, refusal: str, message: str) -> None:
         """A slot of `key` (at most `limit` live at once, 0 = no cap), kept alive until given back."""

@@ -13,8 +13,8 @@ choice, not the caller's: they are never checked.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
+from app.config import Settings
 from app.errors import ApiError
 from app.providers import Provider
 
@@ -28,7 +28,7 @@ class AllowedModels:
         self.allowed = dict(allowed)
 
     @classmethod
-    def from_settings(cls, settings: Any, providers: Mapping[str, Provider]) -> AllowedModels:
+    def from_settings(cls, settings: Settings, providers: Mapping[str, Provider]) -> AllowedModels:
         """The defaults (listed, configured and aliased models) plus ALLOWED_MODELS; a malformed
         entry raises ValueError (refused at startup)."""
         from app.openai_api import parse_aliases  # that module builds on the service, which builds on this

@@ -31,7 +31,7 @@ from typing import Any
 from app import images
 from app.errors import ApiError
 from app.json_depth import MAX_DEPTH, json_nesting
-from app.providers.base import Task
+from app.providers.domain import Task
 
 
 @dataclass

@@ -25,7 +25,7 @@ from flask import Response, current_app, g, has_app_context, has_request_context
 from app.access import Caller
 from app.chat_request import ChatRequest
 from app.config import Settings, environment
-from app.metrics import Metrics, default_dir
+from app.metrics import default_dir
 from app.providers import build_providers
 from app.service import ChatService
 from app.store import open_store
@@ -47,7 +47,7 @@ def current_service() -> ChatService:
             settings = Settings.load(env)
             _default = ChatService.build(settings, build_providers(env, settings),
                                          open_store(settings.STORE_URL, "instance"),
-                                         Metrics(settings.METRICS_DIR or default_dir("instance")))
+                                         settings.METRICS_DIR or default_dir("instance"))
         return _default
 
 

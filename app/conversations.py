@@ -24,7 +24,7 @@ from app.access import Access, Caller
 from app.chat_request import ChatRequest
 from app.errors import ApiError
 from app.images import image_bytes, images_in, text_of
-from app.providers.base import Task
+from app.providers.domain import Task
 from app.relay import Answer, new_id
 from app.store import Store
 from app.store.base import to_json

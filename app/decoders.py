@@ -1,4 +1,4 @@
-"""Incremental decoders for upstream bytes: bytes -> lines -> SSE events (or JSON lines).
+"""Incremental decoders for upstream bytes: bytes -> lines -> SSE events.
 
 Each decoder has the same two methods, `decode(data)` for the next network chunk and
 `flush()` at end of stream, so they stack and test without sockets. Lines are cut on
@@ -178,24 +178,3 @@ class SseDecoder:
             # `retry` and unknown fields do not concern a server-side reader.
         return events
 
-
-class NdjsonDecoder:
-    """One JSON value per line (Ollama's native stream); blank lines are skipped."""
-
-    __slots__ = ("_lines",)
-
-    def __init__(self, max_line: int = 8 * 1024 * 1024) -> None:
-        self._lines = LineDecoder(max_line)
-
-    def decode(self, data: bytes) -> list[Any]:
-        return [self._parse(line) for line in self._lines.decode(data) if line.strip()]
-
-    def flush(self) -> list[Any]:
-        return [self._parse(line) for line in self._lines.flush() if line.strip()]
-
-    @staticmethod
-    def _parse(line: bytes) -> Any:
-        try:
-            return json.loads(line)
-        except ValueError as exc:
-            raise DecodeError(f"upstream sent a line that is not JSON: {line[:200]!r}") from exc

@@ -70,7 +70,7 @@ def error_response(status: int, type: str, message: str, headers: dict[str, str]
 def register_error_handlers(app: Flask) -> None:
     # Imported here, not at the top: the providers package loads every adapter, and adapters
     # use modules (app.images) that take ApiError from this one.
-    from app.providers.base import ProviderError
+    from app.providers.domain import ProviderError
 
     @app.errorhandler(ApiError)
     def api_error(err: ApiError):

@@ -12,7 +12,7 @@ from app import ai_sdk, logs, messages_api, openai_api, responses_api, websocket
 from app.access import install, parse_rate
 from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
-from app.metrics import Metrics, default_dir
+from app.metrics import default_dir
 from app.providers import build_providers
 from app.relay import new_id
 from app.routes import bp
@@ -47,9 +47,8 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
         raise ConfigError(f"LLM_PROVIDER={settings.LLM_PROVIDER!r} is not available here; known: "
                           f"{', '.join(sorted(providers))} (openai-compatible needs OPENAI_COMPATIBLE_BASE_URL "
                           "or OLLAMA_BASE_URL)")
-    metrics = Metrics(settings.METRICS_DIR or default_dir(app.instance_path))
     try:
-        service = ChatService.build(settings, providers, store, metrics)
+        service = ChatService.build(settings, providers, store, settings.METRICS_DIR or default_dir(app.instance_path))
     except ValueError as exc:  # LLM_FALLBACKS naming a provider this server does not have
         raise ConfigError(str(exc)) from exc
     app.extensions["llm_sse_relay"] = service

@@ -2,7 +2,7 @@
 sent upstream.
 
 Every way in (the relay API, `/v1/chat/completions`, `/api/chat/ui`, `/v1/messages`) turns
-its own image shape into one neutral part (see `Task` in app/providers/base.py):
+its own image shape into one neutral part (see `Task` in app/providers/domain.py):
 `{"type": "image", "media_type", "data"}` for bytes the client sent (base64) or
 `{"type": "image", "url"}` for an https URL. The relay never fetches a URL itself (no
 server-side request forgery): a URL goes to the provider as it is, and a provider that

@@ -25,7 +25,7 @@ from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model, service
 from app.protocols import AnthropicEvents, anthropic_failure, anthropic_stop_reason, anthropic_usage
 from app.providers import ProviderError
 from app.providers.anthropic import AnthropicProvider
-from app.providers.base import Provider, Task, parsed_arguments
+from app.providers.domain import Provider, Task, parsed_arguments
 from app.request_body import parse_json_object
 from app.service import ChatService, Reading
 
@@ -170,7 +170,7 @@ def _assistant_turn(content: Any, where: str, names: dict[str, str], signer: str
 
 
 def neutral_messages(value: Any, settings: Any, signer: str | None) -> list[dict[str, Any]]:
-    """Anthropic messages as the relay's provider-neutral messages (app/providers/base.py `Task`)."""
+    """Anthropic messages as the relay's provider-neutral messages (app/providers/domain.py `Task`)."""
     value = message_list(value, settings, "{role, content}")
     messages: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool_use id -> tool name, for the results that answer them

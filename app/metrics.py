@@ -106,7 +106,8 @@ def _alive(filename: str) -> bool:
 class Metrics:
     """The relay's metrics; every recording method is cheap and never raises."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, known_models: dict[str, set[str]] | None = None,
+                 known_tools: Any = None) -> None:
         # prometheus_client keeps one set of files per process: the first app of a process
         # decides the directory (a server runs one app per process; tests run many).
         directory = os.environ.setdefault(METRICS_DIR_ENV, directory)
@@ -140,9 +141,9 @@ class Metrics:
         self.tool_calls = Counter("relay_tool_calls", "Server-side tool calls", ["tool", "status"], registry=r)
         self.refusals = Counter("relay_refusals", "Requests refused by a limit", ["reason"], registry=r)
         self.store_errors = Counter("relay_store_errors", "Store operations that failed", registry=r)
-        # Set by the service: provider -> the model names it may label; the registered tools.
-        self.known_models: dict[str, set[str]] = {}
-        self.known_tools: Any = {}
+        # provider -> the model names it may label; the registered tools (others are "other").
+        self.known_models: dict[str, set[str]] = known_models or {}
+        self.known_tools: Any = {} if known_tools is None else known_tools
 
     def model_label(self, provider: str, model: str) -> str:
         return bounded(model, self.known_models.get(provider, ()))

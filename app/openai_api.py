@@ -30,9 +30,9 @@ from app.chat_request import (
 )
 from app.errors import ApiError
 from app.protocols import THINKING_BLOCKS, OpenAIChunks, openai_finish, openai_tool_call, openai_usage, thinking_blocks
-from app.providers import Provider, offered
+from app.providers import Provider
 from app.providers.anthropic import AnthropicProvider
-from app.providers.base import Task
+from app.providers.domain import Task
 from app.request_body import parse_json_object
 from app.service import ChatService
 
@@ -85,7 +85,7 @@ def resolve_model(name: Any, providers: dict[str, Provider], settings: Any) -> t
 
 def model_list(providers: dict[str, Provider], settings: Any) -> list[dict[str, Any]]:
     seen, out = set(), []
-    names = [f"{n}/{m}" for n, p in providers.items() if offered(p) for m in p.models]
+    names = [f"{n}/{m}" for n, p in providers.items() if p.configured for m in p.models]
     names += [a for a, target in parse_aliases(settings.MODEL_ALIASES).items()
               if providers.get(target.partition("/")[0]) is not None]
     for name in names:

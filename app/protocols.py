@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import anthropic_error_type
-from app.providers.base import Signed, ToolCall
+from app.providers.domain import Signed, ToolCall
 from app.sse import encode_event, encode_json, encode_token
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from app.logs import REQUEST_ID
 from app.protocols import Ending, RelayEvents
 from app.providers import Provider, ProviderError, Task
-from app.providers.base import Cancellation, Finish, Idle, Meta, Reasoning, Signed, Text, ToolCall, Usage
+from app.providers.domain import Cancellation, Finish, Idle, Meta, Reasoning, Signed, Text, ToolCall, Usage
 from app.sse import RETRY_MS, StreamLog, encode_event
 from app.store import Store
 from app.tools import Tool, answer_deltas

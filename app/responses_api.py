@@ -39,7 +39,7 @@ from app.protocols import (
     response_item_id,
     response_usage,
 )
-from app.providers.base import Task
+from app.providers.domain import Task
 from app.relay import Answer
 from app.routes import json_body
 from app.service import ChatService

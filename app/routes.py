@@ -13,7 +13,6 @@ from flask import Blueprint, Response, current_app, g, jsonify, render_template,
 
 from app.access import Caller
 from app.errors import ApiError
-from app.providers import offered
 from app.request_body import parse_json_object
 from app.service import ChatService, Reading
 from app.websocket import websocket_offered
@@ -68,7 +67,7 @@ def capabilities_of_this_server() -> dict[str, Any]:
     if websocket_offered(request.environ):
         transports.append("ws")
     providers = {name: {"models": list(p.models), "default_model": p.default_model}
-                 for name, p in relay.providers.items() if offered(p)}
+                 for name, p in relay.providers.items() if p.configured}
     return {"transports": transports, "providers": providers, "default_provider": relay.settings.LLM_PROVIDER,
             "auth": relay.access.enabled, "max_url_bytes": relay.settings.MAX_URL_BYTES}
 

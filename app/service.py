@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flask import Response, has_request_context, request
@@ -25,13 +27,14 @@ from app.access import Access, Caller, MeteredStore
 from app.allowed_models import AllowedModels
 from app.budget import check_budget
 from app.chat_request import ID_PATTERN, ChatRequest, parse_chat_request
+from app.config import Settings
 from app.conversations import Conversations
 from app.errors import ApiError
 from app.logs import REQUEST_ID
 from app.metrics import Metrics
 from app.protocols import RelayEvents
 from app.providers import Provider, ProviderError
-from app.providers.base import Cancellation, Task, Text
+from app.providers.domain import Cancellation, Task, Text
 from app.providers.failover import FailoverProvider, continuation, parse_fallbacks
 from app.relay import (
     PRODUCER_ALIVE_SECONDS,
@@ -66,6 +69,17 @@ class Reading:
     on_close: Callable[[bool], None] | None = None
     stop: Callable[[], None] | None = None
 
+    def releasing(self, slot: ExitStack) -> Reading:
+        """This reading, with `slot` given back when its reader leaves (after its own `on_close`)."""
+        left = self.on_close
+
+        def on_close(completed: bool) -> None:
+            with slot:
+                if left is not None:
+                    left(completed)
+
+        return replace(self, on_close=on_close)
+
 
 @dataclass(frozen=True)
 class Ticket:
@@ -97,7 +111,7 @@ class Ticket:
 
 
 class ChatService:
-    def __init__(self, settings: Any, providers: dict[str, Provider], store: Store, access: Access,
+    def __init__(self, settings: Settings, providers: dict[str, Provider], store: Store, access: Access,
                  relay: Relay, conversations: Conversations, metrics: Metrics,
                  fallbacks: list[tuple[Provider, str]] | None = None, allowed: AllowedModels | None = None
                  ) -> None:
@@ -112,15 +126,18 @@ class ChatService:
         self.conversations = conversations
 
     @classmethod
-    def build(cls, settings: Any, providers: dict[str, Provider], store: Store, metrics: Metrics) -> ChatService:
+    def build(cls, settings: Settings, providers: dict[str, Provider], store: Store, metrics_dir: str) -> ChatService:
+        """The service and everything it owns, built whole; its metrics (in `metrics_dir`) label
+        only the models and tools this server has."""
+        allowed = AllowedModels.from_settings(settings, providers)
+        fallbacks = parse_fallbacks(settings.LLM_FALLBACKS, providers)
+        known_models = {name: {*p.models, p.default_model, *allowed.named(name),
+                               *(m for f, m in fallbacks if f.name == name)} for name, p in providers.items()}
+        # The tool registry itself: tools registered later count too.
+        metrics = Metrics(metrics_dir, known_models=known_models, known_tools=toolbox.tools)
         access = Access(settings, store, on_refusal=metrics.refused)
         # Conversations store through the quota: every record counts against its owner.
         conversations = Conversations(MeteredStore(store, settings.STORAGE_QUOTA_BYTES), settings, access)
-        allowed = AllowedModels.from_settings(settings, providers)
-        fallbacks = parse_fallbacks(settings.LLM_FALLBACKS, providers)
-        metrics.known_models = {name: {*p.models, p.default_model, *allowed.named(name),
-                                       *(m for f, m in fallbacks if f.name == name)} for name, p in providers.items()}
-        metrics.known_tools = toolbox.tools  # the registry itself: tools registered later count too
         return cls(settings, providers, store, access, Relay(settings, store, on_store_error=metrics.store_failed),
                    conversations, metrics, fallbacks, allowed)
 
@@ -151,14 +168,12 @@ class ChatService:
         check_budget(chat.task, self.settings)
         self._check_model(chat)
         stream_id = new_id()
-        self.access.open_stream(caller.id, stream_id)
-        try:
+        with ExitStack() as slot:
+            slot.enter_context(self.access.stream_slot(caller.id, stream_id))
             conversation_id, task = self._begin(caller, chat, stream_id)
-        except BaseException:
-            self.access.close_stream(caller.id, stream_id)
-            raise
-        return self._reading(self._start(chat, task, conversation_id, stream_id, caller.id, resumable=False,
-                                         wire=wire, transport=transport), 0)
+            generation = self._start(chat, task, conversation_id, stream_id, caller.id, slot.pop_all(),
+                                     resumable=False, wire=wire, transport=transport)
+        return self._reading(generation, 0)
 
     def sse(self, reading: Reading, retry: bool = True, headers: dict[str, str] | None = None,
             keepalive: bytes = HEARTBEAT) -> Response:
@@ -177,16 +192,12 @@ class ChatService:
         self._check_model(chat)
         ticket_id = new_id()
         ttl = self.settings.STREAM_TICKET_TTL
-        self.access.hold_ticket(caller.id, ticket_id, ttl)
-        try:
+        with self.access.held_ticket(caller.id, ticket_id, ttl):
             conversation_id, task, position = self.conversations.begin(caller, chat, ticket_id)
             ticket = Ticket(caller.id, chat.provider.name, task.model, conversation_id, position, task.system,
                             task.temperature, task.max_tokens, tuple(t.name for t in chat.tools),
                             reasoning=task.reasoning)
             self.store.put_ticket(ticket_id, ticket.to_dict(), ttl)
-        except BaseException:
-            self.access.release_ticket(caller.id, ticket_id)
-            raise
         return {"id": ticket_id, "stream_url": f"/api/chat/streams/{ticket_id}", "conversation_id": conversation_id}
 
     def open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None,
@@ -209,27 +220,11 @@ class ChatService:
             raise ApiError(404, "not_found", "no such stream (unknown, or expired)")
         if reader is None:
             return self._open_stream(caller, stream_id, last_event_id)
-        slot = new_id()
-        self.access.open_reader(reader, slot)
-        try:
+        with ExitStack() as slot:
+            slot.enter_context(self.access.reader_slot(reader, new_id()))
             reading = self._open_stream(caller, stream_id, last_event_id)
-        except BaseException:
-            self.access.close_reader(reader, slot)
-            raise
-        if reading is None:
-            self.access.close_reader(reader, slot)
-            return None
-        left = reading.on_close
-
-        def on_close(completed: bool) -> None:
-            try:
-                if left is not None:
-                    left(completed)
-            finally:
-                self.access.close_reader(reader, slot)
-
-        reading.on_close = on_close
-        return reading
+            # Nothing to read (None): the slot is given back now; else when the reader leaves.
+            return None if reading is None else reading.releasing(slot.pop_all())
 
     def _stream_exists(self, stream_id: str) -> bool:
         """Whether the id is a stream here, a ticket, or a log in the store (reads only)."""
@@ -268,25 +263,25 @@ class ChatService:
             ticket = Ticket.from_dict(data)
         except (TypeError, KeyError):  # kept by an older version of the app: it cannot be opened
             raise ApiError(404, "not_found", "no such stream (unknown, or expired)") from None
-        try:
+        with ExitStack() as refused:
+            refused.callback(self.store.put_ticket, stream_id, data, self.settings.STREAM_TICKET_TTL)
             self._owner_check(caller, ticket.owner)
             provider = self.providers.get(ticket.provider)
             if provider is None or not provider.configured:
                 raise ApiError(400, "provider_not_configured", f"provider '{ticket.provider}' is not available")
             messages = self.conversations.history_at(ticket.conversation_id, ticket.position, stream_id)
-            self.access.open_stream(ticket.owner, stream_id)
-        except BaseException:
-            self.store.put_ticket(stream_id, data, self.settings.STREAM_TICKET_TTL)
-            raise
+            slot = ExitStack()  # held until the generation ends
+            slot.enter_context(self.access.stream_slot(ticket.owner, stream_id))
+            refused.pop_all()  # opened: the ticket is not put back
         self.access.release_ticket(ticket.owner, stream_id)
         # Kept while the answer runs: if this process dies (a restart), another one adopts it.
         self.store.put_ticket(ADOPT + stream_id, data, self.settings.STREAM_LOG_TTL)
         task = ticket.task(messages)
         chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
-        return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True,
-                                         transport="postsse"), position)
+        return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, slot,
+                                         resumable=True, transport="postsse"), position)
 
-    def _adopt(self, stream_id: str) -> Any:
+    def _adopt(self, stream_id: str) -> StreamLog | None:
         """Continue an answer whose producer died (its process was restarted or killed), here.
 
         Exactly one process adopts it (the record is taken once), and takes the log over: a
@@ -316,7 +311,11 @@ class ChatService:
         task = continuation(ticket.task(messages), ticket.model, written, provider)
         chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
         logger.info("stream %s: adopted after %d characters (its producer stopped)", stream_id, len(written))
-        generation = self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, resumable=True,
+        # The dead producer's stream slot (it expires by itself within SLOT_TTL) is given back
+        # when this answer ends.
+        slot = ExitStack()
+        slot.callback(self.access.close_stream, ticket.owner, stream_id)
+        generation = self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, slot, resumable=True,
                                  transport="postsse", resumed=Adopted(frames, written, lease))
         return generation.log
 
@@ -330,7 +329,7 @@ class ChatService:
             return
         data = self.store.take_ticket(stream_id)
         if data is not None:  # never opened: forgetting the payload is stopping it
-            owner = data.get("owner")
+            owner = data.get("owner") or ""
             if not self.access.owns(caller, owner):
                 self.store.put_ticket(stream_id, data, self.settings.STREAM_TICKET_TTL)
                 self._owner_check(caller, owner)
@@ -355,7 +354,10 @@ class ChatService:
         self._check_model(chat)
         check_budget(chat.task, self.settings)
         request_id = new_id()
-        self.access.open_stream(caller.id, request_id)
+        with self.access.stream_slot(caller.id, request_id):
+            return self._answer(caller, chat, request_id, transport)
+
+    def _answer(self, caller: Caller, chat: ChatRequest, request_id: str, transport: str) -> tuple[str, str, Answer]:
         started, answer = time.monotonic(), Answer()
         self.metrics.stream_opened(transport)
         cancel = Cancellation()
@@ -374,13 +376,12 @@ class ChatService:
             self._finish(conversation_id, request_id, answer, caller.id)
             return request_id, conversation_id, answer
         finally:
-            self.access.close_stream(caller.id, request_id)
             self.metrics.stream_closed(transport)
             if answer.outcome != "running":
                 self.metrics.answer_ended(transport, chat.provider.name, chat.task.model, answer, started, None,
                                           len(answer.parts))
 
-    def _watch_client(self, sock: Any, cancel: Cancellation) -> threading.Event:
+    def _watch_client(self, sock: socket.socket | None, cancel: Cancellation) -> threading.Event:
         """Cancel `cancel` once the client on `sock` has gone (checked every heartbeat, as an
         SSE response does between frames: a WSGI app sees a departure only on its socket).
         Returns the event that ends the watch."""
@@ -402,16 +403,14 @@ class ChatService:
         """The answer's text pieces (the Python API's ask_stream); holds a stream slot while open."""
         self._check_model(chat)
         check_budget(chat.task, self.settings)
-        request_id = new_id()
-        self.access.open_stream(caller.id, request_id)
         cancel = Cancellation()
-        try:
-            for delta in self._serving(chat.provider).stream(chat.task, cancel):
-                if delta.__class__ is Text:
-                    yield delta.text
-        finally:
-            cancel.cancel("closed")
-            self.access.close_stream(caller.id, request_id)
+        with self.access.stream_slot(caller.id, new_id()):
+            try:
+                for delta in self._serving(chat.provider).stream(chat.task, cancel):
+                    if delta.__class__ is Text:
+                        yield delta.text
+            finally:
+                cancel.cancel("closed")
 
     # -- conversations
     def conversation(self, caller: Caller, conversation_id: str) -> list[dict[str, Any]]:
@@ -437,19 +436,16 @@ class ChatService:
         check_budget(chat.task, self.settings)
         self._check_model(chat)
         stream_id = new_id()
-        self.access.open_stream(caller.id, stream_id)
         metered = self.conversations.store if isinstance(self.conversations.store, MeteredStore) else None
-        try:
+        with ExitStack() as slot, ExitStack() as undo:
+            slot.enter_context(self.access.stream_slot(caller.id, stream_id))
             if metered is not None:
                 metered.hold(caller.id, f"log:{stream_id}", log_bytes, 2 * self.settings.STREAM_LOG_TTL)
+                undo.callback(metered.unhold, caller.id, f"log:{stream_id}", log_bytes)
             conversation_id, task, _ = self.conversations.begin(caller, chat, stream_id)
-        except BaseException:
-            self.access.close_stream(caller.id, stream_id)
-            if metered is not None:
-                metered.unhold(caller.id, f"log:{stream_id}", log_bytes)
-            raise
-        generation = self._start(chat, task, conversation_id, stream_id, caller.id, resumable=True, wire=wire,
-                                 transport=transport)
+            generation = self._start(chat, task, conversation_id, stream_id, caller.id, slot.pop_all(),
+                                     resumable=True, wire=wire, transport=transport)
+            undo.pop_all()  # kept once started: the log outlives the answer and a deleted response
         # No reader drives it (there may be none) and none joins it: no reader's leaving,
         # and no grace period, ends it.
         if generation.claim_driver():
@@ -460,9 +456,8 @@ class ChatService:
         """A background answer's log from its start, wherever it is produced (the route has
         checked that the caller owns it). Holds one of the reader's MAX_READERS_PER_CLIENT
         slots while open."""
-        slot = new_id()
-        self.access.open_reader(reader, slot)
-        try:
+        with ExitStack() as slot:
+            slot.enter_context(self.access.reader_slot(reader, new_id()))
             generation = self.relay.resumable(stream_id)
             if generation is not None:
                 log: StreamLog | StoreLogView = generation.log
@@ -470,10 +465,7 @@ class ChatService:
                 log = StoreLogView(self.store, stream_id)
             else:
                 raise ApiError(404, "not_found", "the events of this response are no longer kept")
-        except BaseException:
-            self.access.close_reader(reader, slot)
-            raise
-        return Reading(log, 0, on_close=lambda completed: self.access.close_reader(reader, slot))
+            return Reading(log).releasing(slot.pop_all())
 
     def background_running(self, stream_id: str) -> bool:
         """Whether a background answer is still being produced, here or in another process that
@@ -488,17 +480,18 @@ class ChatService:
 
     # -- shared steps
     def _start(self, chat: ChatRequest, task: Task, conversation_id: str, stream_id: str, owner: str,
-               resumable: bool, wire: Any = None, transport: str = "sse", resumed: Adopted | None = None
-               ) -> Generation:
-        """Produce `task` (the request with its history) as a generation bound to `owner`."""
-        access, metrics = self.access, self.metrics
+               slot: ExitStack, resumable: bool, wire: Any = None, transport: str = "sse",
+               resumed: Adopted | None = None) -> Generation:
+        """Produce `task` (the request with its history) as a generation bound to `owner`; `slot`
+        (the owner's stream slot) is given back when the generation ends."""
+        metrics = self.metrics
 
         def record(generation: Generation) -> None:
             if generation.cancel.reason != SUPERSEDED:  # else the adopter records the answer
                 self._finish(generation.conversation_id, generation.id, generation.answer, owner)
 
         def release(generation: Generation) -> None:
-            access.close_stream(owner, generation.id)
+            slot.close()
             if resumable and generation.cancel.reason != SUPERSEDED:  # ended here: nothing left to adopt
                 try:
                     self.store.take_ticket(ADOPT + generation.id)

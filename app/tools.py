@@ -30,7 +30,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from app.json_depth import MAX_DEPTH, json_nesting
-from app.providers.base import Cancellation, Delta, Finish, Meta, Provider, Reasoning, Signed, Task, Text, ToolCall
+from app.providers.domain import Cancellation, Delta, Finish, Meta, Provider, Reasoning, Signed, Task, Text, ToolCall
 
 PREVIEW_CHARS = 200
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}

@@ -137,3 +137,44 @@ def test_ipv6_client_prefix_is_a_setting(make_app):
     for bad in ("-1", "129", "x"):
         with pytest.raises(ConfigError):
             make_app(IPV6_CLIENT_PREFIX=bad)
+
+
+def test_slots_are_given_back_by_their_context_managers():
+    """A slot taken for a block is given back when the block ends, however it ends; one handed
+    on (`ExitStack.pop_all`) only when its new owner closes it; a ticket stays held once stored."""
+    from contextlib import ExitStack
+
+    from app.access import Access
+    from app.config import Settings
+    from app.errors import ApiError
+    from app.store import MemoryStore
+
+    access = Access(Settings.load({"MAX_STREAMS_PER_CLIENT": "1", "MAX_READERS_PER_CLIENT": "1",
+                                   "MAX_TICKETS_PER_CLIENT": "1"}), MemoryStore(), on_refusal=lambda reason: None)
+
+    def refused(take) -> bool:
+        try:
+            with take():
+                return False
+        except ApiError as err:
+            return err.status == 429
+
+    with pytest.raises(RuntimeError):
+        with access.stream_slot("alice", "s1"):
+            assert refused(lambda: access.stream_slot("alice", "s2"))
+            raise RuntimeError("the block fails")
+    assert not refused(lambda: access.stream_slot("alice", "s3"))
+    with ExitStack() as block:
+        block.enter_context(access.reader_slot("alice", "r1"))
+        handed_on = block.pop_all()
+    assert refused(lambda: access.reader_slot("alice", "r2"))
+    handed_on.close()
+    assert not refused(lambda: access.reader_slot("alice", "r3"))
+    with pytest.raises(RuntimeError):
+        with access.held_ticket("alice", "t1", 60):
+            raise RuntimeError("not stored")
+    with access.held_ticket("alice", "t2", 60):
+        pass  # stored: held until opened
+    assert refused(lambda: access.held_ticket("alice", "t3", 60))
+    access.release_ticket("alice", "t2")
+    assert not refused(lambda: access.held_ticket("alice", "t4", 60))

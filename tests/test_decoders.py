@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.decoders import DecodeError, LineDecoder, NdjsonDecoder, SseDecoder
+from app.decoders import DecodeError, LineDecoder, SseDecoder
 
 
 def feed(decoder, data: bytes, cuts: list[int]):
@@ -69,17 +69,6 @@ def test_sse_three_way_cuts_inside_multibyte_characters():
         for j in range(i, len(data)):
             events = feed(SseDecoder(), data, [i, j])
             assert [e.data for e in events] == ['"日本語🚀"']
-
-
-def test_ndjson_objects_per_line():
-    data = b'{"a": 1}\n\n{"b": "\xc3\xa9"}\r\n{"c": 3}'
-    for cuts in every_two_way_split(data):
-        assert feed(NdjsonDecoder(), data, cuts) == [{"a": 1}, {"b": "é"}, {"c": 3}]
-
-
-def test_ndjson_garbage_is_a_decode_error():
-    with pytest.raises(DecodeError):
-        NdjsonDecoder().decode(b"not json\n")
 
 
 def test_chunked_transfer_decoding_for_every_cut():

@@ -754,7 +754,7 @@ def test_deep_tool_call_arguments_are_refused_on_input(upstream, client):
 def test_the_anthropic_adapter_survives_deep_arguments_from_anywhere():
     """Arguments a model wrote (replayed from a stored conversation) never passed the input check."""
     from app.providers.anthropic import anthropic_messages
-    from app.providers.base import Task
+    from app.providers.domain import Task
     task = Task(messages=[{"role": "user", "content": "hi"},
                           {"role": "assistant", "content": "", "tool_calls": [
                               {"id": "t", "name": "f", "arguments": DEEP_ARGUMENTS}]},
@@ -876,7 +876,7 @@ def test_the_budget_counts_content_parts_whatever_their_kind():
     from app.budget import check_budget
     from app.config import Settings
     from app.errors import ApiError
-    from app.providers.base import Task
+    from app.providers.domain import Task
 
     settings = Settings(MAX_PROMPT_CHARS=100, MAX_MESSAGES=5, MAX_IMAGES=2, MAX_IMAGE_TOTAL_BYTES=750)
 

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.protocols import AnthropicEvents, Ending
-from app.providers.base import Signed, ToolCall
+from app.providers.domain import Signed, ToolCall
 from tests.conftest import require, run_node
 from tests.fake_upstream import (
     BODIES,

@@ -13,17 +13,7 @@ from openai.types.responses.response_create_params import ResponseCreateParamsSt
 from app.config import ConfigError, Settings
 from app.protocols import RelayEvents
 from app.providers import build_providers
-from app.providers.base import (
-    Cancellation,
-    Finish,
-    ProviderError,
-    Reasoning,
-    Signed,
-    Task,
-    Text,
-    ToolCall,
-    Usage,
-)
+from app.providers.domain import Cancellation, Finish, ProviderError, Reasoning, Signed, Task, Text, ToolCall, Usage
 from app.providers.openai import OpenAIProvider
 from app.providers.openai_responses import OpenAIResponsesProvider, StopScanner
 from tests.conftest import app_config, open_stream, provider_env, text_of

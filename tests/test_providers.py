@@ -8,7 +8,7 @@ import responses
 
 from app.config import Settings
 from app.providers import build_providers
-from app.providers.base import (
+from app.providers.domain import (
     Cancellation,
     Finish,
     Meta,
@@ -19,8 +19,8 @@ from app.providers.base import (
     Text,
     ToolCall,
     Usage,
-    retry_after_from_headers,
 )
+from app.providers.transport import retry_after_from_headers
 from tests.conftest import PROVIDERS, provider_env
 from tests.fake_upstream import (
     BODIES,

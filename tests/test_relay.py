@@ -7,7 +7,7 @@ import threading
 from types import SimpleNamespace
 
 from app.protocols import Ending, OpenAIChunks, RelayEvents, UiMessageStream
-from app.providers.base import IDLE, WAITING, Finish, Provider, Reasoning, Signed, Text, Usage, idle_wait
+from app.providers.domain import IDLE, WAITING, Finish, Provider, Reasoning, Signed, Text, Usage, idle_wait
 from app.relay import DrivenLog, Relay, collect
 from app.sse import HEARTBEAT, SseBody
 from app.store import MemoryStore

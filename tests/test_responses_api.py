@@ -18,7 +18,7 @@ import requests
 from openai.types.responses import Response, ResponseStreamEvent
 
 from app.protocols import Ending, ResponseEvents
-from app.providers.base import ToolCall
+from app.providers.domain import ToolCall
 from app.responses_api import EventsAfter
 from app.sse import StreamLog
 from tests.conftest import run_node, wait_until

@@ -10,12 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from app.config import Settings
 from app.providers.anthropic import AnthropicProvider
-from app.providers.base import HttpProvider, Provider, ProviderError, Task, UpstreamPolicy
 from app.providers.demo import DemoProvider
+from app.providers.domain import Provider, ProviderError, Task
 from app.providers.gemini import GeminiProvider
 from app.providers.openai import CompatibleProvider, GroqProvider, MistralProvider, OpenAIProvider
 from app.providers.openai_responses import OpenAIResponsesProvider
+from app.providers.transport import HttpProvider, UpstreamPolicy
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ SPECS: dict[str, ProviderSpec] = {
 OPENAI_APIS: dict[str, type[HttpProvider]] = {"chat": OpenAIProvider, "responses": OpenAIResponsesProvider}
 
 
-def build_providers(env: Mapping[str, Any], settings: Any) -> dict[str, Provider]:
+def build_providers(env: Mapping[str, Any], settings: Settings) -> dict[str, Provider]:
     """The providers this server has, built from the environment; `configured` says which can run.
 
     Hosted providers are always known (a request for one without its key is told so);
@@ -58,19 +60,12 @@ def build_providers(env: Mapping[str, Any], settings: Any) -> dict[str, Provider
     only while it is the default or DEMO_ENABLED says so: it answers from this
     server's CPU, which nobody should be able to spend beside a paid provider.
     """
-    policy = UpstreamPolicy(
-        connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
-        read_timeout=settings.UPSTREAM_READ_TIMEOUT,
-        max_retries=settings.UPSTREAM_MAX_RETRIES,
-        retry_base=settings.UPSTREAM_RETRY_BASE_SECONDS,
-        retry_max_wait=settings.UPSTREAM_RETRY_MAX_WAIT,
-        pool_size=settings.UPSTREAM_POOL_SIZE,
-    )
+    policy = UpstreamPolicy.from_settings(settings)
     providers: dict[str, Provider] = {}
     if settings.demo_enabled:
-        providers["demo"] = DemoProvider(settings.DEMO_TOKENS_PER_SECOND, settings.DEMO_FIRST_TOKEN_DELAY)
-        if settings.LLM_PROVIDER == "demo" and settings.LLM_MODEL:
-            providers["demo"].default_model = settings.LLM_MODEL
+        chosen = settings.LLM_PROVIDER == "demo" and settings.LLM_MODEL
+        providers["demo"] = DemoProvider(settings.DEMO_TOKENS_PER_SECOND, settings.DEMO_FIRST_TOKEN_DELAY,
+                                         settings.LLM_MODEL if chosen else DemoProvider.default_model)
     for name, spec in SPECS.items():
         base = env.get(spec.base_env) or ""
         if name == "openai-compatible" and not base and env.get("OLLAMA_BASE_URL"):
@@ -85,9 +80,4 @@ def build_providers(env: Mapping[str, Any], settings: Any) -> dict[str, Provider
     return providers
 
 
-def offered(provider: Provider) -> bool:
-    """Whether the page and `auto` choices should list this provider."""
-    return provider.configured
-
-
-__all__ = ["SPECS", "Provider", "ProviderError", "Task", "build_providers", "offered"]
+__all__ = ["SPECS", "Provider", "ProviderError", "Task", "build_providers"]

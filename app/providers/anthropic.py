@@ -6,10 +6,9 @@ import json
 from typing import Any
 
 from app.decoders import SseEvent
-from app.providers.base import (
+from app.providers.domain import (
     Delta,
     Finish,
-    HttpProvider,
     ProviderError,
     Reasoning,
     Signed,
@@ -17,11 +16,10 @@ from app.providers.base import (
     Text,
     ToolCall,
     Usage,
-    cut_stream,
     parsed_arguments,
-    stream_error,
     system_text,
 )
+from app.providers.transport import HttpProvider, cut_stream, stream_error
 
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                 "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "pause"}

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from app.images import describe, images_in, text_of
-from app.providers.base import (
+from app.providers.domain import (
     Cancellation,
     Delta,
     Finish,
@@ -150,9 +150,10 @@ class DemoProvider(Provider):
     default_model = "demo"
     models = ("demo", "demo-fast")
 
-    def __init__(self, tokens_per_second: float = 30.0, first_token_delay: float = 0.25) -> None:
+    def __init__(self, tokens_per_second: float, first_token_delay: float, default_model: str = "demo") -> None:
         self.interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self.first_token_delay = first_token_delay
+        self.default_model = default_model
 
     @property
     def idles(self) -> bool:

@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
-from app.providers.base import Cancellation, Delta, Meta, Provider, ProviderError, RetryBudget, Task, Text, retrying
+from app.providers.domain import Cancellation, Delta, Meta, Provider, ProviderError, Task, Text
+from app.providers.transport import RetryBudget, retrying
 
 CONTINUE = ("Your previous answer was cut off by a technical problem. Continue it exactly where it stopped, "
             "mid-sentence if need be: do not repeat anything already written and do not add an introduction.")
@@ -47,7 +48,7 @@ def continuation(task: Task, model: str, written: str, provider: Provider) -> Ta
     """The task for the next provider: the same request, with the answer so far as its beginning."""
     if not written:
         return replace(task, model=model)
-    if getattr(provider, "supports_prefill", False):
+    if provider.supports_prefill:
         # A final assistant turn is continued as is (it may not end in white space).
         return replace(task, model=model, messages=[*task.messages, {"role": "assistant", "content": written.rstrip()}])
     return replace(task, model=model, messages=[*task.messages, {"role": "assistant", "content": written},

@@ -9,10 +9,9 @@ from typing import Any
 from urllib.parse import quote
 
 from app.decoders import SseEvent
-from app.providers.base import (
+from app.providers.domain import (
     Delta,
     Finish,
-    HttpProvider,
     ProviderError,
     Reasoning,
     Signed,
@@ -20,11 +19,10 @@ from app.providers.base import (
     Text,
     ToolCall,
     Usage,
-    cut_stream,
     parsed_arguments,
-    stream_error,
     system_text,
 )
+from app.providers.transport import HttpProvider, cut_stream, stream_error
 
 FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter",
                   "RECITATION": "content_filter", "BLOCKLIST": "content_filter",
@@ -61,6 +59,7 @@ def gemini_contents(task: Task, provider: str | None = None) -> list[dict[str, A
     names: dict[str, str] = {}  # tool call id -> function name (a result must name its function)
     for m in task.messages:
         role = m.get("role")
+        parts: list[dict[str, Any]]
         if role == "system":
             continue
         if role == "tool":

@@ -12,19 +12,8 @@ from typing import Any
 
 from app.decoders import SseEvent
 from app.images import images_in
-from app.providers.base import (
-    Delta,
-    Finish,
-    HttpProvider,
-    ProviderError,
-    Reasoning,
-    Task,
-    Text,
-    ToolCall,
-    Usage,
-    cut_stream,
-    stream_error,
-)
+from app.providers.domain import Delta, Finish, ProviderError, Reasoning, Task, Text, ToolCall, Usage
+from app.providers.transport import HttpProvider, cut_stream, stream_error
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
                   "function_call": "tool_calls", "content_filter": "content_filter"}
@@ -32,7 +21,7 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"
 
 def openai_messages(task: Task) -> list[dict[str, Any]]:
     """The system prompt goes first as a `system` message; tool exchanges in OpenAI's shape."""
-    messages = [{"role": "system", "content": task.system}] if task.system else []
+    messages: list[dict[str, Any]] = [{"role": "system", "content": task.system}] if task.system else []
     for m in task.messages:
         if m.get("role") == "assistant" and m.get("tool_calls"):
             calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
@@ -167,8 +156,8 @@ class OpenAIStreamParser:
                 part["arguments"] += arguments
 
     def _flush_tools(self) -> list[Delta]:
-        calls = [ToolCall(p["id"] or f"call_{i}", p["name"], p["arguments"] or "{}")
-                 for i, p in sorted(self.tool_parts.items())]
+        calls: list[Delta] = [ToolCall(p["id"] or f"call_{i}", p["name"], p["arguments"] or "{}")
+                              for i, p in sorted(self.tool_parts.items())]
         self.tool_parts = {}
         return calls
 

@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from app.decoders import SseEvent
-from app.providers.base import (
+from app.providers.domain import (
     Cancellation,
     Delta,
     Finish,
-    HttpProvider,
     ProviderError,
     Reasoning,
     Signed,
@@ -31,9 +30,8 @@ from app.providers.base import (
     Text,
     ToolCall,
     Usage,
-    cut_stream,
-    event_object,
 )
+from app.providers.transport import HttpProvider, cut_stream, event_object
 
 log = logging.getLogger("llm_sse_relay.upstream")
 
@@ -184,12 +182,12 @@ class ResponsesStreamParser:
         if kind == "response.incomplete":
             self.done = True
             response = data.get("response") or {}
-            reason = (response.get("incomplete_details") or {}).get("reason")
+            reason = str((response.get("incomplete_details") or {}).get("reason") or "incomplete")
             out = self._pending_calls()
             usage = _usage(response)
             if usage is not None:
                 out.append(usage)
-            out.append(Finish(INCOMPLETE_REASONS.get(reason, reason or "incomplete")))
+            out.append(Finish(INCOMPLETE_REASONS.get(reason, reason)))
             return out
         if kind == "response.failed":
             raise _failure(self.provider, (data.get("response") or {}).get("error"), "response.failed")
