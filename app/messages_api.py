@@ -22,8 +22,7 @@ from app import images
 from app.chat_request import ChatRequest, check_images, invalid, message_list, new_turn, number_option
 from app.errors import ApiError
 from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model, service
-from app.protocols import AnthropicEvents, anthropic_failure, anthropic_stop_reason, anthropic_usage
-from app.providers import ProviderError
+from app.protocols import AnthropicEvents, anthropic_stop_reason, anthropic_usage
 from app.providers.anthropic import AnthropicProvider
 from app.providers.base import Provider, Task, parsed_arguments
 from app.request_body import parse_json_object
@@ -359,10 +358,6 @@ def messages():
             status, message = wire.failed_early
             raise ApiError(status, "upstream_error", message)
         return relay.sse(reading, retry=False, keepalive=AnthropicEvents.KEEPALIVE)
-    try:
-        request_id, _, answer = relay.answer(g.caller, chat, transport="anthropic")
-    except ProviderError as err:
-        status, message = anthropic_failure(err.as_event())
-        headers = {"Retry-After": str(max(1, round(err.retry_after)))} if status == 429 and err.retry_after else None
-        raise ApiError(status, err.type, message, headers) from None
+    # A ProviderError is answered by the app's handler (app/errors.py), in Anthropic's statuses.
+    request_id, _, answer = relay.answer(g.caller, chat, transport="anthropic")
     return message_object(f"msg_{request_id}", data["model"], answer)

@@ -20,10 +20,9 @@ import threading
 
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
-from redis.exceptions import RedisError
 from simple_websocket import ConnectionClosed
 
-from app.errors import ApiError
+from app.errors import ApiError, store_busy
 from app.gevent_native import native_poll
 from app.request_body import parse_json_object
 from app.sse import SseBody, encode_event
@@ -106,12 +105,9 @@ def chat_ws(ws) -> None:
         data = parse_json_object(raw, "the first message")
         caller = service.access.caller(request, token=data.pop("access_token", None))
         reading = service.stream(caller, service.accept(caller, data), transport="ws")
-    except ApiError as err:
+    except (ApiError, StoreError) as exc:
+        err = exc if isinstance(exc, ApiError) else store_busy(exc, service.metrics)
         ws.send(_error_frame(err.type, err.message))
-        return
-    except (StoreError, RedisError) as exc:
-        log.warning("store unavailable: %s", exc)
-        ws.send(_error_frame("store_unavailable", "the server's store is busy; try again shortly"))
         return
     threading.Thread(target=_watch_for_stop, args=(ws, reading.stop), daemon=True).start()
     # The same iterator as every SSE response: frames as they come, heartbeats between.
