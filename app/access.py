@@ -25,13 +25,13 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from flask import Flask, Request, Response, g, request
+from flask import Blueprint, Flask, Request, Response, g, request
 
 from app.config import ConfigError
 from app.errors import ApiError
@@ -49,6 +49,10 @@ MAX_TOKEN_CHARS = 8192
 # "!!" appended to a signature still verify, so the shape is checked before PyJWT.
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 ASYMMETRIC = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
+
+
+# How a blueprint's routes know their caller (see `guard`).
+Identity = Literal["required", "optional"] | None
 
 
 @dataclass(frozen=True)
@@ -214,16 +218,17 @@ class Access:
         return bool(self.tokens or self.verifier.enabled)
 
     # -- identity
-    def caller(self, req: Request, token: Any = None) -> Caller:
+    def caller(self, req: Request, token: object = None, api_key_header: bool = False) -> Caller:
         """Who is calling; raises 401 when auth is on and the credentials are missing or bad.
 
-        `token` is what a transport without headers carried (the WebSocket's first message).
+        `token` is what a transport without headers carried (the WebSocket's first message);
+        `api_key_header`: the route also takes the token as `x-api-key` (see `guard`).
         """
         if token is None:
             header = req.headers.get("Authorization", "")
             if header[:7].lower() == "bearer ":
                 token = header[7:].strip()
-            elif req.path in API_KEY_HEADER_PATHS:
+            elif api_key_header:
                 token = req.headers.get("x-api-key") or None
             elif req.method == "GET":
                 # EventSource cannot send headers; this lands in access logs, prefer POST-SSE.
@@ -356,8 +361,9 @@ class Access:
 
     # -- CORS
     def cors(self, response: Response) -> Response:
+        """The CORS headers of an API response (an `after_request` of the API's blueprints)."""
         origin = request.headers.get("Origin")
-        if not origin or not request.path.startswith(API_PREFIXES):
+        if not origin:
             return response
         if self.any_origin:
             # "*" never goes with credentials (browsers refuse it, and it would be unsafe).
@@ -547,30 +553,45 @@ def _same_origin(origin: str, req: Request) -> bool:
     return bool(netloc) and netloc in (req.host.lower(), forwarded)
 
 
-API_PREFIXES = ("/api/", "/v1/")
-# Routes whose clients may send the token as Anthropic's `x-api-key` header (older `anthropic`
-# SDKs, curl examples from Anthropic's docs); everywhere else it is `Authorization: Bearer` only.
-API_KEY_HEADER_PATHS = frozenset({"/v1/messages"})
-# Open to everyone: health, the page, what the server offers. The WebSocket checks its
-# first message instead (browsers cannot set headers on it); stream URLs are capabilities.
-PUBLIC = {"/healthz", "/", "/api/capabilities", "/api/chat/ws"}
+def guard(app: Flask, blueprint: Blueprint, access: Access, *, origin: bool = True,
+          identity: Identity = "required", api_key_header: bool = False) -> None:
+    """Who may use `blueprint`'s routes in `app`, decided by its own `before_request` (Flask's
+    blueprint-scoped hooks, registered on the app so they hold this app's `Access`): the origin
+    of a browser's request, then the caller's identity in `g.caller`; and CORS headers on its
+    responses.
 
+    `identity`: "required" (401 without valid credentials when auth is on), "optional" (stream
+    URLs: the unguessable id is the credential, and one who sends a token must be its creator),
+    or None (the WebSocket checks its first message instead; what the server offers is open).
+    `api_key_header`: the token may also come as Anthropic's `x-api-key` (older `anthropic`
+    SDKs, curl examples from Anthropic's docs); everywhere else it is `Authorization: Bearer`.
+    """
 
-def install(app: Flask, access: Access) -> None:
-    """Every request passes here first: origin, then identity (the front door's outer wall)."""
-
-    @app.before_request
-    def authenticate() -> None:
-        if request.method == "OPTIONS":
+    def admit() -> None:
+        if request.method == "OPTIONS":  # a CORS preflight carries no credentials
             return
-        if request.path.startswith(API_PREFIXES) and request.path != "/api/capabilities":
+        if origin:
             access.check_origin(request)
-        if request.path in PUBLIC or not request.path.startswith(API_PREFIXES):
-            return
-        if request.path.startswith("/api/chat/streams/") and request.method == "GET":
-            # The unguessable id is the credential; one who sends a token must be its creator.
+        if identity == "required":
+            g.caller = access.caller(request, api_key_header=api_key_header)
+        elif identity == "optional":
             g.caller = access.caller(request) if request.headers.get("Authorization") else None
-            return
-        g.caller = access.caller(request)
 
-    app.after_request(access.cors)
+    app.before_request_funcs.setdefault(blueprint.name, []).append(admit)
+    app.after_request_funcs.setdefault(blueprint.name, []).append(access.cors)
+
+
+def guard_metrics(app: Flask, blueprint: Blueprint, access: Access, token: str) -> None:
+    """`/metrics` takes its own credential, `METRICS_TOKEN`, for a Prometheus that holds no API
+    token; without one it is protected like the API (401 when auth is on and the token is missing)."""
+
+    def admit() -> None:
+        if not token:
+            access.caller(request)
+            return
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "/metrics needs METRICS_TOKEN as a bearer token",
+                           {"WWW-Authenticate": "Bearer"})
+
+    app.before_request_funcs.setdefault(blueprint.name, []).append(admit)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, g, request
 
 from app import images
 from app.chat_request import has_content, invalid, keep_record, message_list, new_turn, parse_chat_request
 from app.errors import ApiError
 from app.protocols import UiMessageStream
 from app.request_body import parse_json_object
-from app.service import ChatService
+from app.routes import chat_service
 
 bp = Blueprint("ai_sdk", __name__)
 
@@ -117,7 +117,7 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
 
 @bp.post("/api/chat/ui")
 def chat_ui():
-    service: ChatService = current_app.extensions["llm_sse_relay"]
+    service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
     data = parse_json_object(request.get_data(cache=False))

@@ -97,7 +97,7 @@ def error_response(status: int, type: str, message: str, headers: dict[str, str]
     return response
 
 
-def register_error_handlers(app: Flask) -> None:
+def register_error_handlers(app: Flask, metrics: Metrics | None = None) -> None:
     # Imported here, not at the top: the providers package loads every adapter, and adapters
     # use modules (app.images) that take ApiError from this one.
     from app.providers.base import ProviderError
@@ -122,8 +122,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(StoreError)
     def store_unavailable(err: StoreError) -> Response:
-        service = app.extensions.get("llm_sse_relay")
-        refusal = store_busy(err, service.metrics if service is not None else None)
+        refusal = store_busy(err, metrics)
         return error_response(refusal.status, refusal.type, refusal.message, refusal.headers)
 
     @app.errorhandler(Exception)

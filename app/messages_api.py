@@ -21,11 +21,12 @@ from flask import Blueprint, g, request
 from app import images
 from app.chat_request import ChatRequest, check_images, invalid, message_list, new_turn, number_option
 from app.errors import ApiError
-from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model, service
+from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model
 from app.protocols import AnthropicEvents, anthropic_stop_reason, anthropic_usage
 from app.providers.anthropic import AnthropicProvider
 from app.providers.base import Provider, Task, parsed_arguments
 from app.request_body import parse_json_object
+from app.routes import chat_service
 from app.service import ChatService, Reading
 
 bp = Blueprint("anthropic_messages", __name__)
@@ -276,13 +277,13 @@ def stop_sequences(value: Any) -> list[str]:
     return value
 
 
-def parse_messages_request(data: dict[str, Any], relay: ChatService) -> tuple[ChatRequest, bool]:
+def parse_messages_request(data: dict[str, Any], service: ChatService) -> tuple[ChatRequest, bool]:
     """An Anthropic Messages request as the relay's request, and whether to stream it."""
-    settings = relay.settings
+    settings = service.settings
     unknown = set(data) - KNOWN
     if unknown:
         raise invalid(f"unsupported parameter(s): {', '.join(sorted(unknown))[:200]}")
-    provider, model = resolve_model(data.get("model"), relay.providers, settings)
+    provider, model = resolve_model(data.get("model"), service.providers, settings)
     if "max_tokens" not in data:
         raise invalid("'max_tokens' is required")
     max_tokens = int(number_option(data["max_tokens"], "max_tokens", 1, settings.MAX_OUTPUT_TOKENS, True, False))
@@ -343,21 +344,21 @@ def await_first_outcome(reading: Reading, within: float) -> None:
 
 @bp.post("/v1/messages")
 def messages():
-    relay = service()
+    service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    relay.admit(g.caller)
+    service.admit(g.caller)
     data = parse_json_object(request.get_data(cache=False))
-    chat, stream = parse_messages_request(data, relay)
+    chat, stream = parse_messages_request(data, service)
     if stream:
         wire = AnthropicEvents(data["model"])
-        reading = relay.stream(g.caller, chat, wire=wire, transport="anthropic")
-        await_first_outcome(reading, relay.settings.SSE_HEARTBEAT_SECONDS)
+        reading = service.stream(g.caller, chat, wire=wire, transport="anthropic")
+        await_first_outcome(reading, service.settings.SSE_HEARTBEAT_SECONDS)
         if wire.failed_early is not None:
             reading.on_close(True)
             status, message = wire.failed_early
             raise ApiError(status, "upstream_error", message)
-        return relay.sse(reading, retry=False, keepalive=AnthropicEvents.KEEPALIVE)
+        return service.sse(reading, retry=False, keepalive=AnthropicEvents.KEEPALIVE)
     # A ProviderError is answered by the app's handler (app/errors.py), in Anthropic's statuses.
-    request_id, _, answer = relay.answer(g.caller, chat, transport="anthropic")
+    request_id, _, answer = service.answer(g.caller, chat, transport="anthropic")
     return message_object(f"msg_{request_id}", data["model"], answer)

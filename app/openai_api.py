@@ -15,7 +15,7 @@ import re
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
 from app import images
 from app.chat_request import (
@@ -33,6 +33,7 @@ from app.protocols import THINKING_BLOCKS, OpenAIChunks, openai_finish, openai_t
 from app.providers import Provider, offered
 from app.providers.base import Task
 from app.request_body import parse_json_object
+from app.routes import chat_service
 from app.service import ChatService
 
 bp = Blueprint("openai", __name__)
@@ -48,10 +49,6 @@ KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_com
 # OpenAI's reasoning_effort values as the relay's reasoning levels ("none": no visible reasoning).
 REASONING_EFFORTS = {"none": None, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
                      "xhigh": "high"}
-
-
-def service() -> ChatService:
-    return current_app.extensions["llm_sse_relay"]
 
 
 # ------------------------------------------------------------------ models
@@ -245,22 +242,22 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
 
 @bp.get("/v1/models")
 def models():
-    relay = service()
-    return jsonify(object="list", data=model_list(relay.providers, relay.settings))
+    service = chat_service()
+    return jsonify(object="list", data=model_list(service.providers, service.settings))
 
 
 @bp.post("/v1/chat/completions")
 def chat_completions():
-    relay = service()
+    service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    relay.admit(g.caller)
-    chat, how = parse_completion_request(parse_json_object(request.get_data(cache=False)), relay)
+    service.admit(g.caller)
+    chat, how = parse_completion_request(parse_json_object(request.get_data(cache=False)), service)
     if how["stream"]:
         wire = OpenAIChunks(how["model"], how["include_usage"])
-        reading = relay.stream(g.caller, chat, wire=wire, transport="openai")
-        return relay.sse(reading, retry=False)
-    request_id, _, answer = relay.answer(g.caller, chat, transport="openai")  # ProviderError: app/errors.py
+        reading = service.stream(g.caller, chat, wire=wire, transport="openai")
+        return service.sse(reading, retry=False)
+    request_id, _, answer = service.answer(g.caller, chat, transport="openai")  # ProviderError: app/errors.py
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
     if answer.reasoning:  # where DeepSeek and LiteLLM put it
         message["reasoning_content"] = answer.reasoning_text

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
 from app import images
 from app.chat_request import ID_PATTERN, ChatRequest, check_images, invalid, number_option
@@ -41,7 +41,7 @@ from app.protocols import (
 )
 from app.providers.base import Task
 from app.relay import Answer
-from app.routes import json_body
+from app.routes import chat_service, json_body
 from app.service import ChatService
 from app.tools import neutral_call
 
@@ -57,10 +57,6 @@ KNOWN = {"model", "input", "instructions", "tools", "tool_choice", "max_output_t
 RETRIEVE_QUERY = {"stream", "starting_after", "include", "include[]", "include_obfuscation"}
 SUMMARIES = (None, "auto", "concise", "detailed")
 NOT_FOUND = "no such response"
-
-
-def service() -> ChatService:
-    return current_app.extensions["llm_sse_relay"]
 
 
 # ------------------------------------------------------------------ input items
@@ -223,12 +219,12 @@ def conversation_of(response_id: Any) -> str:
     return response_id[5:]
 
 
-def stored(relay: ChatService, response_id: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def stored(service: ChatService, response_id: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A stored response of the caller: its request record and the records of its conversation.
     Another caller's response, one created with `store: false` (nothing of it was kept), or an
     expired one: 404."""
     try:
-        records = relay.conversation(g.caller, conversation_of(response_id))
+        records = service.conversation(g.caller, conversation_of(response_id))
     except ApiError as err:
         if err.status == 404:
             raise ApiError(404, "not_found", NOT_FOUND) from None
@@ -239,7 +235,7 @@ def stored(relay: ChatService, response_id: Any) -> tuple[dict[str, Any], list[d
     return head, records
 
 
-def referenced_item(relay: ChatService, item_id: Any) -> dict[str, Any]:
+def referenced_item(service: ChatService, item_id: Any) -> dict[str, Any]:
     """An output item of one of the caller's stored responses, by its id (`msg_`, `fc_` or `rs_`,
     then the response's conversation id and the item's index: see `response_item_id`)."""
     kind, _, rest = item_id.partition("_") if isinstance(item_id, str) else ("", "", "")
@@ -247,7 +243,7 @@ def referenced_item(relay: ChatService, item_id: Any) -> dict[str, Any]:
     found = None
     if kind in ("msg", "fc", "rs") and ID_PATTERN.fullmatch(conversation_id):
         try:
-            head, records = stored(relay, f"resp_{conversation_id}")
+            head, records = stored(service, f"resp_{conversation_id}")
         except ApiError:
             head, records = {}, []
         record = recorded(head, records) if head else None
@@ -307,17 +303,17 @@ def answer_record(answer: Answer) -> dict[str, Any]:
 # ------------------------------------------------------------------ requests
 
 
-def parse_response_request(data: dict[str, Any], relay: ChatService) -> tuple[ChatRequest, dict[str, Any]]:
+def parse_response_request(data: dict[str, Any], service: ChatService) -> tuple[ChatRequest, dict[str, Any]]:
     """A Responses request as the relay's request, and the record of it (the Response object as
     asked, and how to answer: stream, background, store, summaries)."""
-    settings = relay.settings
+    settings = service.settings
     unknown = set(data) - KNOWN
     if unknown:
         raise invalid(f"unsupported parameter(s): {', '.join(sorted(unknown))[:200]}")
     text = data.get("text")
     if text is not None and (not isinstance(text, dict) or text.get("format") not in (None, {"type": "text"})):
         raise invalid("only text output ({format: {type: text}}) is supported")
-    provider, model = resolve_model(data.get("model"), relay.providers, settings)
+    provider, model = resolve_model(data.get("model"), service.providers, settings)
     store, stream, background = _flag(data, "store", True), _flag(data, "stream", False), _flag(data, "background",
                                                                                                   False)
     if background and not store:
@@ -337,15 +333,15 @@ def parse_response_request(data: dict[str, Any], relay: ChatService) -> tuple[Ch
     history: list[dict[str, Any]] = []
     previous = data.get("previous_response_id")
     if previous is not None:
-        earlier, records = stored(relay, previous)
+        earlier, records = stored(service, previous)
         if recorded(earlier, records) is None:
             raise invalid("the previous response has not ended yet")
-        history = relay.conversations.replayable(records)
+        history = service.conversations.replayable(records)
     names = {c["id"]: c["name"] for m in history for c in m.get("tool_calls", ())}
-    messages = neutral_input(data.get("input"), settings, names, lambda item_id: referenced_item(relay, item_id))
+    messages = neutral_input(data.get("input"), settings, names, lambda item_id: referenced_item(service, item_id))
     # Within the history budget, less what the input takes: what is sent stays within the
     # request budget (app/budget.py counts it all).
-    history = relay.conversations.bounded(history, reserve=sum(len(images.text_of(m["content"])) for m in messages),
+    history = service.conversations.bounded(history, reserve=sum(len(images.text_of(m["content"])) for m in messages),
                                           reserved=len(messages), images_reserved=list(images.images_in(messages)))
     check_images(history + messages, settings, provider)
     top_p = data.get("top_p")
@@ -423,67 +419,67 @@ class EventsAfter:
 
 @bp.post("/v1/responses")
 def create_response():
-    relay = service()
+    service = chat_service()
     data = json_body()
-    relay.admit(g.caller)
-    chat, how = parse_response_request(data, relay)
+    service.admit(g.caller)
+    chat, how = parse_response_request(data, service)
     head = how["head"]
     wire = ResponseEvents(head["response"], head["summaries"])
     if how["background"]:
-        conversation_id, reading = relay.start_background(g.caller, chat, wire)
+        conversation_id, reading = service.start_background(g.caller, chat, wire)
         if how["stream"]:
-            return relay.sse(reading, retry=False)
+            return service.sse(reading, retry=False)
         return jsonify({**head["response"], "id": f"resp_{conversation_id}", "status": "queued"})
     if how["stream"]:
-        return relay.sse(relay.stream(g.caller, chat, wire=wire, transport="responses"), retry=False)
+        return service.sse(service.stream(g.caller, chat, wire=wire, transport="responses"), retry=False)
     # A provider's failure is an error status, as on /v1/chat/completions (app/errors.py).
-    request_id, conversation_id, answer = relay.answer(g.caller, chat, transport="responses")
+    request_id, conversation_id, answer = service.answer(g.caller, chat, transport="responses")
     return jsonify(response_object(head, f"resp_{conversation_id or request_id}", answer_record(answer),
                                    running=False))
 
 
 @bp.get("/v1/responses/<response_id>")
 def retrieve_response(response_id: str):
-    relay = service()
+    service = chat_service()
     unknown = set(request.args) - RETRIEVE_QUERY
     if unknown:
         raise invalid(f"unsupported query parameter(s): {', '.join(sorted(unknown))[:200]}")
-    head, records = stored(relay, response_id)
+    head, records = stored(service, response_id)
     stream = request.args.get("stream", "false")
     if stream not in ("true", "false"):
         raise invalid("'stream' must be true or false")
     if stream == "false":
         return jsonify(response_object(head, response_id, recorded(head, records),
-                                       relay.background_running(head["request_id"])))
+                                       service.background_running(head["request_id"])))
     if not head["response"].get("background"):
         raise invalid("only a background response can be streamed again")
     after = request.args.get("starting_after")
     if after is not None and not re.fullmatch(r"[0-9]{1,12}", after):
         raise invalid("'starting_after' must be a sequence number (a whole number)")
-    reading = relay.background_reading(g.caller.id, head["request_id"])
+    reading = service.background_reading(g.caller.id, head["request_id"])
     if after is not None:
         reading.log = EventsAfter(reading.log, int(after))
-    return relay.sse(reading, retry=False)
+    return service.sse(reading, retry=False)
 
 
 @bp.post("/v1/responses/<response_id>/cancel")
 def cancel_response(response_id: str):
-    relay = service()
-    head, records = stored(relay, response_id)
+    service = chat_service()
+    head, records = stored(service, response_id)
     if not head["response"].get("background"):
         raise invalid("only a background response can be cancelled")
     record = recorded(head, records)
     if record is not None:  # ended already: as it is
         return jsonify(response_object(head, response_id, record, running=False))
-    relay.stop_stream(g.caller, head["request_id"])
+    service.stop_stream(g.caller, head["request_id"])
     return jsonify({**response_object(head, response_id, None, running=True), "status": "cancelled"})
 
 
 @bp.delete("/v1/responses/<response_id>")
 def delete_response(response_id: str):
-    relay = service()
-    head, records = stored(relay, response_id)
+    service = chat_service()
+    head, records = stored(service, response_id)
     if head["response"].get("background") and recorded(head, records) is None:
-        relay.stop_stream(g.caller, head["request_id"])  # nobody could ever read what it still makes
-    relay.forget_conversation(g.caller, conversation_of(response_id))
+        service.stop_stream(g.caller, head["request_id"])  # nobody could ever read what it still makes
+    service.forget_conversation(g.caller, conversation_of(response_id))
     return jsonify(id=response_id, object="response", deleted=True)
