@@ -21,7 +21,7 @@ from app.websocket import websocket_offered
 # the factory): the page and health check are open; what the server offers is open to every
 # origin; /metrics has its own credential; the chat API needs a caller; a stream URL is a
 # capability (its id is the credential).
-pages = Blueprint("pages", __name__)
+pages = Blueprint("pages", __name__, template_folder="templates")  # found from any app (init_app)
 offer = Blueprint("offer", __name__)
 metrics_bp = Blueprint("metrics", __name__)
 api = Blueprint("chat", __name__)
