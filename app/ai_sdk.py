@@ -124,8 +124,8 @@ def chat_ui():
     service.admit(g.caller)
     messages = neutral_messages(data.get("messages"), service.settings)
     options = {k: v for k, v in data.items() if k not in TRANSPORT_FIELDS}
-    chat = parse_chat_request(options, service.settings, service.providers, messages=messages)
     # useChat resends the whole chat each turn: no record unless asked, then of the new turn only.
-    chat.records, chat.keep_record = new_turn(messages), keep_record(data)
+    chat = parse_chat_request(options, service.settings, service.providers, service.tools, messages=messages,
+                              records=new_turn(messages), keep_record=keep_record(data))
     reading = service.stream(g.caller, chat, wire=UiMessageStream(), transport="ai-sdk")
     return service.sse(reading, retry=False, headers=UiMessageStream.HEADERS)

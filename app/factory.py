@@ -12,7 +12,7 @@ from app import ai_sdk, logs, messages_api, openai_api, responses_api, routes, w
 from app.access import Access, guard, guard_metrics, parse_rate
 from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
-from app.metrics import Metrics, default_dir
+from app.metrics import default_dir
 from app.providers import build_providers
 from app.relay import new_id
 from app.service import ChatService
@@ -56,9 +56,8 @@ def init_app(app: Flask, config: Mapping[str, Any] | None = None, env_file: str 
         raise ConfigError(f"LLM_PROVIDER={settings.LLM_PROVIDER!r} is not available here; known: "
                           f"{', '.join(sorted(providers))} (openai-compatible needs OPENAI_COMPATIBLE_BASE_URL "
                           "or OLLAMA_BASE_URL)")
-    metrics = Metrics(settings.METRICS_DIR or default_dir(app.instance_path))
     try:
-        service = ChatService.build(settings, providers, store, metrics)
+        service = ChatService.build(settings, providers, store, settings.METRICS_DIR or default_dir(app.instance_path))
     except ValueError as exc:  # LLM_FALLBACKS naming a provider this server does not have
         raise ConfigError(str(exc)) from exc
     app.extensions[routes.EXTENSION] = service
@@ -70,7 +69,7 @@ def init_app(app: Flask, config: Mapping[str, Any] | None = None, env_file: str 
 
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.max_body_bytes}
     _routes(app, service.access, settings.METRICS_TOKEN)
-    register_error_handlers(app, metrics)
+    register_error_handlers(app, service.metrics)
     return service
 
 

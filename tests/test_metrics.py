@@ -150,8 +150,8 @@ def test_every_label_value_comes_from_a_closed_set():
 
     from app.metrics import Metrics
 
-    metrics = Metrics(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "/tmp/relay-metrics-label-test")
-    metrics.known_models = {"openai": {"gpt-4.1"}}
+    metrics = Metrics(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "/tmp/relay-metrics-label-test",
+                      known_models={"openai": {"gpt-4.1"}})
     answer = SimpleNamespace(outcome="weird-outcome-x1", error={"type": "upstream_made_up_x1"}, retries=0,
                              failovers=[{"from": "nope-x1/m", "to": "other-x1/m"}], tool_records=[])
     metrics.answer_ended("transport-x1", "provider-x1", "model-x1", answer, 0.0, None, 0)
