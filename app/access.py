@@ -24,8 +24,9 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 from urllib.parse import urlsplit
 
 import jwt
@@ -33,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import Blueprint, Flask, Request, Response, g, request
 
-from app.config import ConfigError
+from app.config import ConfigError, Settings
 from app.errors import ApiError
-from app.store.base import ConversationInfo, Store, to_json
+from app.store.base import ConversationInfo, ConversationStore, Store, to_json
 
 log = logging.getLogger("llm_sse_relay.access")
 
@@ -51,6 +52,8 @@ TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 ASYMMETRIC = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
 
 
+# Told the reason when a limit says no (metrics count refusals by it).
+Refusal = Callable[[str], None]
 # How a blueprint's routes know their caller (see `guard`).
 Identity = Literal["required", "optional"] | None
 
@@ -75,7 +78,7 @@ def parse_rate(text: str, name: str = "RATE_LIMIT") -> tuple[int, float] | None:
 class TokenVerifier:
     """JWT verification by PyJWT, with the keys and rules of the settings."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.secret = settings.JWT_SECRET
         if self.secret and len(self.secret.encode()) < 32:
             # RFC 7518 3.2: an HS256 key shorter than the hash can be brute-forced offline.
@@ -117,7 +120,7 @@ class TokenVerifier:
     def _claims(self, token: str) -> dict[str, Any] | None:
         header = jwt.get_unverified_header(token)
         algorithm = header.get("alg")
-        if algorithm not in self.algorithms:
+        if not isinstance(algorithm, str) or algorithm not in self.algorithms:
             return None
         key = self._key_for(algorithm, header.get("kid"))
         if key is None:
@@ -154,7 +157,7 @@ class TokenVerifier:
         return None
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -193,7 +196,7 @@ def _load_jwks(path: str) -> jwt.PyJWKSet:
 class Access:
     """Identity, ownership, origins, rate limits and slots, for every way into the app."""
 
-    def __init__(self, settings: Any, store: Any, on_refusal: Any = None) -> None:
+    def __init__(self, settings: Settings, store: Store, on_refusal: Refusal | None = None) -> None:
         self.tokens = [t.strip() for t in settings.API_TOKENS.split(",") if t.strip()]
         self.verifier = TokenVerifier(settings)
         self.rate = parse_rate(settings.RATE_LIMIT)
@@ -388,10 +391,10 @@ QUOTA_UNIT = 16_384
 UNMETERED = "local:"
 
 
-class MeteredStore:
+class MeteredStore(ConversationStore):
     """The store as `Conversations` uses it, with every record counted against its owner's
     `STORAGE_QUOTA_BYTES` for as long as it is kept. Conversation writes and deletes pass
-    through the quota; every other call goes to the store unchanged.
+    through the quota; reads go to the store unchanged.
 
     A conversation holds slots of its owner in the store's slot sets (shared by every process
     and host, like the stream slots), named after it and refreshed with it: they expire when
@@ -407,8 +410,11 @@ class MeteredStore:
         self.store = store
         self.quota = quota
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
+    def conversation(self, conversation_id: str) -> ConversationInfo | None:
+        return self.store.conversation(conversation_id)
+
+    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        return self.store.messages(conversation_id, start, stop)
 
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
                         owner: str = "") -> ConversationInfo | None:
@@ -490,7 +496,7 @@ class LookupMisses:
     # Clients remembered in one window; beyond, the counts start over (memory stays bounded).
     MAX_CLIENTS = 100_000
 
-    def __init__(self, rate: tuple[int, float] | None, on_refusal: Any) -> None:
+    def __init__(self, rate: tuple[int, float] | None, on_refusal: Refusal) -> None:
         self.rate = rate
         self.on_refusal = on_refusal
         self.counts: dict[str, int] = {}

@@ -78,6 +78,11 @@ return 1
 """
 
 
+def _text(raw: bytes | str | None) -> str | None:
+    """A reply as text (this client gets bytes: decode_responses is off)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -197,13 +202,11 @@ class RedisStore(Store):
 
     @mapped
     def log_owner(self, stream_id: str) -> str | None:
-        owner = self.redis.hget(self._key("stream", stream_id), "owner")
-        return owner.decode() if owner is not None else None
+        return _text(self.redis.hget(self._key("stream", stream_id), "owner"))
 
     @mapped
     def log_state(self, stream_id: str) -> str | None:
-        state = self.redis.hget(self._key("stream", stream_id), "state")
-        return state.decode() if state else None
+        return _text(self.redis.hget(self._key("stream", stream_id), "state")) or None
 
     # -- stream control
     @mapped
