@@ -169,7 +169,7 @@ def _fits(key: Any, algorithm: str) -> bool:
     return False
 
 
-def _load_public_key(value: str) -> Any:
+def _load_public_key(value: str) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
     """A PEM public key given inline or as a file path."""
     try:
         if "-----BEGIN" in value:

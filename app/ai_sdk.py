@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, g, request
+from flask import Blueprint, Response, g, request
 
 from app import images
 from app.chat_request import has_content, invalid, keep_record, message_list, new_turn, parse_chat_request
+from app.config import Settings
 from app.errors import ApiError
 from app.protocols import UiMessageStream
 from app.request_body import parse_json_object
@@ -93,7 +94,7 @@ def assistant_turns(parts: list[Any], where: str) -> list[dict[str, Any]]:
     return out
 
 
-def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
+def neutral_messages(value: Any, settings: Settings) -> list[dict[str, Any]]:
     """UI messages (`{id, role, parts}`) as the relay's provider-neutral messages."""
     value = message_list(value, settings, "UI messages")
     messages: list[dict[str, Any]] = []
@@ -116,7 +117,7 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
 
 
 @bp.post("/api/chat/ui")
-def chat_ui():
+def chat_ui() -> Response:
     service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")

@@ -64,7 +64,8 @@ def number_option(value: Any, name: str, low: float, high: float, integer: bool,
         raise invalid(f"'{name}' must be a {'whole number' if integer else 'number'}")
     if not math.isfinite(value) or not low <= value <= high:
         raise invalid(f"'{name}' must be between {low:g} and {high:g}")
-    return value
+    number: float | int = value  # a number within bounds, as checked above
+    return number
 
 
 def message_list(value: Any, settings: Settings, shape: str) -> list[Any]:
@@ -208,7 +209,7 @@ def reasoning_option(value: Any) -> str | None:
         return None
     if value not in REASONING_LEVELS:
         raise invalid("'reasoning' must be one of low, medium, high")
-    return value
+    return str(value)
 
 
 def parse_tools(value: Any, toolbox: Toolbox) -> list[Tool]:

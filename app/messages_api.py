@@ -16,10 +16,11 @@ import json
 import time
 from typing import Any
 
-from flask import Blueprint, g, request
+from flask import Blueprint, Response, g, request
 
 from app import images
 from app.chat_request import ChatRequest, check_images, invalid, message_list, new_turn, number_option
+from app.config import Settings
 from app.errors import ApiError
 from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model
 from app.protocols import AnthropicEvents, anthropic_stop_reason, anthropic_usage
@@ -63,16 +64,19 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _text(block: dict[str, Any], where: str) -> str:
-    if not isinstance(block.get("text"), str):
+    text = block.get("text")
+    if not isinstance(text, str):
         raise invalid(f"{where}.text must be a string")
-    return block["text"]
+    return text
 
 
 def image_part(block: dict[str, Any], where: str, max_bytes: int) -> dict[str, str]:
     """An image block as the neutral image part, checked by app/images.py: base64 data that is
     the PNG, JPEG, GIF or WebP it claims, or an https URL (which the relay never fetches)."""
     source = block.get("source")
-    kind = source.get("type") if isinstance(source, dict) else None
+    if not isinstance(source, dict):
+        source = {}
+    kind = source.get("type")
     if kind == "base64":
         return images.base64_part(source.get("media_type"), source.get("data"), f"{where}.source", max_bytes)
     if kind == "url":
@@ -110,8 +114,8 @@ def _user_turn(content: Any, where: str, names: dict[str, str], max_image_bytes:
             call_id = block.get("tool_use_id")
             if not isinstance(call_id, str) or call_id not in names:
                 raise invalid(f"{at}.tool_use_id must be the id of a tool_use block of an earlier assistant message")
-            result = {"role": "tool", "tool_call_id": call_id, "name": names[call_id],
-                      "content": _result_text(block.get("content"), at)}
+            result: dict[str, Any] = {"role": "tool", "tool_call_id": call_id, "name": names[call_id],
+                                      "content": _result_text(block.get("content"), at)}
             if block.get("is_error"):
                 result["is_error"] = True
             results.append(result)
@@ -169,7 +173,7 @@ def _assistant_turn(content: Any, where: str, names: dict[str, str], signer: str
     return message
 
 
-def neutral_messages(value: Any, settings: Any, signer: str | None) -> list[dict[str, Any]]:
+def neutral_messages(value: Any, settings: Settings, signer: str | None) -> list[dict[str, Any]]:
     """Anthropic messages as the relay's provider-neutral messages (app/providers/base.py `Task`)."""
     value = message_list(value, settings, "{role, content}")
     messages: list[dict[str, Any]] = []
@@ -234,11 +238,12 @@ def tool_choice(value: Any, tools: list[dict[str, Any]]) -> str | None:
     if isinstance(value, dict) and value.get("disable_parallel_tool_use"):
         raise invalid("'tool_choice.disable_parallel_tool_use' is not supported")
     if kind in ("auto", "none"):
-        return kind
+        return str(kind)
     if kind == "any" and tools:
         return "required"
-    if kind == "tool" and isinstance(value.get("name"), str) and value["name"] in {t["name"] for t in tools}:
-        return value["name"]
+    name = value.get("name") if kind == "tool" else None
+    if isinstance(name, str) and name in {t["name"] for t in tools}:
+        return name
     raise invalid("'tool_choice' must be {type: auto}, {type: any}, {type: none} or {type: tool, name} "
                   "naming one of the tools")
 
@@ -343,7 +348,7 @@ def await_first_outcome(reading: Reading, within: float) -> None:
 
 
 @bp.post("/v1/messages")
-def messages():
+def messages() -> Response | dict[str, Any]:
     service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
@@ -355,7 +360,8 @@ def messages():
         reading = service.stream(g.caller, chat, wire=wire, transport="anthropic")
         await_first_outcome(reading, service.settings.SSE_HEARTBEAT_SECONDS)
         if wire.failed_early is not None:
-            reading.on_close(True)
+            if reading.on_close is not None:
+                reading.on_close(True)
             status, message = wire.failed_early
             raise ApiError(status, "upstream_error", message)
         return service.sse(reading, retry=False, keepalive=AnthropicEvents.KEEPALIVE)

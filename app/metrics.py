@@ -120,9 +120,10 @@ def process_directory(directory: str) -> str:
     import prometheus_client.values as values
 
     # Chosen from the environment when prometheus_client is imported: made the multiprocess
-    # one even if something imported the library before the variable was set.
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.get_value_class()
+    # one even if something imported the library before the variable was set. A new one for
+    # each app: it opens its files afresh, should another process of the same server have
+    # emptied the directory (prepare_dir) since the last app was built.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # not annotated upstream
     return chosen
 
 
@@ -215,6 +216,6 @@ class Metrics:
         from prometheus_client import CollectorRegistry, multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.directory)
+        multiprocess.MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]  # idem
         return self._client.generate_latest(registry), self._client.CONTENT_TYPE_LATEST
 

@@ -15,7 +15,7 @@ import re
 import time
 from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from app import images
 from app.chat_request import (
@@ -28,6 +28,7 @@ from app.chat_request import (
     new_turn,
     number_option,
 )
+from app.config import Settings
 from app.errors import ApiError
 from app.protocols import THINKING_BLOCKS, OpenAIChunks, openai_finish, openai_tool_call, openai_usage, thinking_blocks
 from app.providers import Provider, offered
@@ -65,7 +66,7 @@ def parse_aliases(text: str) -> dict[str, str]:
     return aliases
 
 
-def resolve_model(name: Any, providers: dict[str, Provider], settings: Any) -> tuple[Provider, str]:
+def resolve_model(name: Any, providers: dict[str, Provider], settings: Settings) -> tuple[Provider, str]:
     """`provider/model`, an alias, or a bare model of the default provider."""
     if not isinstance(name, str) or not MODEL_PATTERN.fullmatch(name):
         raise invalid("'model' must be a model name such as 'openai/gpt-4.1-mini' or an alias")
@@ -79,7 +80,7 @@ def resolve_model(name: Any, providers: dict[str, Provider], settings: Any) -> t
     return provider, model
 
 
-def model_list(providers: dict[str, Provider], settings: Any) -> list[dict[str, Any]]:
+def model_list(providers: dict[str, Provider], settings: Settings) -> list[dict[str, Any]]:
     seen, out = set(), []
     names = [f"{n}/{m}" for n, p in providers.items() if offered(p) for m in p.models]
     names += [a for a, target in parse_aliases(settings.MODEL_ALIASES).items()
@@ -128,7 +129,7 @@ def _thinking_blocks(value: Any, where: str, provider: str) -> list[dict[str, An
     return [{"provider": provider, "item": block} for block in value]
 
 
-def neutral_messages(value: Any, settings: Any, provider: str = "") -> list[dict[str, Any]]:
+def neutral_messages(value: Any, settings: Settings, provider: str = "") -> list[dict[str, Any]]:
     """OpenAI chat messages as the relay's provider-neutral messages (`provider`: the name of
     the provider they go to, whose reasoning state the client may send back)."""
     value = message_list(value, settings, "chat messages")
@@ -241,13 +242,13 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
 
 
 @bp.get("/v1/models")
-def models():
+def models() -> Response:
     service = chat_service()
     return jsonify(object="list", data=model_list(service.providers, service.settings))
 
 
 @bp.post("/v1/chat/completions")
-def chat_completions():
+def chat_completions() -> Response:
     service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")

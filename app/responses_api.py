@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from app import images
 from app.chat_request import ID_PATTERN, ChatRequest, check_images, invalid, number_option
+from app.config import Settings
 from app.errors import ApiError
 from app.openai_api import MAX_TOOLS, REASONING_EFFORTS, TOOL_NAME, resolve_model
 from app.protocols import (
@@ -40,9 +41,10 @@ from app.protocols import (
     response_usage,
 )
 from app.providers.base import Task
-from app.relay import Answer
+from app.relay import Answer, DrivenLog, StoreLogView
 from app.routes import chat_service, json_body
 from app.service import ChatService
+from app.sse import StreamLog
 from app.tools import neutral_call
 
 bp = Blueprint("responses", __name__)
@@ -84,7 +86,7 @@ def _content(content: Any, where: str, max_image_bytes: int = 0) -> Any:
     return images.neutral_content(parts)
 
 
-def neutral_input(value: Any, settings: Any, names: dict[str, str],
+def neutral_input(value: Any, settings: Settings, names: dict[str, str],
                   reference: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
     """`input` (text, or items: messages, function_call, function_call_output, references to
     output items of stored responses) as the relay's provider-neutral messages. `names` maps
@@ -166,8 +168,10 @@ def function_tools(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 
 def tool_choice(value: Any, tools: list[dict[str, Any]]) -> str | None:
-    if value is None or value in ("auto", "none", "required"):
-        return value
+    if value is None:
+        return None
+    if value in ("auto", "none", "required"):
+        return str(value)
     name = value.get("name") if isinstance(value, dict) and value.get("type") == "function" else None
     if not isinstance(name, str) or name not in {t["name"] for t in tools}:
         raise invalid("'tool_choice' must be auto, none, required or {type: function, name} naming one of the "
@@ -376,7 +380,7 @@ class EventsAfter:
 
     NUMBER = re.compile(rb'"sequence_number":([0-9]+)')
 
-    def __init__(self, log: Any, after: int) -> None:
+    def __init__(self, log: StreamLog | StoreLogView | DrivenLog, after: int) -> None:
         self.log = log
         self.after = after
         self.skipped = 0  # log frames consumed here, before the reader's position 0
@@ -418,7 +422,7 @@ class EventsAfter:
 
 
 @bp.post("/v1/responses")
-def create_response():
+def create_response() -> Response:
     service = chat_service()
     data = json_body()
     service.admit(g.caller)
@@ -439,7 +443,7 @@ def create_response():
 
 
 @bp.get("/v1/responses/<response_id>")
-def retrieve_response(response_id: str):
+def retrieve_response(response_id: str) -> Response:
     service = chat_service()
     unknown = set(request.args) - RETRIEVE_QUERY
     if unknown:
@@ -463,7 +467,7 @@ def retrieve_response(response_id: str):
 
 
 @bp.post("/v1/responses/<response_id>/cancel")
-def cancel_response(response_id: str):
+def cancel_response(response_id: str) -> Response:
     service = chat_service()
     head, records = stored(service, response_id)
     if not head["response"].get("background"):
@@ -476,7 +480,7 @@ def cancel_response(response_id: str):
 
 
 @bp.delete("/v1/responses/<response_id>")
-def delete_response(response_id: str):
+def delete_response(response_id: str) -> Response:
     service = chat_service()
     head, records = stored(service, response_id)
     if head["response"].get("background") and recorded(head, records) is None:

@@ -15,7 +15,6 @@ from app.errors import ApiError
 from app.providers import offered
 from app.request_body import parse_json_object
 from app.service import ChatService
-from app.websocket import websocket_offered
 
 # Each blueprint is one kind of access, decided by its own hooks (app.access.guard, wired by
 # the factory): the page and health check are open; what the server offers is open to every
@@ -67,7 +66,7 @@ def metrics() -> Response:
 def capabilities_of_this_server() -> dict[str, Any]:
     service = chat_service()
     transports = ["postsse", "fetch", "sse", "rest"]
-    if websocket_offered(request.environ):
+    if "gunicorn.socket" in request.environ:  # the WebSocket needs the socket (app/websocket.py)
         transports.append("ws")
     providers = {name: {"models": list(p.models), "default_model": p.default_model}
                  for name, p in service.providers.items() if offered(p)}

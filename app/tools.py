@@ -186,18 +186,17 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
         # (they go back in the next round), the final round hands them to the answer.
         signed: list[Signed] = []
         for delta in provider.stream(task, cancel):
-            kind = delta.__class__
-            if kind is ToolCall:
+            if type(delta) is ToolCall:
                 calls.append(delta)
                 continue
-            if kind is Signed:
+            if type(delta) is Signed:
                 signed.append(delta)
                 continue
-            if kind is Finish and calls:
+            if type(delta) is Finish and calls:
                 continue  # "tool_calls" is not how the answer ends
-            if kind is Text:
+            if type(delta) is Text:
                 text.append(delta.text)
-            elif kind is Reasoning:
+            elif type(delta) is Reasoning:
                 thoughts.append(delta.text)
             yield delta
         if not calls or cancel.is_set():
@@ -242,9 +241,10 @@ def tool_round_messages(text: str, results: list[ToolResult], reasoning: str = "
 
 # ------------------------------------------------------------------ built-in tools
 
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-              ast.USub: operator.neg, ast.UAdd: operator.pos}
+_OPERATORS: dict[type[ast.AST], Callable[..., float]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.USub: operator.neg,
+    ast.UAdd: operator.pos}
 
 
 def _evaluate(node: ast.AST) -> float:

@@ -17,14 +17,16 @@ import logging
 import select
 import socket
 import threading
+from collections.abc import Callable
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, request
 from flask_sock import Sock
-from simple_websocket import ConnectionClosed
+from simple_websocket import ConnectionClosed, Server
 
 from app.errors import ApiError, store_busy
 from app.gevent_native import native_poll
 from app.request_body import parse_json_object
+from app.routes import chat_service
 from app.sse import SseBody, encode_event
 from app.store import StoreError
 
@@ -32,10 +34,6 @@ log = logging.getLogger("llm_sse_relay")
 
 bp = Blueprint("websocket", __name__)
 sock = Sock()
-
-
-def websocket_offered(environ: dict) -> bool:
-    return "gunicorn.socket" in environ
 
 
 def _error_frame(type: str, message: str) -> str:
@@ -50,7 +48,7 @@ def _is_stop(message: str | bytes | None) -> bool:
     return isinstance(data, dict) and data.get("type") == "stop"
 
 
-def _watch_for_stop(ws, stop) -> None:
+def _watch_for_stop(ws: Server, stop: Callable[[], None]) -> None:
     """Read the client's messages while the answer streams: a stop acts at once, even while
     the upstream is silent (the sending loop may be waiting a whole heartbeat)."""
     try:
@@ -77,7 +75,7 @@ class Sender:
     with `select.poll` (gevent's, under gevent: the other streams run meanwhile).
     """
 
-    def __init__(self, ws, timeout: float | None) -> None:
+    def __init__(self, ws: Server, timeout: float | None) -> None:
         self.ws = ws
         self.timeout = timeout
         self._room = native_poll()
@@ -94,9 +92,9 @@ class Sender:
         return bool(poller.poll(timeout * 1000))
 
 
-@sock.route("/api/chat/ws", bp=bp)
-def chat_ws(ws) -> None:
-    service = current_app.extensions["llm_sse_relay"]
+@sock.route("/api/chat/ws", bp=bp)  # type: ignore[untyped-decorator]  # flask-sock has no type hints
+def chat_ws(ws: Server) -> None:
+    service = chat_service()
     heartbeat = service.settings.SSE_HEARTBEAT_SECONDS
     raw = ws.receive(timeout=max(heartbeat, 10))
     if raw is None:
