@@ -14,8 +14,12 @@ import importlib
 import os
 import sys
 import threading
+from collections.abc import Iterable
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from flask import Flask  # noqa: E402
 
 from app import create_app  # noqa: E402
 
@@ -24,10 +28,10 @@ class EnvFileApplication:
     """Builds the Flask app on the first request, with the env file the vhost names."""
 
     def __init__(self) -> None:
-        self._app = None
+        self._app: Flask | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._app is None:
             with self._lock:
                 if self._app is None:
@@ -38,10 +42,12 @@ class EnvFileApplication:
 try:
     import mod_wsgi  # noqa: F401  (importable only inside Apache's mod_wsgi)
 except ImportError:
-    app = application = create_app()
+    app: WSGIApplication = create_app()
+    application = app
 else:
     for backend in ("app.store.sqlite", "app.store.redis"):  # imported lazily elsewhere; here at process start
         importlib.import_module(backend)
-    app = application = EnvFileApplication()
+    built_on_first_request = EnvFileApplication()
     if os.environ.get("LLM_RELAY_ENV_FILE"):
-        application._app = create_app(env_file=os.environ["LLM_RELAY_ENV_FILE"])
+        built_on_first_request._app = create_app(env_file=os.environ["LLM_RELAY_ENV_FILE"])
+    app = application = built_on_first_request

@@ -24,20 +24,20 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeGuard
 from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from flask import Flask, Request, Response, g, request
+from flask import Blueprint, Flask, Request, Response, g, request
 
-from app.config import ConfigError
+from app.config import ConfigError, Settings
 from app.errors import ApiError
-from app.store.base import ConversationInfo, Store, to_json
+from app.store.base import ConversationInfo, ConversationStore, Store, to_json
 
 log = logging.getLogger("llm_sse_relay.access")
 
@@ -51,6 +51,12 @@ MAX_TOKEN_CHARS = 8192
 # "!!" appended to a signature still verify, so the shape is checked before PyJWT.
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 ASYMMETRIC = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
+
+
+# Told the reason when a limit says no (metrics count refusals by it).
+Refusal = Callable[[str], None]
+# How a blueprint's routes know their caller (see `guard`).
+Identity = Literal["required", "optional"] | None
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ def parse_rate(text: str, name: str = "RATE_LIMIT") -> tuple[int, float] | None:
 class TokenVerifier:
     """JWT verification by PyJWT, with the keys and rules of the settings."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.secret = settings.JWT_SECRET
         if self.secret and len(self.secret.encode()) < 32:
             # RFC 7518 3.2: an HS256 key shorter than the hash can be brute-forced offline.
@@ -115,7 +121,7 @@ class TokenVerifier:
     def _claims(self, token: str) -> dict[str, Any] | None:
         header = jwt.get_unverified_header(token)
         algorithm = header.get("alg")
-        if algorithm not in self.algorithms:
+        if not isinstance(algorithm, str) or algorithm not in self.algorithms:
             return None
         key = self._key_for(algorithm, header.get("kid"))
         if key is None:
@@ -152,7 +158,7 @@ class TokenVerifier:
         return None
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -164,7 +170,7 @@ def _fits(key: Any, algorithm: str) -> bool:
     return False
 
 
-def _load_public_key(value: str) -> Any:
+def _load_public_key(value: str) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
     """A PEM public key given inline or as a file path."""
     try:
         if "-----BEGIN" in value:
@@ -191,7 +197,7 @@ def _load_jwks(path: str) -> jwt.PyJWKSet:
 class Access:
     """Identity, ownership, origins, rate limits and slots, for every way into the app."""
 
-    def __init__(self, settings: Any, store: Any, on_refusal: Any = None) -> None:
+    def __init__(self, settings: Settings, store: Store, on_refusal: Refusal | None = None) -> None:
         self.tokens = [t.strip() for t in settings.API_TOKENS.split(",") if t.strip()]
         self.verifier = TokenVerifier(settings)
         self.rate = parse_rate(settings.RATE_LIMIT)
@@ -216,16 +222,17 @@ class Access:
         return bool(self.tokens or self.verifier.enabled)
 
     # -- identity
-    def caller(self, req: Request, token: Any = None) -> Caller:
+    def caller(self, req: Request, token: object = None, api_key_header: bool = False) -> Caller:
         """Who is calling; raises 401 when auth is on and the credentials are missing or bad.
 
-        `token` is what a transport without headers carried (the WebSocket's first message).
+        `token` is what a transport without headers carried (the WebSocket's first message);
+        `api_key_header`: the route also takes the token as `x-api-key` (see `guard`).
         """
         if token is None:
             header = req.headers.get("Authorization", "")
             if header[:7].lower() == "bearer ":
                 token = header[7:].strip()
-            elif req.path in API_KEY_HEADER_PATHS:
+            elif api_key_header:
                 token = req.headers.get("x-api-key") or None
             elif req.method == "GET":
                 # EventSource cannot send headers; this lands in access logs, prefer POST-SSE.
@@ -390,8 +397,9 @@ class Access:
 
     # -- CORS
     def cors(self, response: Response) -> Response:
+        """The CORS headers of an API response (an `after_request` of the API's blueprints)."""
         origin = request.headers.get("Origin")
-        if not origin or not request.path.startswith(API_PREFIXES):
+        if not origin:
             return response
         if self.any_origin:
             # "*" never goes with credentials (browsers refuse it, and it would be unsafe).
@@ -418,10 +426,10 @@ PAST_THE_QUOTA = 2**31 - 1
 UNMETERED = "local:"
 
 
-class MeteredStore:
+class MeteredStore(ConversationStore):
     """The store as `Conversations` uses it, with every record counted against its owner's
     `STORAGE_QUOTA_BYTES` for as long as it is kept. Conversation writes and deletes pass
-    through the quota; every other call goes to the store unchanged.
+    through the quota; reads go to the store unchanged.
 
     A conversation holds slots of its owner in the store's slot sets (shared by every process
     and host, like the stream slots), named after it and refreshed with it: they expire when
@@ -437,8 +445,11 @@ class MeteredStore:
         self.store = store
         self.quota = quota
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
+    def conversation(self, conversation_id: str) -> ConversationInfo | None:
+        return self.store.conversation(conversation_id)
+
+    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        return self.store.messages(conversation_id, start, stop)
 
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
                         owner: str = "") -> ConversationInfo | None:
@@ -548,7 +559,7 @@ class LookupMisses:
     # Clients remembered in one window; beyond, the counts start over (memory stays bounded).
     MAX_CLIENTS = 100_000
 
-    def __init__(self, rate: tuple[int, float] | None, on_refusal: Any) -> None:
+    def __init__(self, rate: tuple[int, float] | None, on_refusal: Refusal) -> None:
         self.rate = rate
         self.on_refusal = on_refusal
         self.counts: dict[str, int] = {}
@@ -611,30 +622,45 @@ def _same_origin(origin: str, req: Request) -> bool:
     return bool(netloc) and netloc in (req.host.lower(), forwarded)
 
 
-API_PREFIXES = ("/api/", "/v1/")
-# Routes whose clients may send the token as Anthropic's `x-api-key` header (older `anthropic`
-# SDKs, curl examples from Anthropic's docs); everywhere else it is `Authorization: Bearer` only.
-API_KEY_HEADER_PATHS = frozenset({"/v1/messages"})
-# Open to everyone: health, the page, what the server offers. The WebSocket checks its
-# first message instead (browsers cannot set headers on it); stream URLs are capabilities.
-PUBLIC = {"/healthz", "/", "/api/capabilities", "/api/chat/ws"}
+def guard(app: Flask, blueprint: Blueprint, access: Access, *, origin: bool = True,
+          identity: Identity = "required", api_key_header: bool = False) -> None:
+    """Who may use `blueprint`'s routes in `app`, decided by its own `before_request` (Flask's
+    blueprint-scoped hooks, registered on the app so they hold this app's `Access`): the origin
+    of a browser's request, then the caller's identity in `g.caller`; and CORS headers on its
+    responses.
 
+    `identity`: "required" (401 without valid credentials when auth is on), "optional" (stream
+    URLs: the unguessable id is the credential, and one who sends a token must be its creator),
+    or None (the WebSocket checks its first message instead; what the server offers is open).
+    `api_key_header`: the token may also come as Anthropic's `x-api-key` (older `anthropic`
+    SDKs, curl examples from Anthropic's docs); everywhere else it is `Authorization: Bearer`.
+    """
 
-def install(app: Flask, access: Access) -> None:
-    """Every request passes here first: origin, then identity (the front door's outer wall)."""
-
-    @app.before_request
-    def authenticate() -> None:
-        if request.method == "OPTIONS":
+    def admit() -> None:
+        if request.method == "OPTIONS":  # a CORS preflight carries no credentials
             return
-        if request.path.startswith(API_PREFIXES) and request.path != "/api/capabilities":
+        if origin:
             access.check_origin(request)
-        if request.path in PUBLIC or not request.path.startswith(API_PREFIXES):
-            return
-        if request.path.startswith("/api/chat/streams/") and request.method == "GET":
-            # The unguessable id is the credential; one who sends a token must be its creator.
+        if identity == "required":
+            g.caller = access.caller(request, api_key_header=api_key_header)
+        elif identity == "optional":
             g.caller = access.caller(request) if request.headers.get("Authorization") else None
-            return
-        g.caller = access.caller(request)
 
-    app.after_request(access.cors)
+    app.before_request_funcs.setdefault(blueprint.name, []).append(admit)
+    app.after_request_funcs.setdefault(blueprint.name, []).append(access.cors)
+
+
+def guard_metrics(app: Flask, blueprint: Blueprint, access: Access, token: str) -> None:
+    """`/metrics` takes its own credential, `METRICS_TOKEN`, for a Prometheus that holds no API
+    token; without one it is protected like the API (401 when auth is on and the token is missing)."""
+
+    def admit() -> None:
+        if not token:
+            access.caller(request)
+            return
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "/metrics needs METRICS_TOKEN as a bearer token",
+                           {"WWW-Authenticate": "Bearer"})
+
+    app.before_request_funcs.setdefault(blueprint.name, []).append(admit)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, Response, g, request
 
 from app import images
 from app.chat_request import has_content, invalid, keep_record, message_list, new_turn, parse_chat_request
+from app.config import Settings
 from app.errors import ApiError
 from app.protocols import UiMessageStream
 from app.request_body import parse_json_object
-from app.service import ChatService
+from app.routes import chat_service
 
 bp = Blueprint("ai_sdk", __name__)
 
@@ -93,7 +94,7 @@ def assistant_turns(parts: list[Any], where: str) -> list[dict[str, Any]]:
     return out
 
 
-def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
+def neutral_messages(value: Any, settings: Settings) -> list[dict[str, Any]]:
     """UI messages (`{id, role, parts}`) as the relay's provider-neutral messages."""
     value = message_list(value, settings, "UI messages")
     messages: list[dict[str, Any]] = []
@@ -116,16 +117,16 @@ def neutral_messages(value: Any, settings: Any) -> list[dict[str, Any]]:
 
 
 @bp.post("/api/chat/ui")
-def chat_ui():
-    service: ChatService = current_app.extensions["llm_sse_relay"]
+def chat_ui() -> Response:
+    service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
     data = parse_json_object(request.get_data(cache=False))
     service.admit(g.caller)
     messages = neutral_messages(data.get("messages"), service.settings)
     options = {k: v for k, v in data.items() if k not in TRANSPORT_FIELDS}
-    chat = parse_chat_request(options, service.settings, service.providers, messages=messages)
     # useChat resends the whole chat each turn: no record unless asked, then of the new turn only.
-    chat.records, chat.keep_record = new_turn(messages), keep_record(data)
+    chat = parse_chat_request(options, service.settings, service.providers, service.tools, messages=messages,
+                              records=new_turn(messages), keep_record=keep_record(data))
     reading = service.stream(g.caller, chat, wire=UiMessageStream(), transport="ai-sdk")
     return service.sse(reading, retry=False, headers=UiMessageStream.HEADERS)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app import images
+from app.config import Settings
 from app.errors import ApiError
 from app.json_depth import MAX_DEPTH, json_nesting
 from app.providers.domain import Task
@@ -42,7 +43,7 @@ class Spend:
     items: int = 0
 
 
-def check_budget(task: Task, settings: Any) -> None:
+def check_budget(task: Task, settings: Settings) -> None:
     """Refuse a request over any limit: 413 for sizes, 400 for an id, a name or arguments
     that no provider accepts. Content may be a string or a list of parts."""
     spend = Spend(chars=len(task.system or "") + sum(len(stop) for stop in task.stop))
@@ -66,7 +67,7 @@ def check_budget(task: Task, settings: Any) -> None:
                        f"the tool definitions are {schemas} characters; the limit is {settings.MAX_TOOL_SCHEMA_CHARS}")
 
 
-def _count_message(message: dict[str, Any], spend: Spend, settings: Any) -> None:
+def _count_message(message: dict[str, Any], spend: Spend, settings: Settings) -> None:
     spend.items += 1
     _count_content(message.get("content"), spend)
     spend.chars += len(message.get("reasoning") or "")
@@ -111,7 +112,7 @@ def _count_content(content: Any, spend: Spend) -> None:
             spend.chars += _json_chars(part)
 
 
-def _check_id(value: Any, settings: Any) -> int:
+def _check_id(value: Any, settings: Settings) -> int:
     if not isinstance(value, str) or not value:
         raise ApiError(400, "invalid_request", "every tool call and tool result needs a string id")
     if len(value) > settings.MAX_TOOL_ID_CHARS:
@@ -120,7 +121,7 @@ def _check_id(value: Any, settings: Any) -> int:
     return len(value)
 
 
-def _check_name(value: Any, settings: Any) -> int:
+def _check_name(value: Any, settings: Settings) -> int:
     if not isinstance(value, str) or not value:
         raise ApiError(400, "invalid_request", "every tool needs a name")
     if len(value) > settings.MAX_TOOL_NAME_CHARS:

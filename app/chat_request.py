@@ -17,7 +17,7 @@ from app.config import Settings
 from app.errors import ApiError
 from app.providers import Provider, Task
 from app.request_body import parse_json
-from app.tools import Tool, toolbox
+from app.tools import Tool, Toolbox
 
 OPTIONS = {"prompt", "messages", "system", "provider", "model", "temperature", "max_tokens", "conversation_id",
            "tools", "reasoning"}
@@ -64,7 +64,8 @@ def number_option(value: Any, name: str, low: float, high: float, integer: bool,
         raise invalid(f"'{name}' must be a {'whole number' if integer else 'number'}")
     if not math.isfinite(value) or not low <= value <= high:
         raise invalid(f"'{name}' must be between {low:g} and {high:g}")
-    return value
+    number: float | int = value  # a number within bounds, as checked above
+    return number
 
 
 def message_list(value: Any, settings: Settings, shape: str) -> list[Any]:
@@ -129,11 +130,14 @@ def has_content(content: Any) -> bool:
 
 
 def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: Mapping[str, Provider],
-                       from_query: bool = False, messages: list[dict[str, Any]] | None = None) -> ChatRequest:
-    """Validate the options of one chat request (docs/http-api.md: request options).
+                       toolbox: Toolbox, from_query: bool = False, messages: list[dict[str, Any]] | None = None,
+                       records: list[dict[str, Any]] | None = None, keep_record: bool = True) -> ChatRequest:
+    """Validate the options of one chat request (docs/http-api.md: request options); `toolbox`
+    holds the app's tools that `tools` may name.
 
     `messages`, when given, are already in the neutral form (a transport with its own message
-    format parsed them); then `prompt` and `messages` must not be among the options.
+    format parsed them); then `prompt` and `messages` must not be among the options. `records`
+    and `keep_record`: what of the request its conversation keeps (see `ChatRequest`).
     """
     unknown = set(data) - OPTIONS
     if unknown:
@@ -192,10 +196,10 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
         raise invalid("'conversation_id' must be 1-64 characters of letters, digits, '_' or '-'")
 
     check_images(messages, settings, provider)
-    tools = parse_tools(data.get("tools"))
+    tools = parse_tools(data.get("tools"), toolbox)
     task = Task(messages=messages, model=model, system=system, temperature=temperature, max_tokens=max_tokens,
                 reasoning=reasoning_option(data.get("reasoning")))
-    return ChatRequest(provider, task, conversation_id, tools)
+    return ChatRequest(provider, task, conversation_id, tools, records, keep_record)
 
 
 def reasoning_option(value: Any) -> str | None:
@@ -205,10 +209,10 @@ def reasoning_option(value: Any) -> str | None:
         return None
     if value not in REASONING_LEVELS:
         raise invalid("'reasoning' must be one of low, medium, high")
-    return value
+    return str(value)
 
 
-def parse_tools(value: Any) -> list[Tool]:
+def parse_tools(value: Any, toolbox: Toolbox) -> list[Tool]:
     """`true` for every registered tool, or a list of their names; absent/false for none."""
     if value is None or value is False or value == "false" or value == "":
         return []

@@ -22,19 +22,19 @@ from typing import Any
 
 from app.access import Access, Caller
 from app.chat_request import ChatRequest
+from app.config import Settings
 from app.errors import ApiError
 from app.images import image_bytes, images_in, text_of
 from app.providers.domain import Task
 from app.relay import Answer, new_id
-from app.store import Store
-from app.store.base import to_json
+from app.store.base import ConversationInfo, ConversationStore, to_json
 from app.tools import neutral_call
 
 NOT_FOUND = "no such conversation"
 
 
 class Conversations:
-    def __init__(self, store: Store, settings: Any, access: Access) -> None:
+    def __init__(self, store: ConversationStore, settings: Settings, access: Access) -> None:
         self.store = store
         self.access = access
         self.max_messages = settings.HISTORY_MAX_MESSAGES
@@ -63,13 +63,13 @@ class Conversations:
                                f"this conversation reached its size limit ({self.cap_messages} messages or "
                                f"{self.cap_bytes} bytes); start a new conversation")
             history = self.replayable(self.store.messages(conversation_id, max(0, info.messages - self.max_messages)))
-        info = self.store.append_messages(conversation_id, records, self.ttl, owner=caller.id)
-        if info is None:  # deleted since it was looked up
+        stored = self.store.append_messages(conversation_id, records, self.ttl, owner=caller.id)
+        if stored is None:  # deleted since it was looked up
             raise ApiError(404, "not_found", NOT_FOUND)
         new = chat.task.messages
         history = self.bounded(history, reserve=sum(len(text_of(m.get("content"))) for m in new), reserved=len(new),
                                images_reserved=list(images_in(new)))
-        return conversation_id, replace(chat.task, messages=history + new), info.messages
+        return conversation_id, replace(chat.task, messages=history + new), stored.messages
 
     def history_at(self, conversation_id: str, position: int, request_id: str) -> list[dict[str, Any]]:
         """The messages to send for a request accepted earlier (a POST-SSE ticket opened now):
@@ -103,7 +103,7 @@ class Conversations:
             record["failover"] = answer.failovers
         self.store.append_message(conversation_id, record, self.ttl, owner=owner)
 
-    def owned(self, caller: Caller | None, conversation_id: str):
+    def owned(self, caller: Caller | None, conversation_id: str) -> ConversationInfo:
         """The conversation's info, if it exists and `caller` may use it; else the same 404."""
         info = self.store.conversation(conversation_id)
         if info is None or not self.access.owns(caller, info.owner):

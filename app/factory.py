@@ -8,28 +8,37 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import ai_sdk, logs, messages_api, openai_api, responses_api, websocket
-from app.access import install, parse_rate
+from app import ai_sdk, logs, messages_api, openai_api, responses_api, routes, websocket
+from app.access import Access, guard, guard_metrics, parse_rate
 from app.config import ConfigError, Settings, environment
 from app.errors import register_error_handlers
 from app.metrics import default_dir
 from app.providers import build_providers
 from app.relay import new_id
-from app.routes import bp
 from app.service import ChatService
 from app.store import open_store
 
 
 def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = None) -> Flask:
     """The application factory: `config` (env-style names) overrides the environment."""
+    app = Flask(__name__)
+    init_app(app, config, env_file)
+    return app
+
+
+def init_app(app: Flask, config: Mapping[str, Any] | None = None, env_file: str | None = None) -> ChatService:
+    """Serve the relay from `app`, a new one (`create_app`) or an existing application's: its
+    settings read once and checked (`ConfigError` says what is wrong), the store (by default a
+    SQLite file in the app's instance folder), providers and the `ChatService` built once, the
+    routes with their access rules, error handlers and request ids. The service is
+    `app.extensions["llm_sse_relay"]`, where the routes and the Python API find it."""
     env = environment(config, env_file)
     settings = Settings.load(env)
     logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT, logs.configured_secrets(env))
 
-    app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
-    app.json.ensure_ascii = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # Flask's DefaultJSONProvider has them
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
     try:
         parse_rate(settings.RATE_LIMIT)
         openai_api.parse_aliases(settings.MODEL_ALIASES)
@@ -51,23 +60,36 @@ def create_app(config: Mapping[str, Any] | None = None, env_file: str | None = N
         service = ChatService.build(settings, providers, store, settings.METRICS_DIR or default_dir(app.instance_path))
     except ValueError as exc:  # LLM_FALLBACKS naming a provider this server does not have
         raise ConfigError(str(exc)) from exc
-    app.extensions["llm_sse_relay"] = service
+    app.extensions[routes.EXTENSION] = service
     _request_ids(app, trusted=settings.TRUSTED_PROXIES > 0)  # first: refusals carry an id too
-    install(app, service.access)
     app.after_request(_nosniff)
     if settings.TRUSTED_PROXIES:
         n = settings.TRUSTED_PROXIES
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
 
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.max_body_bytes}
-    app.register_blueprint(bp)
-    app.register_blueprint(websocket.bp)
-    app.register_blueprint(openai_api.bp)
+    _routes(app, service.access, settings.METRICS_TOKEN)
+    register_error_handlers(app, service.metrics)
+    return service
+
+
+def _routes(app: Flask, access: Access, metrics_token: str) -> None:
+    """Every blueprint, with the access rules of its routes (app.access.guard)."""
+    app.register_blueprint(routes.pages)  # the page and the health check: open to all
+    app.register_blueprint(routes.offer)
+    guard(app, routes.offer, access, origin=False, identity=None)  # what the server offers, to any page
+    app.register_blueprint(routes.metrics_bp)
+    guard_metrics(app, routes.metrics_bp, access, metrics_token)
+    for blueprint in (routes.api, openai_api.bp, ai_sdk.bp, responses_api.bp):
+        app.register_blueprint(blueprint)
+        guard(app, blueprint, access)
     app.register_blueprint(messages_api.bp)
-    app.register_blueprint(ai_sdk.bp)
-    app.register_blueprint(responses_api.bp)
-    register_error_handlers(app)
-    return app
+    guard(app, messages_api.bp, access, api_key_header=True)
+    app.register_blueprint(routes.stream_urls)
+    guard(app, routes.stream_urls, access, identity="optional")
+    app.register_blueprint(websocket.bp)
+    # Browsers cannot set headers on a WebSocket: its first message carries the token.
+    guard(app, websocket.bp, access, identity=None)
 
 
 def _request_ids(app: Flask, trusted: bool) -> None:

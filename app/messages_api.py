@@ -16,17 +16,18 @@ import json
 import time
 from typing import Any
 
-from flask import Blueprint, g, request
+from flask import Blueprint, Response, g, request
 
 from app import images
 from app.chat_request import ChatRequest, check_images, invalid, message_list, new_turn, number_option
+from app.config import Settings
 from app.errors import ApiError
-from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model, service
-from app.protocols import AnthropicEvents, anthropic_failure, anthropic_stop_reason, anthropic_usage
-from app.providers import ProviderError
+from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model
+from app.protocols import AnthropicEvents, anthropic_stop_reason, anthropic_usage
 from app.providers.anthropic import AnthropicProvider
 from app.providers.domain import Provider, Task, parsed_arguments
 from app.request_body import parse_json_object
+from app.routes import chat_service
 from app.service import ChatService, Reading
 
 bp = Blueprint("anthropic_messages", __name__)
@@ -63,16 +64,19 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _text(block: dict[str, Any], where: str) -> str:
-    if not isinstance(block.get("text"), str):
+    text = block.get("text")
+    if not isinstance(text, str):
         raise invalid(f"{where}.text must be a string")
-    return block["text"]
+    return text
 
 
 def image_part(block: dict[str, Any], where: str, max_bytes: int) -> dict[str, str]:
     """An image block as the neutral image part, checked by app/images.py: base64 data that is
     the PNG, JPEG, GIF or WebP it claims, or an https URL (which the relay never fetches)."""
     source = block.get("source")
-    kind = source.get("type") if isinstance(source, dict) else None
+    if not isinstance(source, dict):
+        source = {}
+    kind = source.get("type")
     if kind == "base64":
         return images.base64_part(source.get("media_type"), source.get("data"), f"{where}.source", max_bytes)
     if kind == "url":
@@ -110,8 +114,8 @@ def _user_turn(content: Any, where: str, names: dict[str, str], max_image_bytes:
             call_id = block.get("tool_use_id")
             if not isinstance(call_id, str) or call_id not in names:
                 raise invalid(f"{at}.tool_use_id must be the id of a tool_use block of an earlier assistant message")
-            result = {"role": "tool", "tool_call_id": call_id, "name": names[call_id],
-                      "content": _result_text(block.get("content"), at)}
+            result: dict[str, Any] = {"role": "tool", "tool_call_id": call_id, "name": names[call_id],
+                                      "content": _result_text(block.get("content"), at)}
             if block.get("is_error"):
                 result["is_error"] = True
             results.append(result)
@@ -169,7 +173,7 @@ def _assistant_turn(content: Any, where: str, names: dict[str, str], signer: str
     return message
 
 
-def neutral_messages(value: Any, settings: Any, signer: str | None) -> list[dict[str, Any]]:
+def neutral_messages(value: Any, settings: Settings, signer: str | None) -> list[dict[str, Any]]:
     """Anthropic messages as the relay's provider-neutral messages (app/providers/domain.py `Task`)."""
     value = message_list(value, settings, "{role, content}")
     messages: list[dict[str, Any]] = []
@@ -234,11 +238,12 @@ def tool_choice(value: Any, tools: list[dict[str, Any]]) -> str | None:
     if isinstance(value, dict) and value.get("disable_parallel_tool_use"):
         raise invalid("'tool_choice.disable_parallel_tool_use' is not supported")
     if kind in ("auto", "none"):
-        return kind
+        return str(kind)
     if kind == "any" and tools:
         return "required"
-    if kind == "tool" and isinstance(value.get("name"), str) and value["name"] in {t["name"] for t in tools}:
-        return value["name"]
+    name = value.get("name") if kind == "tool" else None
+    if isinstance(name, str) and name in {t["name"] for t in tools}:
+        return name
     raise invalid("'tool_choice' must be {type: auto}, {type: any}, {type: none} or {type: tool, name} "
                   "naming one of the tools")
 
@@ -277,13 +282,13 @@ def stop_sequences(value: Any) -> list[str]:
     return value
 
 
-def parse_messages_request(data: dict[str, Any], relay: ChatService) -> tuple[ChatRequest, bool]:
+def parse_messages_request(data: dict[str, Any], service: ChatService) -> tuple[ChatRequest, bool]:
     """An Anthropic Messages request as the relay's request, and whether to stream it."""
-    settings = relay.settings
+    settings = service.settings
     unknown = set(data) - KNOWN
     if unknown:
         raise invalid(f"unsupported parameter(s): {', '.join(sorted(unknown))[:200]}")
-    provider, model = resolve_model(data.get("model"), relay.providers, settings)
+    provider, model = resolve_model(data.get("model"), service.providers, settings)
     if "max_tokens" not in data:
         raise invalid("'max_tokens' is required")
     max_tokens = int(number_option(data["max_tokens"], "max_tokens", 1, settings.MAX_OUTPUT_TOKENS, True, False))
@@ -343,26 +348,23 @@ def await_first_outcome(reading: Reading, within: float) -> None:
 
 
 @bp.post("/v1/messages")
-def messages():
-    relay = service()
+def messages() -> Response | dict[str, Any]:
+    service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    relay.admit(g.caller)
+    service.admit(g.caller)
     data = parse_json_object(request.get_data(cache=False))
-    chat, stream = parse_messages_request(data, relay)
+    chat, stream = parse_messages_request(data, service)
     if stream:
         wire = AnthropicEvents(data["model"])
-        reading = relay.stream(g.caller, chat, wire=wire, transport="anthropic")
-        await_first_outcome(reading, relay.settings.SSE_HEARTBEAT_SECONDS)
+        reading = service.stream(g.caller, chat, wire=wire, transport="anthropic")
+        await_first_outcome(reading, service.settings.SSE_HEARTBEAT_SECONDS)
         if wire.failed_early is not None:
-            reading.on_close(True)
+            if reading.on_close is not None:
+                reading.on_close(True)
             status, message = wire.failed_early
             raise ApiError(status, "upstream_error", message)
-        return relay.sse(reading, retry=False, keepalive=AnthropicEvents.KEEPALIVE)
-    try:
-        request_id, _, answer = relay.answer(g.caller, chat, transport="anthropic")
-    except ProviderError as err:
-        status, message = anthropic_failure(err.as_event())
-        headers = {"Retry-After": str(max(1, round(err.retry_after)))} if status == 429 and err.retry_after else None
-        raise ApiError(status, err.type, message, headers) from None
+        return service.sse(reading, retry=False, keepalive=AnthropicEvents.KEEPALIVE)
+    # A ProviderError is answered by the app's handler (app/errors.py), in Anthropic's statuses.
+    request_id, _, answer = service.answer(g.caller, chat, transport="anthropic")
     return message_object(f"msg_{request_id}", data["model"], answer)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import stat
 import tempfile
 import time
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from app.config import ConfigError
@@ -30,6 +32,7 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 OTHER = "other"
+log = logging.getLogger("llm_sse_relay.metrics")
 TRANSPORTS = frozenset({"sse", "fetch", "postsse", "ws", "rest", "openai", "responses", "anthropic", "ai-sdk",
                         "python"})
 OUTCOMES = frozenset({"done", "error", "stopped", "abandoned", "closed"})
@@ -39,7 +42,7 @@ UPSTREAM_ERRORS = frozenset({"upstream_error", "upstream_auth", "upstream_rate_l
 TOOL_STATUSES = frozenset({"done", "error"})
 
 
-def bounded(value: str, known: Any) -> str:
+def bounded(value: str, known: Collection[str]) -> str:
     """`value` if it is one of `known`, else "other"."""
     return value if value in known else OTHER
 
@@ -103,22 +106,40 @@ def _alive(filename: str) -> bool:
     return True
 
 
-class Metrics:
-    """The relay's metrics; every recording method is cheap and never raises."""
+def process_directory(directory: str) -> str:
+    """The directory this process writes its metrics files into: the first one asked for.
 
-    def __init__(self, directory: str, known_models: dict[str, set[str]] | None = None,
-                 known_tools: Any = None) -> None:
-        # prometheus_client keeps one set of files per process: the first app of a process
-        # decides the directory (a server runs one app per process; tests run many).
-        directory = os.environ.setdefault(METRICS_DIR_ENV, directory)
+    prometheus_client's multiprocess mode is the process's, not an app's: its values find their
+    files through the `PROMETHEUS_MULTIPROC_DIR` environment variable, and its metric classes
+    take their value class from a module global chosen at import. Both are set here, once; a
+    second app of the process (tests make many) writes into the same directory, each with its
+    own registry and labels."""
+    chosen = os.environ.setdefault(METRICS_DIR_ENV, directory)
+    if chosen != directory:
+        log.info("metrics of this process already go to %s; not to %s", chosen, directory)
+    import prometheus_client.values as values
+
+    # Chosen from the environment when prometheus_client is imported: made the multiprocess
+    # one even if something imported the library before the variable was set. A new one for
+    # each app: it opens its files afresh, should another process of the same server have
+    # emptied the directory (prepare_dir) since the last app was built.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # not annotated upstream
+    return chosen
+
+
+class Metrics:
+    """The relay's metrics for one app; every recording method is cheap and never raises.
+
+    `known_models` (provider -> the model names it may label) and `known_tools` (the app's
+    tools) bound the label values: anything else is "other"."""
+
+    def __init__(self, directory: str, known_models: Mapping[str, Collection[str]] | None = None,
+                 known_tools: Collection[str] = ()) -> None:
+        directory = process_directory(directory)
         prepare_dir(directory)
-        # The value class is chosen when prometheus_client is imported, from the environment:
-        # make sure it is the multiprocess one even if something imported the library first.
         import prometheus_client
-        import prometheus_client.values as values
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        values.ValueClass = values.get_value_class()
         self.directory = directory
         self._client = prometheus_client
         # Metrics live in a registry of their own (the default one would double them).
@@ -141,9 +162,8 @@ class Metrics:
         self.tool_calls = Counter("relay_tool_calls", "Server-side tool calls", ["tool", "status"], registry=r)
         self.refusals = Counter("relay_refusals", "Requests refused by a limit", ["reason"], registry=r)
         self.store_errors = Counter("relay_store_errors", "Store operations that failed", registry=r)
-        # provider -> the model names it may label; the registered tools (others are "other").
-        self.known_models: dict[str, set[str]] = known_models or {}
-        self.known_tools: Any = {} if known_tools is None else known_tools
+        self.known_models: Mapping[str, Collection[str]] = known_models or {}
+        self.known_tools = known_tools
 
     def model_label(self, provider: str, model: str) -> str:
         return bounded(model, self.known_models.get(provider, ()))
@@ -196,6 +216,6 @@ class Metrics:
         from prometheus_client import CollectorRegistry, multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.directory)
+        multiprocess.MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]  # idem
         return self._client.generate_latest(registry), self._client.CONTENT_TYPE_LATEST
 

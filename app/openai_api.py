@@ -15,7 +15,7 @@ import re
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from app import images
 from app.chat_request import (
@@ -28,12 +28,14 @@ from app.chat_request import (
     new_turn,
     number_option,
 )
+from app.config import Settings
 from app.errors import ApiError
 from app.protocols import THINKING_BLOCKS, OpenAIChunks, openai_finish, openai_tool_call, openai_usage, thinking_blocks
 from app.providers import Provider
 from app.providers.anthropic import AnthropicProvider
 from app.providers.domain import Task
 from app.request_body import parse_json_object
+from app.routes import chat_service
 from app.service import ChatService
 
 bp = Blueprint("openai", __name__)
@@ -51,10 +53,6 @@ REASONING_EFFORTS = {"none": None, "minimal": "low", "low": "low", "medium": "me
                      "xhigh": "high"}
 
 
-def service() -> ChatService:
-    return current_app.extensions["llm_sse_relay"]
-
-
 # ------------------------------------------------------------------ models
 
 
@@ -69,7 +67,7 @@ def parse_aliases(text: str) -> dict[str, str]:
     return aliases
 
 
-def resolve_model(name: Any, providers: dict[str, Provider], settings: Any) -> tuple[Provider, str]:
+def resolve_model(name: Any, providers: dict[str, Provider], settings: Settings) -> tuple[Provider, str]:
     """`provider/model`, an alias, or a bare model of the default provider."""
     if not isinstance(name, str) or not MODEL_PATTERN.fullmatch(name):
         raise invalid("'model' must be a model name such as 'openai/gpt-4.1-mini' or an alias")
@@ -83,7 +81,7 @@ def resolve_model(name: Any, providers: dict[str, Provider], settings: Any) -> t
     return provider, model
 
 
-def model_list(providers: dict[str, Provider], settings: Any) -> list[dict[str, Any]]:
+def model_list(providers: dict[str, Provider], settings: Settings) -> list[dict[str, Any]]:
     seen, out = set(), []
     names = [f"{n}/{m}" for n, p in providers.items() if p.configured for m in p.models]
     names += [a for a, target in parse_aliases(settings.MODEL_ALIASES).items()
@@ -143,7 +141,7 @@ def thinking_signer(provider: Provider) -> str | None:
     return provider.name if isinstance(provider, AnthropicProvider) else None
 
 
-def neutral_messages(value: Any, settings: Any, provider: str = "", signer: str | None = None
+def neutral_messages(value: Any, settings: Settings, provider: str = "", signer: str | None = None
                      ) -> list[dict[str, Any]]:
     """OpenAI chat messages as the relay's provider-neutral messages (`provider`: the name of
     the provider they go to, whose reasoning state the client may send back; `signer`: that
@@ -259,23 +257,23 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
 
 
 @bp.get("/v1/models")
-def models():
-    relay = service()
-    return jsonify(object="list", data=model_list(relay.providers, relay.settings))
+def models() -> Response:
+    service = chat_service()
+    return jsonify(object="list", data=model_list(service.providers, service.settings))
 
 
 @bp.post("/v1/chat/completions")
-def chat_completions():
-    relay = service()
+def chat_completions() -> Response:
+    service = chat_service()
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-    relay.admit(g.caller)
-    chat, how = parse_completion_request(parse_json_object(request.get_data(cache=False)), relay)
+    service.admit(g.caller)
+    chat, how = parse_completion_request(parse_json_object(request.get_data(cache=False)), service)
     if how["stream"]:
         wire = OpenAIChunks(how["model"], how["include_usage"])
-        reading = relay.stream(g.caller, chat, wire=wire, transport="openai")
-        return relay.sse(reading, retry=False)
-    request_id, _, answer = relay.answer(g.caller, chat, transport="openai")  # ProviderError: app/errors.py
+        reading = service.stream(g.caller, chat, wire=wire, transport="openai")
+        return service.sse(reading, retry=False)
+    request_id, _, answer = service.answer(g.caller, chat, transport="openai")  # ProviderError: app/errors.py
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
     if answer.reasoning:  # where DeepSeek and LiteLLM put it
         message["reasoning_content"] = answer.reasoning_text

@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from app import images
 from app.chat_request import ID_PATTERN, ChatRequest, check_images, invalid, number_option
+from app.config import Settings
 from app.errors import ApiError
 from app.openai_api import MAX_TOOLS, REASONING_EFFORTS, TOOL_NAME, resolve_model
 from app.protocols import (
@@ -40,9 +41,10 @@ from app.protocols import (
     response_usage,
 )
 from app.providers.domain import Task
-from app.relay import Answer
-from app.routes import json_body
+from app.relay import Answer, DrivenLog, StoreLogView
+from app.routes import chat_service, json_body
 from app.service import ChatService
+from app.sse import StreamLog
 from app.store.base import to_json
 from app.tools import neutral_call
 
@@ -59,10 +61,6 @@ RETRIEVE_QUERY = {"stream", "starting_after", "include", "include[]", "include_o
 SUMMARIES = (None, "auto", "concise", "detailed")
 NOT_FOUND = "no such response"
 MAX_USER_CHARS = 512
-
-
-def service() -> ChatService:
-    return current_app.extensions["llm_sse_relay"]
 
 
 # ------------------------------------------------------------------ input items
@@ -90,7 +88,7 @@ def _content(content: Any, where: str, max_image_bytes: int = 0) -> Any:
     return images.neutral_content(parts)
 
 
-def neutral_input(value: Any, settings: Any, names: dict[str, str],
+def neutral_input(value: Any, settings: Settings, names: dict[str, str],
                   reference: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
     """`input` (text, or items: messages, function_call, function_call_output, references to
     output items of stored responses) as the relay's provider-neutral messages. `names` maps
@@ -172,8 +170,10 @@ def function_tools(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 
 def tool_choice(value: Any, tools: list[dict[str, Any]]) -> str | None:
-    if value is None or value in ("auto", "none", "required"):
-        return value
+    if value is None:
+        return None
+    if value in ("auto", "none", "required"):
+        return str(value)
     name = value.get("name") if isinstance(value, dict) and value.get("type") == "function" else None
     if not isinstance(name, str) or name not in {t["name"] for t in tools}:
         raise invalid("'tool_choice' must be auto, none, required or {type: function, name} naming one of the "
@@ -235,12 +235,12 @@ def conversation_of(response_id: Any) -> str:
     return response_id[5:]
 
 
-def stored(relay: ChatService, response_id: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def stored(service: ChatService, response_id: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A stored response of the caller: its request record and the records of its conversation.
     Another caller's response, one created with `store: false` (nothing of it was kept), or an
     expired one: 404."""
     try:
-        records = relay.conversation(g.caller, conversation_of(response_id))
+        records = service.conversation(g.caller, conversation_of(response_id))
     except ApiError as err:
         if err.status == 404:
             raise ApiError(404, "not_found", NOT_FOUND) from None
@@ -251,7 +251,7 @@ def stored(relay: ChatService, response_id: Any) -> tuple[dict[str, Any], list[d
     return head, records
 
 
-def referenced_item(relay: ChatService, item_id: Any,
+def referenced_item(service: ChatService, item_id: Any,
                     read: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """An output item of one of the caller's stored responses, by its id (`msg_`, `fc_` or `rs_`,
     then the response's conversation id and the item's index: see `response_item_id`). `read`
@@ -264,7 +264,7 @@ def referenced_item(relay: ChatService, item_id: Any,
         read = {} if read is None else read
         if conversation_id not in read:
             try:
-                head, records = stored(relay, f"resp_{conversation_id}")
+                head, records = stored(service, f"resp_{conversation_id}")
             except ApiError:
                 head, records = {}, []
             record = recorded(head, records) if head else None
@@ -325,17 +325,17 @@ def answer_record(answer: Answer) -> dict[str, Any]:
 # ------------------------------------------------------------------ requests
 
 
-def parse_response_request(data: dict[str, Any], relay: ChatService) -> tuple[ChatRequest, dict[str, Any]]:
+def parse_response_request(data: dict[str, Any], service: ChatService) -> tuple[ChatRequest, dict[str, Any]]:
     """A Responses request as the relay's request, and the record of it (the Response object as
     asked, and how to answer: stream, background, store, summaries)."""
-    settings = relay.settings
+    settings = service.settings
     unknown = set(data) - KNOWN
     if unknown:
         raise invalid(f"unsupported parameter(s): {', '.join(sorted(unknown))[:200]}")
     text = data.get("text")
     if text is not None and (not isinstance(text, dict) or text.get("format") not in (None, {"type": "text"})):
         raise invalid("only text output ({format: {type: text}}) is supported")
-    provider, model = resolve_model(data.get("model"), relay.providers, settings)
+    provider, model = resolve_model(data.get("model"), service.providers, settings)
     store, stream, background = _flag(data, "store", True), _flag(data, "stream", False), _flag(data, "background",
                                                                                                   False)
     if background and not store:
@@ -355,16 +355,17 @@ def parse_response_request(data: dict[str, Any], relay: ChatService) -> tuple[Ch
     history: list[dict[str, Any]] = []
     previous = data.get("previous_response_id")
     if previous is not None:
-        earlier, records = stored(relay, previous)
+        earlier, records = stored(service, previous)
         if recorded(earlier, records) is None:
             raise invalid("the previous response has not ended yet")
-        history = relay.conversations.replayable(records)
+        history = service.conversations.replayable(records)
     names = {c["id"]: c["name"] for m in history for c in m.get("tool_calls", ())}
     read: dict[str, list[dict[str, Any]]] = {}
-    messages = neutral_input(data.get("input"), settings, names, lambda item_id: referenced_item(relay, item_id, read))
+    messages = neutral_input(data.get("input"), settings, names,
+                             lambda item_id: referenced_item(service, item_id, read))
     # Within the history budget, less what the input takes: what is sent stays within the
     # request budget (app/budget.py counts it all).
-    history = relay.conversations.bounded(history, reserve=sum(len(images.text_of(m["content"])) for m in messages),
+    history = service.conversations.bounded(history, reserve=sum(len(images.text_of(m["content"])) for m in messages),
                                           reserved=len(messages), images_reserved=list(images.images_in(messages)))
     check_images(history + messages, settings, provider)
     top_p = data.get("top_p")
@@ -399,7 +400,7 @@ class EventsAfter:
 
     NUMBER = re.compile(rb'"sequence_number":([0-9]+)')
 
-    def __init__(self, log: Any, after: int) -> None:
+    def __init__(self, log: StreamLog | StoreLogView | DrivenLog, after: int) -> None:
         self.log = log
         self.after = after
         self.skipped = 0  # log frames consumed here, before the reader's position 0
@@ -441,70 +442,70 @@ class EventsAfter:
 
 
 @bp.post("/v1/responses")
-def create_response():
-    relay = service()
+def create_response() -> Response:
+    service = chat_service()
     data = json_body()
-    relay.admit(g.caller)
-    chat, how = parse_response_request(data, relay)
+    service.admit(g.caller)
+    chat, how = parse_response_request(data, service)
     head = how["head"]
     wire = ResponseEvents(head["response"], head["summaries"])
     if how["background"]:
         # Its log repeats the Response object (response.created, .in_progress, the end).
-        conversation_id, reading = relay.start_background(
+        conversation_id, reading = service.start_background(
             g.caller, chat, wire, log_bytes=3 * len(to_json(head["response"]).encode()))
         if how["stream"]:
-            return relay.sse(reading, retry=False)
+            return service.sse(reading, retry=False)
         return jsonify({**head["response"], "id": f"resp_{conversation_id}", "status": "queued"})
     if how["stream"]:
-        return relay.sse(relay.stream(g.caller, chat, wire=wire, transport="responses"), retry=False)
+        return service.sse(service.stream(g.caller, chat, wire=wire, transport="responses"), retry=False)
     # A provider's failure is an error status, as on /v1/chat/completions (app/errors.py).
-    request_id, conversation_id, answer = relay.answer(g.caller, chat, transport="responses")
+    request_id, conversation_id, answer = service.answer(g.caller, chat, transport="responses")
     return jsonify(response_object(head, f"resp_{conversation_id or request_id}", answer_record(answer),
                                    running=False))
 
 
 @bp.get("/v1/responses/<response_id>")
-def retrieve_response(response_id: str):
-    relay = service()
+def retrieve_response(response_id: str) -> Response:
+    service = chat_service()
     unknown = set(request.args) - RETRIEVE_QUERY
     if unknown:
         raise invalid(f"unsupported query parameter(s): {', '.join(sorted(unknown))[:200]}")
-    head, records = stored(relay, response_id)
+    head, records = stored(service, response_id)
     stream = request.args.get("stream", "false")
     if stream not in ("true", "false"):
         raise invalid("'stream' must be true or false")
     if stream == "false":
         return jsonify(response_object(head, response_id, recorded(head, records),
-                                       relay.background_running(head["request_id"])))
+                                       service.background_running(head["request_id"])))
     if not head["response"].get("background"):
         raise invalid("only a background response can be streamed again")
     after = request.args.get("starting_after")
     if after is not None and not re.fullmatch(r"[0-9]{1,12}", after):
         raise invalid("'starting_after' must be a sequence number (a whole number)")
-    reading = relay.background_reading(g.caller.id, head["request_id"])
+    reading = service.background_reading(g.caller.id, head["request_id"])
     if after is not None:
         reading.log = EventsAfter(reading.log, int(after))
-    return relay.sse(reading, retry=False)
+    return service.sse(reading, retry=False)
 
 
 @bp.post("/v1/responses/<response_id>/cancel")
-def cancel_response(response_id: str):
-    relay = service()
-    head, records = stored(relay, response_id)
+def cancel_response(response_id: str) -> Response:
+    service = chat_service()
+    head, records = stored(service, response_id)
     if not head["response"].get("background"):
         raise invalid("only a background response can be cancelled")
     record = recorded(head, records)
     if record is not None:  # ended already: as it is
         return jsonify(response_object(head, response_id, record, running=False))
-    relay.stop_stream(g.caller, head["request_id"])
+    service.stop_stream(g.caller, head["request_id"])
     return jsonify({**response_object(head, response_id, None, running=True), "status": "cancelled"})
 
 
 @bp.delete("/v1/responses/<response_id>")
-def delete_response(response_id: str):
-    relay = service()
-    head, records = stored(relay, response_id)
+def delete_response(response_id: str) -> Response:
+    service = chat_service()
+    head, records = stored(service, response_id)
     if head["response"].get("background") and recorded(head, records) is None:
-        relay.stop_stream(g.caller, head["request_id"])  # nobody could ever read what it still makes
-    relay.forget_conversation(g.caller, conversation_of(response_id))
+        service.stop_stream(g.caller, head["request_id"])  # nobody could ever read what it still makes
+    service.forget_conversation(g.caller, conversation_of(response_id))
     return jsonify(id=response_id, object="response", deleted=True)

@@ -6,7 +6,6 @@ with the caller, and shape what it returns into a response.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, render_template, request
@@ -14,18 +13,32 @@ from flask import Blueprint, Response, current_app, g, jsonify, render_template,
 from app.access import Caller
 from app.errors import ApiError
 from app.request_body import parse_json_object
-from app.service import ChatService, Reading
-from app.websocket import websocket_offered
+from app.service import ChatService
 
-bp = Blueprint("relay", __name__)
+# Each blueprint is one kind of access, decided by its own hooks (app.access.guard, wired by
+# the factory): the page and health check are open; what the server offers is open to every
+# origin; /metrics has its own credential; the chat API needs a caller; a stream URL is a
+# capability (its id is the credential).
+pages = Blueprint("pages", __name__, template_folder="templates")  # found from any app (init_app)
+offer = Blueprint("offer", __name__)
+metrics_bp = Blueprint("metrics", __name__)
+api = Blueprint("chat", __name__)
+stream_urls = Blueprint("stream_urls", __name__)
+
+# The app's ChatService, in `app.extensions` under this name.
+EXTENSION = "llm_sse_relay"
 
 
-def service() -> ChatService:
-    return current_app.extensions["llm_sse_relay"]
+def chat_service() -> ChatService:
+    """The front door of the app handling this request."""
+    service: ChatService = current_app.extensions[EXTENSION]
+    return service
 
 
 def caller() -> Caller:
-    return g.caller
+    """The caller the blueprint's hook identified (app.access.guard)."""
+    known: Caller = g.caller
+    return known
 
 
 def json_body() -> dict[str, Any]:
@@ -36,50 +49,38 @@ def json_body() -> dict[str, Any]:
     return parse_json_object(request.get_data(cache=False))
 
 
-def sse(reading: Reading) -> Response:
-    return service().sse(reading)
-
-
-@bp.get("/healthz")
-def healthz():
+@pages.get("/healthz")
+def healthz() -> Response:
     return jsonify(status="ok")
 
 
-@bp.get("/metrics")
-def metrics():
-    """Prometheus text format, summed over every process of this server (app/metrics.py)."""
-    relay = service()
-    token = relay.settings.METRICS_TOKEN
-    if token:  # its own credential, for a Prometheus that holds no API token
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise ApiError(401, "unauthorized", "/metrics needs METRICS_TOKEN as a bearer token",
-                           {"WWW-Authenticate": "Bearer"})
-    else:
-        relay.access.caller(request)  # like the API: 401 when auth is on and the token is missing
-    body, content_type = relay.metrics.exposition()
+@metrics_bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format, summed over every process of this server (app/metrics.py);
+    its blueprint's hook checks the credential (app.access.guard_metrics)."""
+    body, content_type = chat_service().metrics.exposition()
     return Response(body, content_type=content_type)
 
 
 def capabilities_of_this_server() -> dict[str, Any]:
-    relay = service()
+    service = chat_service()
     transports = ["postsse", "fetch", "sse", "rest"]
-    if websocket_offered(request.environ):
+    if "gunicorn.socket" in request.environ:  # the WebSocket needs the socket (app/websocket.py)
         transports.append("ws")
     providers = {name: {"models": list(p.models), "default_model": p.default_model}
-                 for name, p in relay.providers.items() if p.configured}
-    return {"transports": transports, "providers": providers, "default_provider": relay.settings.LLM_PROVIDER,
-            "auth": relay.access.enabled, "max_url_bytes": relay.settings.MAX_URL_BYTES}
+                 for name, p in service.providers.items() if p.configured}
+    return {"transports": transports, "providers": providers, "default_provider": service.settings.LLM_PROVIDER,
+            "auth": service.access.enabled, "max_url_bytes": service.settings.MAX_URL_BYTES}
 
 
-@bp.get("/api/capabilities")
-def capabilities():
+@offer.get("/api/capabilities")
+def capabilities() -> Response:
     """What this server offers: transports (no WebSocket under mod_wsgi) and providers."""
     return jsonify(capabilities_of_this_server())
 
 
-@bp.get("/")
-def index():
+@pages.get("/")
+def index() -> Response:
     response = Response(render_template("index.html", capabilities=capabilities_of_this_server()))
     # The page renders model output as DOM nodes only; the policy is the second wall: no
     # inline script, no other origins, no framing by other sites.
@@ -91,46 +92,51 @@ def index():
     return response
 
 
-@bp.route("/api/chat/stream", methods=["GET", "POST"])
-def chat_stream():
+@api.route("/api/chat/stream", methods=["GET", "POST"])
+def chat_stream() -> Response:
+    service = chat_service()
     if request.method == "GET":
         data = request.args.to_dict()
         data.pop("access_token", None)
-        chat = service().accept(caller(), data, from_query=True)
+        chat = service.accept(caller(), data, from_query=True)
     else:
-        chat = service().accept(caller(), json_body())
-    return sse(service().stream(caller(), chat, transport="sse" if request.method == "GET" else "fetch"))
+        chat = service.accept(caller(), json_body())
+    return service.sse(service.stream(caller(), chat, transport="sse" if request.method == "GET" else "fetch"))
 
 
-@bp.post("/api/chat/streams")
-def create_stream():
+@api.post("/api/chat/streams")
+def create_stream() -> tuple[Response, int]:
     """POST-SSE step 1: validate and keep the request; the stream starts when opened."""
-    chat = service().accept(caller(), json_body())
-    return jsonify(service().create_ticket(caller(), chat)), 201
+    service = chat_service()
+    chat = service.accept(caller(), json_body())
+    return jsonify(service.create_ticket(caller(), chat)), 201
 
 
-@bp.get("/api/chat/streams/<stream_id>")
-def open_stream(stream_id: str):
+@stream_urls.get("/api/chat/streams/<stream_id>")
+def open_stream(stream_id: str) -> Response:
     """POST-SSE step 2, from any worker or host; resumes after Last-Event-ID."""
+    service = chat_service()
     last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-    reader = g.caller.id if g.caller is not None else service().access.client_id(request)
-    reading = service().open_stream(g.caller, stream_id, last, reader)
+    reader = g.caller.id if g.caller is not None else service.access.client_id(request)
+    reading = service.open_stream(g.caller, stream_id, last, reader)
     if reading is None:
         return Response(status=204)  # finished and the reader has it all: EventSource stops here
-    return sse(reading)
+    return service.sse(reading)
 
 
-@bp.delete("/api/chat/streams/<stream_id>")
-def stop_stream(stream_id: str):
-    service().stop_stream(caller(), stream_id)
+@api.delete("/api/chat/streams/<stream_id>")
+def stop_stream(stream_id: str) -> Response:
+    service = chat_service()
+    service.stop_stream(caller(), stream_id)
     return jsonify(id=stream_id, status="stopped")
 
 
-@bp.post("/api/chat")
-def chat_rest():
-    chat = service().accept(caller(), json_body())
+@api.post("/api/chat")
+def chat_rest() -> Response:
+    service = chat_service()
+    chat = service.accept(caller(), json_body())
     # A ProviderError is answered by the app's handler (app/errors.py), as on /v1.
-    request_id, conversation_id, answer = service().answer(caller(), chat)
+    request_id, conversation_id, answer = service.answer(caller(), chat)
     return jsonify(
         id=request_id,
         conversation_id=conversation_id,
@@ -144,13 +150,15 @@ def chat_rest():
     )
 
 
-@bp.get("/api/conversations/<conversation_id>")
-def get_conversation(conversation_id: str):
+@api.get("/api/conversations/<conversation_id>")
+def get_conversation(conversation_id: str) -> Response:
     """The stored records of a conversation, in order (tool calls inside the answers)."""
-    return jsonify(id=conversation_id, messages=service().conversation(caller(), conversation_id))
+    service = chat_service()
+    return jsonify(id=conversation_id, messages=service.conversation(caller(), conversation_id))
 
 
-@bp.delete("/api/conversations/<conversation_id>")
-def delete_conversation(conversation_id: str):
-    service().forget_conversation(caller(), conversation_id)
+@api.delete("/api/conversations/<conversation_id>")
+def delete_conversation(conversation_id: str) -> Response:
+    service = chat_service()
+    service.forget_conversation(caller(), conversation_id)
     return jsonify(id=conversation_id, deleted=True)

@@ -50,7 +50,7 @@ from app.relay import (
 )
 from app.sse import HEARTBEAT, StreamLog, client_socket, peer_closed, sse_response
 from app.store import Store
-from app.tools import toolbox
+from app.tools import Toolbox, toolbox
 
 # Last-Event-ID as the protocol writes it: ASCII digits only ("²".isdigit() is true).
 EVENT_ID = re.compile(r"[0-9]{1,12}")
@@ -113,9 +113,10 @@ class Ticket:
 class ChatService:
     def __init__(self, settings: Settings, providers: dict[str, Provider], store: Store, access: Access,
                  relay: Relay, conversations: Conversations, metrics: Metrics,
-                 fallbacks: list[tuple[Provider, str]] | None = None, allowed: AllowedModels | None = None
-                 ) -> None:
+                 fallbacks: list[tuple[Provider, str]] | None = None, allowed: AllowedModels | None = None,
+                 *, tools: Toolbox) -> None:
         self.settings = settings
+        self.tools = tools  # this app's tools (app.tools)
         self.providers = providers
         self.metrics = metrics
         self.fallbacks = fallbacks or []
@@ -131,15 +132,16 @@ class ChatService:
         only the models and tools this server has."""
         allowed = AllowedModels.from_settings(settings, providers)
         fallbacks = parse_fallbacks(settings.LLM_FALLBACKS, providers)
+        tools = toolbox.copy()  # the tools declared with @tool so far: this app's from now on
+        # Label values metrics may use: the models each provider may answer with, the app's tools.
         known_models = {name: {*p.models, p.default_model, *allowed.named(name),
                                *(m for f, m in fallbacks if f.name == name)} for name, p in providers.items()}
-        # The tool registry itself: tools registered later count too.
-        metrics = Metrics(metrics_dir, known_models=known_models, known_tools=toolbox.tools)
+        metrics = Metrics(metrics_dir, known_models, tools.tools)
         access = Access(settings, store, on_refusal=metrics.refused)
         # Conversations store through the quota: every record counts against its owner.
         conversations = Conversations(MeteredStore(store, settings.STORAGE_QUOTA_BYTES), settings, access)
         return cls(settings, providers, store, access, Relay(settings, store, on_store_error=metrics.store_failed),
-                   conversations, metrics, fallbacks, allowed)
+                   conversations, metrics, fallbacks, allowed, tools=tools)
 
     def _serving(self, provider: Provider) -> Provider:
         """The provider that answers one request: the request's, with the LLM_FALLBACKS chain
@@ -158,7 +160,7 @@ class ChatService:
     def accept(self, caller: Caller, data: dict[str, Any], from_query: bool = False) -> ChatRequest:
         """Admit and validate a request in the relay's own options (docs/http-api.md)."""
         self.admit(caller)
-        return parse_chat_request(data, self.settings, self.providers, from_query=from_query)
+        return parse_chat_request(data, self.settings, self.providers, self.tools, from_query=from_query)
 
     # -- direct streams (SSE GET/POST, WebSocket, the Python API's task().stream())
     def stream(self, caller: Caller, chat: ChatRequest, wire: Any = None, transport: str = "sse") -> Reading:
@@ -277,7 +279,7 @@ class ChatService:
         # Kept while the answer runs: if this process dies (a restart), another one adopts it.
         self.store.put_ticket(ADOPT + stream_id, data, self.settings.STREAM_LOG_TTL)
         task = ticket.task(messages)
-        chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
+        chat = ChatRequest(provider, task, ticket.conversation_id, self.tools.select(list(ticket.tools)))
         return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, slot,
                                          resumable=True, transport="postsse"), position)
 
@@ -309,7 +311,7 @@ class ChatService:
             return None
         self.store.put_ticket(ADOPT + stream_id, data, self.settings.STREAM_LOG_TTL)  # if this process dies too
         task = continuation(ticket.task(messages), ticket.model, written, provider)
-        chat = ChatRequest(provider, task, ticket.conversation_id, toolbox.select(list(ticket.tools)))
+        chat = ChatRequest(provider, task, ticket.conversation_id, self.tools.select(list(ticket.tools)))
         logger.info("stream %s: adopted after %d characters (its producer stopped)", stream_id, len(written))
         # The dead producer's stream slot (it expires by itself within SLOT_TTL) is given back
         # when this answer ends.

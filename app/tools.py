@@ -23,15 +23,16 @@ import json
 import operator
 import time
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from app.json_depth import MAX_DEPTH, json_nesting
 from app.providers.domain import Cancellation, Delta, Finish, Meta, Provider, Reasoning, Signed, Task, Text, ToolCall
 
+F = TypeVar("F", bound=Callable[..., Any])
 PREVIEW_CHARS = 200
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
 
@@ -92,14 +93,26 @@ def schema_from_signature(function: Callable[..., Any]) -> dict[str, Any]:
 class Toolbox:
     """The registered tools of an application."""
 
-    def __init__(self) -> None:
-        self.tools: dict[str, Tool] = {}
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self.tools: dict[str, Tool] = {t.name: t for t in tools}
 
-    def register(self, function: Callable[..., Any] | None = None, *, name: str | None = None,
-                 description: str | None = None, parameters: dict[str, Any] | None = None):
+    def copy(self) -> Toolbox:
+        """A toolbox of its own with these tools: what an app takes when it is built."""
+        return Toolbox(self.tools.values())
+
+    @overload
+    def register(self, function: F, *, name: str | None = None, description: str | None = None,
+                 parameters: dict[str, Any] | None = None) -> F: ...
+
+    @overload
+    def register(self, function: None = None, *, name: str | None = None, description: str | None = None,
+                 parameters: dict[str, Any] | None = None) -> Callable[[F], F]: ...
+
+    def register(self, function: F | None = None, *, name: str | None = None, description: str | None = None,
+                 parameters: dict[str, Any] | None = None) -> F | Callable[[F], F]:
         """Decorator: `@toolbox.register` or `@toolbox.register(name=…, parameters=…)`."""
 
-        def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def add(fn: F) -> F:
             tool_name = name or fn.__name__
             doc = description or inspect.getdoc(fn) or tool_name
             self.tools[tool_name] = Tool(tool_name, doc.strip(), parameters or schema_from_signature(fn), fn)
@@ -135,6 +148,9 @@ class Toolbox:
             return ToolResult(call, f"error: {type(exc).__name__}: {exc}", False, time.monotonic() - started)
 
 
+# The tools `@tool` declares (the built-in ones below, and the application's): every app takes
+# a copy when it is built (ChatService.build), so a tool registered later is not in it, and
+# nothing one app does to its tools reaches another app of the process.
 toolbox = Toolbox()
 tool = toolbox.register
 
@@ -162,8 +178,7 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
     tool did (for people), `exchange` the rounds as neutral messages (for later turns).
     """
     task = replace(task, messages=list(task.messages), tools=[t.schema() for t in tools])
-    box = Toolbox()
-    box.tools = {t.name: t for t in tools}
+    box = Toolbox(tools)
     for round_number in range(max_rounds + 1):
         if round_number == max_rounds:
             task = replace(task, tools=[])
@@ -175,18 +190,17 @@ def stream_with_tools(provider: Provider, task: Task, cancel: Cancellation, tool
         # (they go back in the next round), the final round hands them to the answer.
         signed: list[Signed] = []
         for delta in provider.stream(task, cancel):
-            kind = delta.__class__
-            if kind is ToolCall:
+            if type(delta) is ToolCall:
                 calls.append(delta)
                 continue
-            if kind is Signed:
+            if type(delta) is Signed:
                 signed.append(delta)
                 continue
-            if kind is Finish and calls:
+            if type(delta) is Finish and calls:
                 continue  # "tool_calls" is not how the answer ends
-            if kind is Text:
+            if type(delta) is Text:
                 text.append(delta.text)
-            elif kind is Reasoning:
+            elif type(delta) is Reasoning:
                 thoughts.append(delta.text)
             yield delta
         if not calls or cancel.is_set():
@@ -231,9 +245,10 @@ def tool_round_messages(text: str, results: list[ToolResult], reasoning: str = "
 
 # ------------------------------------------------------------------ built-in tools
 
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-              ast.USub: operator.neg, ast.UAdd: operator.pos}
+_OPERATORS: dict[type[ast.AST], Callable[..., float]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.USub: operator.neg,
+    ast.UAdd: operator.pos}
 
 
 def _evaluate(node: ast.AST) -> float:

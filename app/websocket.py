@@ -17,15 +17,16 @@ import logging
 import select
 import socket
 import threading
+from collections.abc import Callable
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, request
 from flask_sock import Sock
-from redis.exceptions import RedisError
-from simple_websocket import ConnectionClosed
+from simple_websocket import ConnectionClosed, Server
 
-from app.errors import ApiError
+from app.errors import ApiError, store_busy
 from app.gevent_native import native_poll
 from app.request_body import parse_json_object
+from app.routes import chat_service
 from app.sse import SseBody, encode_event
 from app.store import StoreError
 
@@ -33,10 +34,6 @@ log = logging.getLogger("llm_sse_relay")
 
 bp = Blueprint("websocket", __name__)
 sock = Sock()
-
-
-def websocket_offered(environ: dict) -> bool:
-    return "gunicorn.socket" in environ
 
 
 def _error_frame(type: str, message: str) -> str:
@@ -51,7 +48,7 @@ def _is_stop(message: str | bytes | None) -> bool:
     return isinstance(data, dict) and data.get("type") == "stop"
 
 
-def _watch_for_stop(ws, stop) -> None:
+def _watch_for_stop(ws: Server, stop: Callable[[], None]) -> None:
     """Read the client's messages while the answer streams: a stop acts at once, even while
     the upstream is silent (the sending loop may be waiting a whole heartbeat)."""
     try:
@@ -78,7 +75,7 @@ class Sender:
     with `select.poll` (gevent's, under gevent: the other streams run meanwhile).
     """
 
-    def __init__(self, ws, timeout: float | None) -> None:
+    def __init__(self, ws: Server, timeout: float | None) -> None:
         self.ws = ws
         self.timeout = timeout
         self._room = native_poll()
@@ -95,9 +92,9 @@ class Sender:
         return bool(poller.poll(timeout * 1000))
 
 
-@sock.route("/api/chat/ws", bp=bp)
-def chat_ws(ws) -> None:
-    service = current_app.extensions["llm_sse_relay"]
+@sock.route("/api/chat/ws", bp=bp)  # type: ignore[untyped-decorator]  # flask-sock has no type hints
+def chat_ws(ws: Server) -> None:
+    service = chat_service()
     heartbeat = service.settings.SSE_HEARTBEAT_SECONDS
     raw = ws.receive(timeout=max(heartbeat, 10))
     if raw is None:
@@ -106,12 +103,9 @@ def chat_ws(ws) -> None:
         data = parse_json_object(raw, "the first message")
         caller = service.access.caller(request, token=data.pop("access_token", None))
         reading = service.stream(caller, service.accept(caller, data), transport="ws")
-    except ApiError as err:
+    except (ApiError, StoreError) as exc:
+        err = exc if isinstance(exc, ApiError) else store_busy(exc, service.metrics)
         ws.send(_error_frame(err.type, err.message))
-        return
-    except (StoreError, RedisError) as exc:
-        log.warning("store unavailable: %s", exc)
-        ws.send(_error_frame("store_unavailable", "the server's store is busy; try again shortly"))
         return
     threading.Thread(target=_watch_for_stop, args=(ws, reading.stop), daemon=True).start()
     # The same iterator as every SSE response: frames as they come, heartbeats between.

@@ -494,7 +494,7 @@ def test_conversation_of_another_caller_through_the_websocket(make_app, serve):
 
 
 def test_python_api_stream_goes_through_the_front_door(make_app, serve):
-    from app.client import task
+    from app.python_api import task
 
     app = make_app(RATE_LIMIT="1/minute")
 
@@ -703,7 +703,7 @@ def test_the_budget_is_one_function_every_way_in_calls(upstream, make_app, monke
                                               "messages": [{"role": "user", "content": "hi"}]})
     client.post("/api/chat/ui", json={"id": "c", "provider": "openai", "messages": hello}).get_data()
     with flask_app.app_context():
-        from app.client import task
+        from app.python_api import task
         task("openai").prompt("hi").ask()
     assert len(seen) == 7, seen
 
@@ -901,7 +901,7 @@ def test_the_application_itself_is_not_metered(make_app):
     """The Python API outside any request is the application, not a client: no quota."""
     app = make_app(STORAGE_QUOTA_BYTES=20_000)
     with app.app_context():
-        from app.client import ask
+        from app.python_api import ask
         for _ in range(4):
             assert ask("p" * 15_000, model="demo-fast")
 

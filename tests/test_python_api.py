@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from app.client import ask, ask_stream, task
 from app.errors import ApiError
+from app.python_api import ask, ask_stream, task
 from app.sse import EventStream, sse_response
 from tests.conftest import open_stream, text_of
 from tests.fake_upstream import BODIES, Reply
@@ -62,3 +62,26 @@ def test_closing_ask_stream_early_closes_the_upstream(upstream, make_app):
         assert next(pieces) == "0 "
         pieces.close()
     assert upstream.last().closed.wait(2)
+
+
+def test_an_existing_flask_app_serves_the_relay_with_init_app(upstream):
+    """Issue 21: one composition root. `init_app` builds the relay on an app the caller made,
+    through the factory's path (its checks too), and the Python API uses that app's service."""
+    from flask import Flask
+
+    from app.config import ConfigError
+    from app.factory import init_app
+    from app.python_api import current_service
+    from tests.conftest import app_config
+
+    app = Flask("host_app")
+    service = init_app(app, app_config(upstream.url))
+    client = app.test_client()
+    assert client.post("/api/chat", json={"prompt": "hi", "model": "demo-fast"}).status_code == 200
+    assert client.post("/api/nope").status_code == 404
+    assert client.get("/").status_code == 200
+    with app.app_context():
+        assert current_service() is service
+        assert ask("hi", model="demo-fast")
+    with pytest.raises(ConfigError, match="LLM_PROVIDER"):
+        init_app(Flask("other_app"), app_config(upstream.url, LLM_PROVIDER="no-such-provider"))

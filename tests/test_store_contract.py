@@ -310,3 +310,20 @@ def _points_to(link: str, target: str) -> bool:
         return os.readlink(link) == target
     except OSError:
         return False
+
+
+def test_a_redis_that_cannot_answer_is_a_store_error_like_sqlites(redis_server):
+    """Issue 21: errors are mapped at their boundary. A Redis that went away fails every call
+    as `StoreError` (a 503 for the caller), never as redis-py's own exception."""
+    from app.store import StoreError
+
+    store = open_store(redis_server.url, "")
+    redis_server.stop()
+    try:
+        for call in (lambda: store.put_ticket("t", {}, 60), lambda: store.read_frames("s", 0, 0),
+                     lambda: store.hit("k", 60), lambda: store.append_message("c", {"role": "user"}, 60)):
+            with pytest.raises(StoreError):
+                call()
+    finally:
+        redis_server.start()
+        store.close()

@@ -39,7 +39,7 @@ NOTES = {
     "code": (
         "Here is the smallest custom route with this relay's Python API:\n\n"
         "```python\n"
-        "from app.client import task\n\n"
+        "from app.python_api import task\n\n"
         "@app.get(\"/haiku\")\n"
         "def haiku():\n"
         "    return task().system(\"You write haiku.\").prompt(\"autumn\").stream()\n"

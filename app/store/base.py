@@ -23,7 +23,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 Frame = tuple[int, bytes]
 # How often a store without key expiry drops what expired (on its next write).
@@ -68,53 +68,86 @@ class ConversationInfo:
     bytes: int
 
 
-class Store:
-    """Interface; every method is safe to call from any thread."""
+class ConversationStore(Protocol):
+    """What conversations need of a store (app.conversations, through app.access.MeteredStore)."""
+
+    def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
+                        owner: str = "") -> ConversationInfo | None:
+        """Append records in one step; a new conversation is bound to `owner`. Returns its
+        size after, or None (nothing stored) when the conversation was deleted: its
+        tombstone refuses the record of an answer that was still running. The
+        conversation expires `ttl` seconds after its last append."""
+        ...
+
+    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float,
+                       owner: str = "") -> ConversationInfo | None:
+        return self.append_messages(conversation_id, [message], ttl, owner)
+
+    def conversation(self, conversation_id: str) -> ConversationInfo | None:
+        """Owner and size of a conversation; None when unknown or expired."""
+        ...
+
+    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+        """Records `start` to `stop` (not included; None: to the end), oldest first."""
+        ...
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        """Forget a conversation, leaving a tombstone until it would have expired; False when
+        there was none."""
+        ...
+
+
+class Store(ConversationStore, Protocol):
+    """What the app needs of a store; every method is safe to call from any thread, and a
+    store that cannot answer raises `StoreError` (its backend's own errors stay inside it).
+    The stores subclass it and take its few derived methods."""
 
     # -- tickets
     def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
-        raise NotImplementedError
+        ...
 
     def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
         """The payload to the first caller only (it becomes the producer); None after."""
-        raise NotImplementedError
+        ...
 
     def ticket_exists(self, ticket_id: str) -> bool:
         """Whether a ticket waits under this id (a read: looking costs no write)."""
-        raise NotImplementedError
+        ...
 
     # -- stream logs
     def open_log(self, stream_id: str, ttl: float, owner: str = "", lease: str = "") -> None:
         """Start a log; its appends are taken from the producer holding `lease` only."""
-        raise NotImplementedError
+        ...
 
     def take_over(self, stream_id: str, lease: str) -> bool:
         """Make `lease` the log's producer (adoption) and count it alive now; the previous
         producer's appends are refused from here on. False when the log is gone."""
-        raise NotImplementedError
+        ...
 
     def log_owner(self, stream_id: str) -> str | None:
         """Who created the stream (the caller id bound to it at POST-SSE step 1)."""
-        raise NotImplementedError
+        ...
 
     def append_frames(self, stream_id: str, frames: list[Frame]) -> None:
+        """`append_many` for one stream."""
         self.append_many({stream_id: frames})
 
     def read_log(self, stream_id: str, after: int, timeout: float) -> LogRead:
         """Frames with id > `after` and the log's state, in one snapshot; waits up to
         `timeout` while there are none and the log is open."""
-        raise NotImplementedError
+        ...
 
     def read_frames(self, stream_id: str, after: int, timeout: float) -> list[Frame]:
         """Frames with id > `after`; waits up to `timeout` when there are none yet."""
         return self.read_log(stream_id, after, timeout).frames
 
     def close_log(self, stream_id: str, ttl: float) -> None:
+        """`append_many` closing one stream."""
         self.append_many({}, closing=(stream_id,), ttl=ttl)
 
     def log_state(self, stream_id: str) -> str | None:
         """"open", "closed", or None for an unknown or expired stream."""
-        raise NotImplementedError
+        ...
 
     # -- batches: one round trip for every stream a process produces (see relay.LogFlusher)
     def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0,
@@ -124,33 +157,31 @@ class Store:
         A stream named in `leases` is written only while that lease is its producer's: the
         streams another producer took over are returned, and nothing of theirs is written.
         Frames already in a log (a batch written again after a failure) are skipped."""
-        raise NotImplementedError
+        ...
 
     def stopped_among(self, stream_ids: list[str]) -> set[str]:
-        return {s for s in stream_ids if self.stop_requested(s)}
+        """Which of the streams were asked to stop (`request_stop`)."""
+        ...
 
     def touch_many(self, stream_ids: list[str], who: str) -> None:
-        for stream_id in stream_ids:
-            self.touch(stream_id, who)
+        """`touch` for many streams, in one round trip."""
+        ...
 
     # -- stream control
     def request_stop(self, stream_id: str) -> None:
-        raise NotImplementedError
-
-    def stop_requested(self, stream_id: str) -> bool:
-        raise NotImplementedError
+        ...
 
     def touch(self, stream_id: str, who: str) -> None:
         """Record that a `reader` or the `producer` of a stream is alive, now."""
-        raise NotImplementedError
+        ...
 
     def seen_at(self, stream_id: str, who: str) -> float | None:
-        raise NotImplementedError
+        ...
 
     # -- limits shared by every process
     def hit(self, key: str, window: float) -> tuple[int, float]:
         """Count one hit in the current fixed window; (hits so far, seconds until it resets)."""
-        raise NotImplementedError
+        ...
 
     def acquire(self, key: str, member: str, limit: int, ttl: float) -> bool:
         """Take one of `limit` slots for `member` (a stream); False when all are taken.
@@ -158,43 +189,17 @@ class Store:
         A slot lives `ttl` seconds unless refreshed, so a process that dies holding
         slots frees them by itself.
         """
-        raise NotImplementedError
+        ...
 
     def refresh(self, slots: list[tuple[str, str]], ttl: float) -> None:
         """Keep the (key, member) slots of live streams for another `ttl` seconds."""
-        raise NotImplementedError
+        ...
 
     def release(self, key: str, member: str) -> None:
-        raise NotImplementedError
-
-    # -- conversations
-    def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
-                        owner: str = "") -> ConversationInfo | None:
-        """Append records in one step; a new conversation is bound to `owner`. Returns its
-        size after, or None (nothing stored) when the conversation was deleted: its
-        tombstone refuses the record of an answer that was still running. The
-        conversation expires `ttl` seconds after its last append."""
-        raise NotImplementedError
-
-    def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float,
-                       owner: str = "") -> ConversationInfo | None:
-        return self.append_messages(conversation_id, [message], ttl, owner)
-
-    def conversation(self, conversation_id: str) -> ConversationInfo | None:
-        """Owner and size of a conversation; None when unknown or expired."""
-        raise NotImplementedError
-
-    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
-        """Records `start` to `stop` (not included; None: to the end), oldest first."""
-        raise NotImplementedError
-
-    def delete_conversation(self, conversation_id: str) -> bool:
-        """Forget a conversation, leaving a tombstone until it would have expired; False when
-        there was none."""
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
-        pass
+        """Close its connections (the end of a process, or of a test)."""
 
 
 class MemoryStore(Store):
@@ -235,37 +240,38 @@ class MemoryStore(Store):
             else:
                 del self._slots[key]
 
-    def put_ticket(self, ticket_id, payload, ttl):
+    def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
         with self._lock:
             self._sweep()
             self._tickets[ticket_id] = (time.time() + ttl, to_json(payload))
 
-    def take_ticket(self, ticket_id):
+    def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
         with self._lock:
             expires, payload = self._tickets.pop(ticket_id, (0, None))
         return json.loads(payload) if payload and expires > time.time() else None
 
-    def ticket_exists(self, ticket_id):
+    def ticket_exists(self, ticket_id: str) -> bool:
         expires, _ = self._tickets.get(ticket_id, (0, None))
         return expires > time.time()
 
-    def open_log(self, stream_id, ttl, owner="", lease=""):
+    def open_log(self, stream_id: str, ttl: float, owner: str = "", lease: str = "") -> None:
         with self._lock:
             self._sweep()
             self._state[stream_id] = {"state": "open", "stop": False, "expires": time.time() + ttl, "owner": owner,
                                       "lease": lease}
 
-    def take_over(self, stream_id, lease):
+    def take_over(self, stream_id: str, lease: str) -> bool:
         with self._lock:
             if self.log_state(stream_id) is None:
                 return False
             self._state[stream_id].update(lease=lease, producer=time.time())
             return True
 
-    def log_owner(self, stream_id):
+    def log_owner(self, stream_id: str) -> str | None:
         return self._state.get(stream_id, {}).get("owner")
 
-    def append_many(self, batch, closing=(), ttl=0, leases=None):
+    def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0,
+                    leases: dict[str, str] | None = None) -> set[str]:
         leases = leases or {}
         with self._lock:
             fenced = {s for s in {*batch, *closing} if self._taken_from(s, leases.get(s))}
@@ -285,7 +291,7 @@ class MemoryStore(Store):
         held = self._state.get(stream_id, {}).get("lease")
         return bool(lease and held and held != lease)
 
-    def read_log(self, stream_id, after, timeout):
+    def read_log(self, stream_id: str, after: int, timeout: float) -> LogRead:
         with self._lock:
             frames = [f for f in self._logs.get(stream_id, ()) if f[0] > after]
             if not frames and self.log_state(stream_id) == "open":
@@ -293,28 +299,36 @@ class MemoryStore(Store):
                 frames = [f for f in self._logs.get(stream_id, ()) if f[0] > after]
             return LogRead(frames, self.log_state(stream_id))
 
-    def log_state(self, stream_id):
+    def log_state(self, stream_id: str) -> str | None:
         state = self._state.get(stream_id)
         if state is None or state["expires"] < time.time():
             return None
-        return state["state"]
+        value: str = state["state"]
+        return value
 
-    def request_stop(self, stream_id):
+    def request_stop(self, stream_id: str) -> None:
         with self._lock:
             if stream_id in self._state:
                 self._state[stream_id]["stop"] = True
 
-    def stop_requested(self, stream_id):
+    def stop_requested(self, stream_id: str) -> bool:
         return bool(self._state.get(stream_id, {}).get("stop"))
 
-    def touch(self, stream_id, who):
+    def stopped_among(self, stream_ids: list[str]) -> set[str]:
+        return {s for s in stream_ids if self.stop_requested(s)}
+
+    def touch_many(self, stream_ids: list[str], who: str) -> None:
+        for stream_id in stream_ids:
+            self.touch(stream_id, who)
+
+    def touch(self, stream_id: str, who: str) -> None:
         if stream_id in self._state:
             self._state[stream_id][who] = time.time()
 
-    def seen_at(self, stream_id, who):
+    def seen_at(self, stream_id: str, who: str) -> float | None:
         return self._state.get(stream_id, {}).get(who)
 
-    def hit(self, key, window):
+    def hit(self, key: str, window: float) -> tuple[int, float]:
         now = time.time()
         with self._lock:
             self._sweep()
@@ -324,7 +338,7 @@ class MemoryStore(Store):
             self._windows[key] = (start, count + 1)
             return count + 1, start + window - now
 
-    def acquire(self, key, member, limit, ttl):
+    def acquire(self, key: str, member: str, limit: int, ttl: float) -> bool:
         now = time.time()
         with self._lock:
             slots = {m: e for m, e in self._slots[key].items() if e > now}
@@ -335,18 +349,19 @@ class MemoryStore(Store):
             self._slots[key] = slots
             return True
 
-    def refresh(self, slots, ttl):
+    def refresh(self, slots: list[tuple[str, str]], ttl: float) -> None:
         expires = time.time() + ttl
         with self._lock:
             for key, member in slots:
                 if member in self._slots.get(key, {}):
                     self._slots[key][member] = expires
 
-    def release(self, key, member):
+    def release(self, key: str, member: str) -> None:
         with self._lock:
             self._slots.get(key, {}).pop(member, None)
 
-    def append_messages(self, conversation_id, messages, ttl, owner=""):
+    def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
+                        owner: str = "") -> ConversationInfo | None:
         texts = [to_json(m) for m in messages]
         now = time.time()
         with self._lock:
@@ -361,23 +376,26 @@ class MemoryStore(Store):
             conv["expires"] = now + ttl
             return ConversationInfo(conv["owner"], len(conv["records"]), conv["bytes"])
 
-    def conversation(self, conversation_id):
+    def conversation(self, conversation_id: str) -> ConversationInfo | None:
         conv = self._conversations.get(conversation_id)
         if conv is None or conv["expires"] < time.time():
             return None
         return ConversationInfo(conv["owner"], len(conv["records"]), conv["bytes"])
 
-    def messages(self, conversation_id, start=0, stop=None):
+    def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
         with self._lock:
             conv = self._conversations.get(conversation_id)
             if conv is None or conv["expires"] < time.time():
                 return []
             return [json.loads(m) for m in conv["records"][start:stop]]
 
-    def delete_conversation(self, conversation_id):
+    def delete_conversation(self, conversation_id: str) -> bool:
         with self._lock:
             conv = self._conversations.pop(conversation_id, None)
             if conv is None or conv["expires"] < time.time():
                 return False
             self._tombstones[conversation_id] = conv["expires"]
             return True
+
+    def close(self) -> None:
+        pass  # nothing held outside this process's memory

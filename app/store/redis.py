@@ -8,13 +8,15 @@ tombstone) is a Lua script: Redis runs it whole, with nothing else in between.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis
 
-from app.store.base import ConversationInfo, Frame, LogRead, Store, to_json
+from app.store.base import ConversationInfo, Frame, LogRead, Store, StoreError, to_json
 
 PREFIX = "llm-sse-relay:"
 # Connections per process. A mod_wsgi stream process runs hundreds of threads and a gevent
@@ -76,7 +78,32 @@ return 1
 """
 
 
+def _text(raw: bytes | str | None) -> str | None:
+    """A reply as text (this client gets bytes: decode_responses is off)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def mapped(method: Callable[Concatenate[RedisStore, P], T]) -> Callable[Concatenate[RedisStore, P], T]:
+    """Redis down, restarting, out of memory or read-only (a replica), a pool with no free
+    connection: all "the store cannot answer", a `StoreError` like SQLite's, so no caller
+    knows which store it talks to. The original stays chained for the log."""
+
+    @functools.wraps(method)
+    def call(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis store failed: {type(exc).__name__}: {exc}") from exc
+
+    return call
+
+
 class RedisStore(Store):
+    @mapped
     def __init__(self, url: str) -> None:
         # health_check_interval: notice a restarted Redis on the next call, not after a hang.
         self.pool = redis.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=POOL_WAIT,
@@ -95,17 +122,21 @@ class RedisStore(Store):
         return f"{PREFIX}{kind}:{name}"
 
     # -- tickets
+    @mapped
     def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
         self.redis.set(self._key("ticket", ticket_id), to_json(payload), px=int(ttl * 1000))
 
+    @mapped
     def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
         raw = self.redis.getdel(self._key("ticket", ticket_id))
         return json.loads(raw) if raw else None
 
+    @mapped
     def ticket_exists(self, ticket_id: str) -> bool:
         return bool(self.redis.exists(self._key("ticket", ticket_id)))
 
     # -- stream logs
+    @mapped
     def open_log(self, stream_id: str, ttl: float, owner: str = "", lease: str = "") -> None:
         self._log_ms = int(ttl * 1000)
         key = self._key("stream", stream_id)
@@ -114,9 +145,11 @@ class RedisStore(Store):
             pipe.pexpire(key, int(ttl * 1000))
             pipe.execute()
 
+    @mapped
     def take_over(self, stream_id: str, lease: str) -> bool:
         return bool(self._take_over(keys=[self._key("stream", stream_id)], args=[lease, time.time()]))
 
+    @mapped
     def append_many(self, batch: dict[str, list[Frame]], closing: tuple[str, ...] = (), ttl: float = 0,
                     leases: dict[str, str] | None = None) -> set[str]:
         leases = leases or {}
@@ -131,6 +164,7 @@ class RedisStore(Store):
             written = pipe.execute()
         return {s for s, ok in zip(streams, written, strict=True) if not ok}
 
+    @mapped
     def stopped_among(self, stream_ids: list[str]) -> set[str]:
         with self.redis.pipeline(transaction=False) as pipe:
             for stream_id in stream_ids:
@@ -138,6 +172,7 @@ class RedisStore(Store):
             flags = pipe.execute()
         return {s for s, flag in zip(stream_ids, flags, strict=True) if flag == b"1"}
 
+    @mapped
     def touch_many(self, stream_ids: list[str], who: str) -> None:
         now = time.time()
         with self.redis.pipeline(transaction=False) as pipe:
@@ -145,6 +180,7 @@ class RedisStore(Store):
                 pipe.hset(self._key("stream", stream_id), who, now)
             pipe.execute()
 
+    @mapped
     def read_log(self, stream_id: str, after: int, timeout: float) -> LogRead:
         deadline = time.monotonic() + timeout
         while True:
@@ -164,29 +200,34 @@ class RedisStore(Store):
         frames = [(int(entry_id.split(b"-")[0]), fields[b"f"]) for entry_id, fields in entries]
         return LogRead(frames, state.decode() if state else None)
 
+    @mapped
     def log_owner(self, stream_id: str) -> str | None:
-        owner = self.redis.hget(self._key("stream", stream_id), "owner")
-        return owner.decode() if owner is not None else None
+        return _text(self.redis.hget(self._key("stream", stream_id), "owner"))
 
+    @mapped
     def log_state(self, stream_id: str) -> str | None:
-        state = self.redis.hget(self._key("stream", stream_id), "state")
-        return state.decode() if state else None
+        return _text(self.redis.hget(self._key("stream", stream_id), "state")) or None
 
     # -- stream control
+    @mapped
     def request_stop(self, stream_id: str) -> None:
         self.redis.hset(self._key("stream", stream_id), "stop", 1)
 
+    @mapped
     def stop_requested(self, stream_id: str) -> bool:
         return self.redis.hget(self._key("stream", stream_id), "stop") == b"1"
 
+    @mapped
     def touch(self, stream_id: str, who: str) -> None:
         self.redis.hset(self._key("stream", stream_id), who, time.time())
 
+    @mapped
     def seen_at(self, stream_id: str, who: str) -> float | None:
         seen = self.redis.hget(self._key("stream", stream_id), who)
         return float(seen) if seen else None
 
     # -- limits
+    @mapped
     def hit(self, key: str, window: float) -> tuple[int, float]:
         now = time.time()
         start = now - (now % window)
@@ -198,6 +239,7 @@ class RedisStore(Store):
         return int(count), start + window - now
 
     # Slots: a sorted set per key, each member scored with its expiry.
+    @mapped
     def acquire(self, key: str, member: str, limit: int, ttl: float) -> bool:
         name = self._key("slots", key)
         now = time.time()
@@ -212,6 +254,7 @@ class RedisStore(Store):
             return False
         return True
 
+    @mapped
     def refresh(self, slots: list[tuple[str, str]], ttl: float) -> None:
         expires = time.time() + ttl
         with self.redis.pipeline(transaction=False) as pipe:
@@ -220,10 +263,12 @@ class RedisStore(Store):
                 pipe.pexpire(self._key("slots", key), int(ttl * 1000))
             pipe.execute()
 
+    @mapped
     def release(self, key: str, member: str) -> None:
         self.redis.zrem(self._key("slots", key), member)
 
     # -- conversations: a list of records, and a hash with its owner and size
+    @mapped
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
                         owner: str = "") -> ConversationInfo | None:
         texts = [to_json(m) for m in messages]
@@ -236,6 +281,7 @@ class RedisStore(Store):
         count, total, stored_owner = found
         return ConversationInfo(stored_owner.decode(), int(count), int(total))
 
+    @mapped
     def conversation(self, conversation_id: str) -> ConversationInfo | None:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self._key("conversation-info", conversation_id), "owner", "bytes")
@@ -245,17 +291,20 @@ class RedisStore(Store):
             return None
         return ConversationInfo(owner.decode(), int(count), int(size or 0))
 
+    @mapped
     def messages(self, conversation_id: str, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
         end = -1 if stop is None else stop - 1
         if stop is not None and stop <= start:
             return []
         return [json.loads(m) for m in self.redis.lrange(self._key("conversation", conversation_id), start, end)]
 
+    @mapped
     def delete_conversation(self, conversation_id: str) -> bool:
         keys = [self._key("conversation", conversation_id), self._key("conversation-info", conversation_id),
                 self._key("conversation-deleted", conversation_id)]
         return bool(self._delete_conversation(keys=keys))
 
+    @mapped
     def close(self) -> None:
         self.redis.close()
         self.pool.disconnect()

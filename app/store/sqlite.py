@@ -167,7 +167,8 @@ class SqliteStore(Store):
         then cost the event loop nothing, and the other streams of the worker keep flowing."""
         if _gevent_pool is None:
             return call()
-        return _gevent_pool().apply(call)
+        result: T = _gevent_pool().apply(call)
+        return result
 
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one write transaction, waiting for other processes cooperatively."""
@@ -257,7 +258,8 @@ class SqliteStore(Store):
                                                 (ticket_id,)).fetchone())
         if row is None or row[1] < time.time():
             return None
-        return json.loads(row[0])
+        payload: dict[str, Any] = json.loads(row[0])
+        return payload
 
     def ticket_exists(self, ticket_id: str) -> bool:
         return bool(self._query("SELECT 1 FROM tickets WHERE id = ? AND expires >= ?", (ticket_id, time.time())))
@@ -285,7 +287,7 @@ class SqliteStore(Store):
 
         def write(db: sqlite3.Connection) -> set[str]:
             # Checked in the transaction that writes: a take-over commits before or after it, never between.
-            fenced = set()
+            fenced: set[str] = set()
             for i in range(0, len(leased), 500):  # SQLite's limit on bound parameters
                 chunk = leased[i:i + 500]
                 rows = db.execute(f"SELECT id, lease FROM streams WHERE id IN ({','.join('?' * len(chunk))})",

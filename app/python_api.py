@@ -1,10 +1,11 @@
 """The Python API for app authors: `ask_stream()`, `ask()` and the `task()` builder.
 
-Inside a Flask app made by `create_app()` they use that app's providers and settings;
-anywhere else, providers built once from the environment. Options are validated by
-the same rules as the HTTP API (`ApiError` on bad input).
+Inside a Flask app made by `create_app()` (or given the relay by `init_app(app)`) they use
+that app's service; anywhere else, the service of an app built once by `create_app()` from
+the environment, checked the same way. Options are validated by the same rules as the HTTP
+API (`ApiError` on bad input).
 
-    from app.client import ask_stream, task
+    from app.python_api import ask_stream, task
 
     for piece in ask_stream("Name three rivers", provider="openai"):
         print(piece, end="", flush=True)
@@ -20,35 +21,33 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app, g, has_app_context, has_request_context, request
+from flask import Flask, Response, current_app, g, has_app_context, has_request_context, request
 
 from app.access import Caller
 from app.chat_request import ChatRequest
-from app.config import Settings, environment
-from app.metrics import default_dir
-from app.providers import build_providers
+from app.routes import EXTENSION, chat_service
 from app.service import ChatService
-from app.store import open_store
 
 # Outside any request (a script, a worker job): the application itself is the caller.
 LOCAL = Caller("local:python-api", True)
-_default: ChatService | None = None
-_default_lock = threading.Lock()
+# The app a script uses when no Flask app is current, made on first use.
+_script_app: Flask | None = None
+_script_app_lock = threading.Lock()
 
 
 def current_service() -> ChatService:
-    """The front door of the current Flask app, or one built from the environment (once)."""
-    global _default
-    if has_app_context() and "llm_sse_relay" in current_app.extensions:
-        return current_app.extensions["llm_sse_relay"]
-    with _default_lock:
-        if _default is None:
-            env = environment()
-            settings = Settings.load(env)
-            _default = ChatService.build(settings, build_providers(env, settings),
-                                         open_store(settings.STORE_URL, "instance"),
-                                         settings.METRICS_DIR or default_dir("instance"))
-        return _default
+    """The front door of the current Flask app; outside one (a script, a worker job), that of
+    an app built once by the factory from the environment."""
+    global _script_app
+    if has_app_context() and EXTENSION in current_app.extensions:
+        return chat_service()
+    with _script_app_lock:
+        if _script_app is None:
+            from app.factory import create_app  # the factory imports every route module
+
+            _script_app = create_app()
+        service: ChatService = _script_app.extensions[EXTENSION]
+        return service
 
 
 def current_caller() -> Caller:
