@@ -65,9 +65,13 @@ def apache(port: int, env: dict[str, str], proxy_to: str | None = None) -> Serve
 
 
 def gunicorn(port: int, env: dict[str, str]) -> ServerProcess:
+    """gunicorn with gunicorn.conf.py; a store of its own unless `env` names one (the default,
+    a SQLite file in the checkout's instance/, would carry every run's conversations, and the
+    storage quota of 127.0.0.1, into the next)."""
     args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
-    return ServerProcess(args, port, {"WEB_CONCURRENCY": "1", "ACCESS_LOG": "", **env, "BIND": f"127.0.0.1:{port}"},
-                         startup=30)
+    store = f"sqlite:///{tempfile.mkdtemp(prefix='relay-store-')}/relay.sqlite3"
+    return ServerProcess(args, port, {"WEB_CONCURRENCY": "1", "ACCESS_LOG": "", "STORE_URL": store, **env,
+                                      "BIND": f"127.0.0.1:{port}"}, startup=30)
 
 
 def nginx(port: int, backend: str, edits: dict[str, str] | None = None) -> ServerProcess:
