@@ -12,7 +12,7 @@ from app.store.base import StoreError
 
 if TYPE_CHECKING:
     from app.metrics import Metrics
-    from app.providers.base import ProviderError
+    from app.providers.domain import ProviderError
 
 log = logging.getLogger("llm_sse_relay")
 
