@@ -173,6 +173,9 @@ def start_targets(names: list[str], upstream_url: str, workdir: str) -> dict[str
     relay_env = {"OPENAI_API_KEY": "bench", "OPENAI_BASE_URL": upstream_url, "LOG_LEVEL": "WARNING",
                  "UPSTREAM_POOL_SIZE": "4096", "MAX_STREAMS_PER_CLIENT": "0", "MAX_TICKETS_PER_CLIENT": "0",
                  "MAX_READERS_PER_CLIENT": "0",
+                 # One client address opens every stream: its 64 MiB storage quota (4096
+                 # conversations) ran out mid-run (413). The peer keeps no conversations.
+                 "STORAGE_QUOTA_BYTES": "0",
                  "STREAM_GRACE_SECONDS": "0"}
     targets: dict[str, Target | None] = {}
     try:
