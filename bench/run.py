@@ -309,7 +309,11 @@ def main() -> None:
         loads.append((f"{rate:g}/s×{seconds:g}s", round(rate * seconds), seconds, False))
     workdir = tempfile.mkdtemp(prefix="relay-bench-")
     upstream, upstream_url = start_upstream(args.rate, args.tokens)
-    targets = start_targets(names, upstream_url, workdir)
+    try:
+        targets = start_targets(names, upstream_url, workdir)
+    except BaseException:
+        upstream.terminate()  # nor the upstream, when a target fails to start
+        raise
     if "upstream" in names:
         targets["upstream"] = Target.__new__(Target)
         targets["upstream"].name, targets["upstream"].url, targets["upstream"].mode = "upstream", upstream_url, "openai"
