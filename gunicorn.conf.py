@@ -6,8 +6,11 @@ runs each request (and each upstream producer) as a greenlet, so one process hol
 hundreds to thousands of open streams while waiting on sockets costs almost nothing.
 """
 
+import json
 import os
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
@@ -41,6 +44,81 @@ accesslog = os.environ.get("ACCESS_LOG", "-") or None  # ACCESS_LOG= (empty) tur
 errorlog = "-"
 # Scrubs tokens and keys from every line (access log included); JSON lines with LOG_FORMAT=json.
 logger_class = "app.logs.GunicornLogger"
+
+# A health port for load balancers (HEALTH_BIND, e.g. 0.0.0.0:8001; none by default).
+# /healthz on the main port is served by the workers' event loops, among the streams: while
+# 1,000 streams were being created its slowest answer took seconds (README, benchmark).
+# This one is answered by a thread of the master, which serves no requests, so it answers at
+# once through any burst; it says whether the workers are serving (see HealthCheck).
+health_bind = os.environ.get("HEALTH_BIND", "")
+
+
+class HealthCheck(BaseHTTPRequestHandler):
+    """GET/HEAD /healthz on the health port: 200 when at least one worker is up (it loaded the
+    app) and its event loop told the master it was alive within gunicorn's `timeout` (a loop
+    notifies every second; the master kills a worker silent longer), else 503."""
+
+    arbiter = None  # the master, set when the port opens
+    timeout = 2  # a slow client holds one short-lived thread, never the master's loop
+
+    def do_GET(self):
+        if self.path.split("?", 1)[0] != "/healthz":
+            self._answer(404, {"error": {"type": "not_found", "message": "only /healthz here"}})
+            return
+        serving = self._serving_workers()
+        status = {"status": "ok" if serving else "unavailable", "workers": serving}
+        self._answer(200 if serving else 503, status)
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def _serving_workers(self) -> int:
+        arbiter = self.arbiter
+        try:
+            workers = list(arbiter.WORKERS.values())  # the master's loop may change it meanwhile
+        except RuntimeError:
+            return 0
+        serving = 0
+        for worker in workers:
+            try:
+                if time.monotonic() - worker.tmp.last_update() <= arbiter.timeout:
+                    serving += 1
+            except (OSError, ValueError):
+                pass  # a worker that has just exited
+        return serving
+
+    def _answer(self, code: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        pass  # a probe every few seconds is not worth a log line
+
+
+_health_server = None
+
+
+def when_ready(server):
+    global _health_server
+    if not health_bind:
+        return
+    host, _, port = health_bind.rpartition(":")
+    HealthCheck.arbiter = server
+    _health_server = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), HealthCheck)
+    _health_server.daemon_threads = True
+    threading.Thread(target=_health_server.serve_forever, name="health", daemon=True).start()
+    server.log.info("health checks: http://%s/healthz", health_bind)
+
+
+def post_fork(server, worker):
+    if _health_server is not None:
+        _health_server.socket.close()  # the worker's copy: only the master answers there
 
 
 class DrainingGeventWorker(GeventWorker):

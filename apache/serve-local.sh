@@ -10,6 +10,9 @@
 # Sizing and timeouts: RELAY_SSE_PROCESSES, RELAY_SSE_THREADS, RELAY_APP_PROCESSES,
 # RELAY_APP_THREADS, RELAY_IO_TIMEOUT, RELAY_ANSWER_TIMEOUT, RELAY_APP_REQUEST_TIMEOUT,
 # RELAY_MAX_WORKERS, RELAY_THREADS_PER_CHILD (environment).
+# Which mod_wsgi: RELAY_MOD_WSGI=pypi (the default: PyPI's mod-wsgi, pinned in pyproject.toml's
+# `apache` group, built into the venv below; needs apache2-dev and python3-dev) or
+# RELAY_MOD_WSGI=debian (libapache2-mod-wsgi-py3).
 # A global "AddOutputFilterByType DEFLATE … text/event-stream" is in force, as a
 # distribution's default config might have it: the snippets must switch it off for SSE.
 set -euo pipefail
@@ -26,7 +29,12 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 APACHE=$(command -v apache2 || command -v httpd || echo /usr/sbin/apache2)
 MODULES=${APACHE_MODULES:-/usr/lib/apache2/modules}
-[ -x "$APACHE" ] || { echo "serve-local: apache2 is not installed (apt-get install apache2 libapache2-mod-wsgi-py3)" >&2; exit 1; }
+[ -x "$APACHE" ] || { echo "serve-local: apache2 is not installed (apt-get install apache2 apache2-dev python3-dev)" >&2; exit 1; }
+MOD_WSGI=${RELAY_MOD_WSGI:-pypi}
+case "$MOD_WSGI" in
+    pypi|debian) ;;
+    *) echo "serve-local: RELAY_MOD_WSGI is pypi or debian, not '$MOD_WSGI'" >&2; exit 1 ;;
+esac
 
 # Apache refuses to run workers as root; www-data must be able to read everything it serves.
 RUN_USER=$(id -un)
@@ -59,6 +67,29 @@ EOF
             > "$ROOT/pip.log" 2>&1 || { cat "$ROOT/pip.log" >&2; exit 1; }
         touch "$STAMP"
         chmod -R a+rX "$(dirname "$VENV")"
+    fi
+    if [ "$MOD_WSGI" = pypi ]; then
+        # Built against this Apache and this Python, so it lives in the venv (the `apache` group).
+        MOD_STAMP="$VENV/.mod-wsgi-$(sha1sum "$REPO/pyproject.toml" | cut -c1-12)"
+        if [ ! -f "$MOD_STAMP" ]; then
+            command -v apxs >/dev/null || {
+                echo "serve-local: building mod-wsgi needs apache2-dev and python3-dev (or RELAY_MOD_WSGI=debian)" >&2; exit 1; }
+            echo "serve-local: building mod-wsgi into $VENV" >&2
+            "$VENV/bin/python" - "$REPO/pyproject.toml" > "$ROOT/requirements-apache.txt" <<'EOF'
+import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["apache"]))
+EOF
+            "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/requirements-apache.txt" \
+                > "$ROOT/pip.log" 2>&1 || { cat "$ROOT/pip.log" >&2; exit 1; }
+            touch "$MOD_STAMP"
+            chmod -R a+rX "$VENV"
+        fi
+        # Its LoadModule line (and WSGIPythonHome: the venv the daemons use as well).
+        LOAD_WSGI=$("$VENV/bin/mod_wsgi-express" module-config)
+    else
+        [ -f "$MODULES/mod_wsgi.so" ] || {
+            echo "serve-local: RELAY_MOD_WSGI=debian needs libapache2-mod-wsgi-py3" >&2; exit 1; }
+        LOAD_WSGI="LoadModule wsgi_module $MODULES/mod_wsgi.so"
     fi
 
     # The caller's environment, for the app (daemon processes do not inherit a shell's).
@@ -129,9 +160,7 @@ Group $RUN_GROUP
 <IfModule !reqtimeout_module>
     LoadModule reqtimeout_module $MODULES/mod_reqtimeout.so
 </IfModule>
-<IfModule !wsgi_module>
-    LoadModule wsgi_module $MODULES/mod_wsgi.so
-</IfModule>
+${LOAD_WSGI:-}
 <IfModule !unique_id_module>
     LoadModule unique_id_module $MODULES/mod_unique_id.so
 </IfModule>
@@ -154,7 +183,9 @@ Group $RUN_GROUP
     MaxSpareThreads $MAX_WORKERS
 </IfModule>
 
-WSGISocketPrefix $ROOT/run/wsgi
+<IfModule wsgi_module>
+    WSGISocketPrefix $ROOT/run/wsgi
+</IfModule>
 LogFormat "%h %l %u %t \"%r\" %>s %b %D" timed
 CustomLog $ROOT/logs/access.log timed
 TypesConfig /etc/mime.types

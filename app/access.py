@@ -453,16 +453,16 @@ class MeteredStore(ConversationStore):
 
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
                         owner: str = "") -> ConversationInfo | None:
-        holder, held = self._hold(conversation_id, messages, ttl, owner, refuse=True)
+        holder, held, kept = self._hold(conversation_id, messages, ttl, owner, refuse=True)
         info = self.store.append_messages(conversation_id, messages, ttl, owner)
-        self._keep(conversation_id, holder, held, ttl, info)
+        self._keep(conversation_id, holder, held, kept, ttl, info)
         return info
 
     def append_message(self, conversation_id: str, message: dict[str, Any], ttl: float,
                        owner: str = "") -> ConversationInfo | None:
-        holder, held = self._hold(conversation_id, [message], ttl, owner, refuse=False)
+        holder, held, kept = self._hold(conversation_id, [message], ttl, owner, refuse=False)
         info = self.store.append_message(conversation_id, message, ttl, owner)
-        self._keep(conversation_id, holder, held, ttl, info)
+        self._keep(conversation_id, holder, held, kept, ttl, info)
         return info
 
     def delete_conversation(self, conversation_id: str) -> bool:
@@ -496,16 +496,16 @@ class MeteredStore(ConversationStore):
         return bool(self.quota) and not owner.startswith(UNMETERED)
 
     def _hold(self, conversation_id: str, records: list[dict[str, Any]], ttl: float, owner: str,
-              refuse: bool) -> tuple[str, int]:
-        """Take the slots the conversation needs once `records` are added: whose slots, and how
-        many the conversation holds then."""
+              refuse: bool) -> tuple[str, int, int]:
+        """Take the slots the conversation needs once `records` are added: whose slots, how
+        many the conversation holds then, and how many of them it held before."""
         if not self.quota:
-            return owner, 0
+            return owner, 0, 0
         info = self.store.conversation(conversation_id)
         if info is not None:  # what a conversation keeps counts against whoever it belongs to
             owner = info.owner
         if not self._metered(owner):
-            return owner, 0
+            return owner, 0, 0
         before = info.bytes if info is not None else 0
         needed = _units(before + sum(len(to_json(r).encode()) for r in records))
         taken = []
@@ -520,15 +520,17 @@ class MeteredStore(ConversationStore):
                                f"storing this would take this client past its storage quota ({self.quota} bytes "
                                f"of conversations); delete conversations it no longer needs, or wait for them to "
                                f"expire")
-        return owner, needed
+        return owner, needed, _units(before)
 
-    def _keep(self, conversation_id: str, owner: str, held: int, ttl: float,
+    def _keep(self, conversation_id: str, owner: str, held: int, kept: int, ttl: float,
               info: ConversationInfo | None) -> None:
         """The conversation's slots cover what it holds now and live as long as it does. Records
         another request appended between this one's count and its append (two turns of one
         conversation at once) are counted here, past the quota if need be, so the caller's next
         request is refused: the store never holds more than is counted. A record its tombstone
-        refused (deleted while its answer ran) holds none."""
+        refused (deleted while its answer ran) holds none. Only the `kept` slots it held before
+        need refreshing: the others were taken just now with the same TTL (a new conversation,
+        the start of every stream that begins one, saves a store write)."""
         key = _quota_key(owner)
         if info is None:
             for unit in range(held):
@@ -536,10 +538,10 @@ class MeteredStore(ConversationStore):
             return
         if not held:  # not metered
             return
-        total = max(held, _units(info.bytes))
-        for unit in range(held, total):
+        for unit in range(held, _units(info.bytes)):
             self.store.acquire(key, f"{conversation_id}:{unit}", PAST_THE_QUOTA, ttl)
-        self.store.refresh([(key, f"{conversation_id}:{unit}") for unit in range(total)], ttl)
+        if kept:
+            self.store.refresh([(key, f"{conversation_id}:{unit}") for unit in range(kept)], ttl)
 
 
 def _units(size: int) -> int:

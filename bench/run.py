@@ -9,9 +9,15 @@ repeat so machine noise hits each alike, medians over repeats:
   upstream  the fake upstream read directly: the floor
   relay     this project under gunicorn.conf.py (gevent), POST-SSE (stream log on, SQLite)
   relay-direct  the same, GET /api/chat/stream (no stream log: what EventSource users run)
-  apache    this project under Apache + mod_wsgi via apache/serve-local.sh, POST-SSE
+  apache    this project under Apache via apache/serve-local.sh with its default mod_wsgi
+            (PyPI's mod-wsgi, built into the venv), POST-SSE
   apache-direct  the same Apache, GET /api/chat/stream
+  apache-debian, apache-debian-direct  the same with Debian's libapache2-mod-wsgi-py3
   peer      FastAPI + sse-starlette + httpx (bench/peers/fastapi_peer.py) under uvicorn
+Two kinds of load, in one table: a burst (N streams opened within min(2 s, N/500 s): the
+cost of setting streams up) and an open loop (--open-loop RATExSECONDS: new streams arriving
+at RATE per second for SECONDS, whatever the server does meanwhile, as users arrive: TTFT
+under steady arrival, apart from the cost of a burst).
 Heartbeats stay on everywhere (15 s). Results: printed, and bench/results/latest.json.
 """
 
@@ -123,15 +129,17 @@ class RssPeak:
 
 
 class Target:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], url: str, mode: str) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], url: str, mode: str,
+                 health: str | None = None) -> None:
         self.name, self.url, self.mode = name, url, mode
+        self.health = health or url  # where load balancers' checks go: <health>/healthz
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         # Ready means every process group answers: under Apache /healthz, the page and streams
         # each have their own, and one may still be loading Python (an unknown stream is a 404).
         probes = [url + "/stats"] if mode == "openai" else [
-            url + "/healthz", url + "/", url + "/api/chat/streams/ready-probe"]
+            self.health + "/healthz", url + "/", url + "/api/chat/streams/ready-probe"]
         for _ in range(900):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited: {Path(self.log.name).read_text()[-2000:]}")
@@ -153,39 +161,58 @@ class Target:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+# name: (serve-local.sh's settings beyond the bench's own, load mode)
+APACHE_TARGETS = {
+    "apache": ({}, "postsse"), "apache-direct": ({}, "get"),
+    "apache-debian": ({"RELAY_MOD_WSGI": "debian"}, "postsse"),
+    "apache-debian-direct": ({"RELAY_MOD_WSGI": "debian"}, "get"),
+}
+
+
 def start_targets(names: list[str], upstream_url: str, workdir: str) -> dict[str, Target]:
     relay_env = {"OPENAI_API_KEY": "bench", "OPENAI_BASE_URL": upstream_url, "LOG_LEVEL": "WARNING",
                  "UPSTREAM_POOL_SIZE": "4096", "MAX_STREAMS_PER_CLIENT": "0", "MAX_TICKETS_PER_CLIENT": "0",
                  "MAX_READERS_PER_CLIENT": "0",
+                 # One client address opens every stream: its 64 MiB storage quota (4096
+                 # conversations) ran out mid-run (413). The peer keeps no conversations.
+                 "STORAGE_QUOTA_BYTES": "0",
                  "STREAM_GRACE_SECONDS": "0"}
-    targets = {}
+    targets: dict[str, Target | None] = {}
+    try:
+        start_each(names, targets, relay_env, upstream_url, workdir)
+    except BaseException:
+        for target in targets.values():  # none left running when one fails to start
+            if target is not None:
+                target.stop()
+        raise
+    return targets
+
+
+def start_each(names: list[str], targets: dict, relay_env: dict, upstream_url: str, workdir: str) -> None:
     for name in names:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         if name == "upstream":
             targets[name] = None  # filled by main: the upstream itself
-        elif name == "relay":
+        elif name in ("relay", "relay-direct"):  # relay-direct: GET /api/chat/stream, no stream log
+            # Health checks on the health port (gunicorn.conf.py), as a load balancer would make them.
+            health_port = free_port()
             env = {**relay_env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2", "ACCESS_LOG": "",
-                   "WORKER_CONNECTIONS": "4000", "STORE_URL": f"sqlite:///{workdir}/relay.sqlite3"}
+                   "WORKER_CONNECTIONS": "4000", "STORE_URL": f"sqlite:///{workdir}/{name}.sqlite3",
+                   "HEALTH_BIND": f"127.0.0.1:{health_port}"}
             targets[name] = Target(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-                                   env, url, "postsse")
-        elif name == "relay-direct":  # the same, GET /api/chat/stream: no stream log
-            env = {**relay_env, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2", "ACCESS_LOG": "",
-                   "WORKER_CONNECTIONS": "4000", "STORE_URL": f"sqlite:///{workdir}/relay-direct.sqlite3"}
-            targets[name] = Target(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-                                   env, url, "get")
-        elif name == "apache":
-            env = {**relay_env, "RELAY_SSE_PROCESSES": "2", "RELAY_SSE_THREADS": "300", "RELAY_MAX_WORKERS": "1500"}
-            targets[name] = Target(name, ["bash", "apache/serve-local.sh", str(port)], env, url, "postsse")
-        elif name == "apache-direct":  # the same Apache, GET /api/chat/stream
-            env = {**relay_env, "RELAY_SSE_PROCESSES": "2", "RELAY_SSE_THREADS": "300", "RELAY_MAX_WORKERS": "1500"}
-            targets[name] = Target(name, ["bash", "apache/serve-local.sh", str(port)], env, url, "get")
+                                   env, url, "postsse" if name == "relay" else "get",
+                                   health=f"http://127.0.0.1:{health_port}")
+        elif name in APACHE_TARGETS:
+            settings, mode = APACHE_TARGETS[name]
+            env = {**relay_env, "RELAY_SSE_PROCESSES": "2", "RELAY_SSE_THREADS": "300", "RELAY_MAX_WORKERS": "1500",
+                   **settings}
+            targets[name] = Target(name, ["bash", "apache/serve-local.sh", str(port)], env, url, mode)
         elif name == "peer":
             env = {"OPENAI_BASE_URL": upstream_url}
             targets[name] = Target(name, [sys.executable, "-m", "uvicorn", "bench.peers.fastapi_peer:app",
                                           "--port", str(port), "--workers", "2", "--log-level", "warning",
                                           "--no-access-log", "--backlog", "4096"], env, url, "get")
-    return targets
 
 
 # ------------------------------------------------------------------ measuring
@@ -203,7 +230,7 @@ def measure(target: Target, streams: int, tokens: int, ramp: float, probe_health
     cpu0 = cpu_seconds(tree)
     prober = None
     if probe_health:
-        prober = subprocess.Popen([sys.executable, "-m", "bench.health_probe", target.url], cwd=ROOT,
+        prober = subprocess.Popen([sys.executable, "-m", "bench.health_probe", target.health], cwd=ROOT,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     with RssPeak(target.proc.pid) as rss:
         result: Result = asyncio.run(run_load(target.url, target.mode, streams, tokens, ramp=ramp,
@@ -261,20 +288,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small N, one repeat: about a minute")
     parser.add_argument("--targets", default="upstream,relay,relay-direct,peer,apache,apache-direct")
-    parser.add_argument("--n", default="200,1000,2000")
+    parser.add_argument("--n", default="200,1000,2000", help="burst sizes (empty: none)")
+    parser.add_argument("--open-loop", default="50x10",
+                        help="open-loop loads, RATExSECONDS[,…]: RATE new streams a second for SECONDS "
+                             "(empty: none)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rate", type=float, default=20)
     parser.add_argument("--tokens", type=int, default=100)
-    parser.add_argument("--apache-max", type=int, default=500, help="largest N sent to Apache (its SSE capacity)")
+    parser.add_argument("--apache-max", type=int, default=500,
+                        help="most streams open at once sent to Apache (its SSE capacity)")
     parser.add_argument("--fast-tokens", type=int, default=20000, help="tokens of the one-stream speed run")
     args = parser.parse_args()
     if args.quick:
-        args.n, args.repeats, args.fast_tokens = "50,200", 1, 5000
+        args.n, args.open_loop, args.repeats, args.fast_tokens = "50,200", "20x5", 1, 5000
     names = args.targets.split(",")
-    sizes = [int(n) for n in args.n.split(",")]
+    # (label, streams, seconds over which they start, is a burst)
+    loads = [(str(n), n, min(2.0, n / 500), True) for n in map(int, filter(None, args.n.split(",")))]
+    for spec in filter(None, args.open_loop.split(",")):
+        rate, seconds = (float(x) for x in spec.split("x"))
+        loads.append((f"{rate:g}/s×{seconds:g}s", round(rate * seconds), seconds, False))
     workdir = tempfile.mkdtemp(prefix="relay-bench-")
     upstream, upstream_url = start_upstream(args.rate, args.tokens)
-    targets = start_targets(names, upstream_url, workdir)
+    try:
+        targets = start_targets(names, upstream_url, workdir)
+    except BaseException:
+        upstream.terminate()  # nor the upstream, when a target fails to start
+        raise
     if "upstream" in names:
         targets["upstream"] = Target.__new__(Target)
         targets["upstream"].name, targets["upstream"].url, targets["upstream"].mode = "upstream", upstream_url, "openai"
@@ -284,21 +323,24 @@ def main() -> None:
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                      "rate": args.rate, "tokens": args.tokens, "runs": []}
     try:
-        for n in sizes:
+        for label, n, ramp, burst in loads:
+            # Streams open at once: all of a burst; in an open loop, those started during one
+            # stream's life (K/R seconds, plus a second for setup).
+            concurrent = n if burst else min(n, round(n / ramp * (args.tokens / args.rate + 1)))
             runs: dict[str, list[dict]] = {name: [] for name in names}
             for repeat in range(args.repeats):
                 order = names[repeat % len(names):] + names[:repeat % len(names)]  # rotate: noise hits all alike
                 for name in order:
-                    if name.startswith("apache") and n > args.apache_max:
+                    if name.startswith("apache") and concurrent > args.apache_max:
                         continue
-                    print(f"N={n} repeat {repeat + 1}/{args.repeats}: {name}", file=sys.stderr, flush=True)
-                    runs[name].append(measure(targets[name], n, args.tokens, ramp=min(2.0, n / 500),
+                    print(f"N={label} repeat {repeat + 1}/{args.repeats}: {name}", file=sys.stderr, flush=True)
+                    runs[name].append(measure(targets[name], n, args.tokens, ramp=ramp,
                                               probe_health=name != "upstream"))
                     time.sleep(1)
             for name, measured in runs.items():
                 if measured:
-                    row = {"target": name, "n": n, **median_of(measured)}
-                    row["rss_kb_per_stream"] = max(0.0, (row["peak_rss_mb"] * 2**20 - idle[name]) / 1024 / n)
+                    row = {"target": name, "n": label, "streams": n, **median_of(measured)}
+                    row["rss_kb_per_stream"] = max(0.0, (row["peak_rss_mb"] * 2**20 - idle[name]) / 1024 / concurrent)
                     results["runs"].append(row)
         upstream.terminate()
         upstream, upstream_url = start_upstream(0, args.fast_tokens)

@@ -11,7 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 
-PACKAGES=(apache2 libapache2-mod-wsgi-py3 nginx chromium fonts-noto-color-emoji fonts-wqy-zenhei redis-server
+# apache2-dev and python3-dev build PyPI's mod-wsgi (apache/serve-local.sh's default module);
+# libapache2-mod-wsgi-py3 is Debian's, tested as the alternative.
+PACKAGES=(apache2 apache2-dev python3-dev libapache2-mod-wsgi-py3 nginx chromium fonts-noto-color-emoji fonts-wqy-zenhei redis-server
           python3-venv curl procps)
 SERVICES=(apache2 apache-htcacheclean nginx redis-server)
 new_services=()

@@ -3,6 +3,7 @@ as a reverse proxy in front of gunicorn, each against the fake upstream."""
 
 from __future__ import annotations
 
+import glob
 import gzip
 import os
 import shutil
@@ -25,14 +26,25 @@ PACED = [f"tok{i} " for i in range(10)]
 FIRST_TOKEN_CHUNK = 2  # openai_body: role chunk, a comment, then one chunk per token
 
 
+# serve-local.sh's modules: PyPI's mod-wsgi (the default, built into its venv) and Debian's.
+MOD_WSGI = os.environ.get("RELAY_MOD_WSGI", "pypi")
+OTHER_MOD_WSGI = {"pypi": "debian", "debian": "pypi"}[MOD_WSGI]
+
+
+def have_mod_wsgi(module: str) -> bool:
+    if module == "debian":
+        return os.path.exists("/usr/lib/apache2/modules/mod_wsgi.so")
+    return bool(shutil.which("apxs") and glob.glob("/usr/include/python3*/Python.h"))
+
+
 def have_apache() -> bool:
-    return bool(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2")) and os.path.exists(
-        "/usr/lib/apache2/modules/mod_wsgi.so")
+    return bool(shutil.which("apache2") or os.path.exists("/usr/sbin/apache2")) and have_mod_wsgi(MOD_WSGI)
 
 
 @pytest.fixture(scope="module")
 def relay_env(fake_upstream):
-    require(have_apache(), "apache2 with mod_wsgi (apt-get install apache2 libapache2-mod-wsgi-py3)")
+    require(have_apache(), "apache2 and mod_wsgi (apt-get install apache2 apache2-dev python3-dev, "
+                           "or RELAY_MOD_WSGI=debian with libapache2-mod-wsgi-py3)")
     return {**provider_env(fake_upstream.url), "SSE_HEARTBEAT_SECONDS": "1", "UPSTREAM_READ_TIMEOUT": "30",
             "DEMO_FIRST_TOKEN_DELAY": "0"}
 
@@ -86,6 +98,27 @@ def assert_streams_incrementally(url: str, upstream, headers=None, route: str = 
 def test_sse_is_not_compressed_and_arrives_token_by_token(route, apache_url, upstream):
     reader = assert_streams_incrementally(apache_url, upstream, route=route)
     assert reader.response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+
+
+def test_the_other_mod_wsgi_serves_the_relay_too(relay_env, upstream):
+    """Both modules stay supported (apache/README.md): the one not under test streams token by
+    token, answers its health check and ends the upstream of a client that left."""
+    require(have_mod_wsgi(OTHER_MOD_WSGI), f"mod_wsgi from {OTHER_MOD_WSGI}")
+    server = apache(free_port(), {**relay_env, "RELAY_MOD_WSGI": OTHER_MOD_WSGI})
+    try:
+        assert requests.get(f"{server.url}/healthz", timeout=10).json() == {"status": "ok"}
+        assert_streams_incrementally(server.url, upstream)
+        assert_streams_incrementally(server.url, upstream, route="openai")
+        upstream.reset(Reply(chunks=BODIES["openai"]([f"w{i} " for i in range(300)]), delay=0.05))
+        reader = open_stream(f"{server.url}/api/chat/stream?provider=openai&prompt=hi")
+        reader.until("token")
+        reader.close()
+        assert upstream.wait_for_request().closed.wait(5), "upstream still open after the client left"
+        root = server.output().split("(logs: ")[1].split("/logs)")[0]
+        started = open(f"{root}/logs/error.log").read()
+        assert {"pypi": "mod_wsgi/6.", "debian": "mod_wsgi/4."}[OTHER_MOD_WSGI] in started
+    finally:
+        server.stop()
 
 
 def test_page_and_json_routes_are_still_gzipped(apache_url):

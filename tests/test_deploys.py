@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import runpy
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -151,3 +156,57 @@ def test_each_gunicorn_has_its_own_control_socket_or_none(tmp_path, fake_upstrea
     finally:
         server.stop()
     assert shared.read_text() == "another gunicorn's socket"
+
+
+def test_the_health_port_answers_while_the_workers_event_loop_is_held(tmp_path, fake_upstream):
+    """Issue 24: /healthz on the main port is served by the workers' event loops, among the
+    streams, and a burst of stream creations held it for seconds. HEALTH_BIND opens a port
+    answered by a thread of gunicorn's master. Here the only worker is stopped outright
+    (SIGSTOP): the main port's /healthz cannot answer, the health port still does."""
+    health_port = free_port()
+    env = {**provider_env(fake_upstream.url), "HEALTH_BIND": f"127.0.0.1:{health_port}"}
+    server = gunicorn(free_port(), env)
+    health = f"http://127.0.0.1:{health_port}/healthz"
+    try:
+        deadline = time.monotonic() + 10
+        while requests.get(health, timeout=5).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert requests.get(health, timeout=5).json() == {"status": "ok", "workers": 1}
+        assert requests.head(health, timeout=5).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{health_port}/", timeout=5).status_code == 404
+        worker = int(subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True,
+                                    text=True).stdout.split()[0])
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            with pytest.raises(requests.Timeout):
+                requests.get(f"{server.url}/healthz", timeout=2)  # the control: the worker is held
+            assert requests.get(health, timeout=2).json()["status"] == "ok"
+        finally:
+            os.kill(worker, signal.SIGCONT)
+    finally:
+        server.stop()
+
+
+def test_the_health_port_says_unavailable_when_no_worker_is_alive():
+    """503 when no worker told the master it was alive within gunicorn's timeout."""
+    config = runpy.run_path(str(Path(__file__).resolve().parent.parent / "gunicorn.conf.py"))
+    check = config["HealthCheck"]
+
+    class Tmp:
+        def __init__(self, age):
+            self.age = age
+
+        def last_update(self):
+            return time.monotonic() - self.age
+
+    class Arbiter:
+        timeout = 30
+        WORKERS = {}
+
+    handler = check.__new__(check)
+    handler.arbiter = Arbiter
+    assert handler._serving_workers() == 0
+    Arbiter.WORKERS = {1: SimpleNamespace(tmp=Tmp(45)), 2: SimpleNamespace(tmp=Tmp(1))}
+    assert handler._serving_workers() == 1
+    Arbiter.WORKERS = {1: SimpleNamespace(tmp=Tmp(45))}
+    assert handler._serving_workers() == 0

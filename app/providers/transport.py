@@ -166,6 +166,10 @@ def rate_limits(headers: Mapping[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items() if k.lower().startswith(RATE_LIMIT_PREFIXES)}
 
 
+# Distinct upstream URLs a provider keeps a prepared request for (Gemini's name the model).
+MAX_PREPARED_URLS = 64
+
+
 def upstream_session(base_url: str, pool_size: int) -> requests.Session:
     """A session that reads the environment once, not on every call.
 
@@ -199,6 +203,7 @@ class HttpProvider(Provider):
         self.models = models or (default_model,)
         self.policy = policy
         self.session = upstream_session(self.base_url, policy.pool_size)
+        self._templates: dict[str, requests.PreparedRequest] = {}  # see _prepared
 
     @property
     def configured(self) -> bool:
@@ -319,8 +324,9 @@ class HttpProvider(Provider):
         happens on a short-lived helper thread while this one yields `IDLE`.
         """
         def send() -> requests.Response:
-            return self.session.post(url, data=json.dumps(body), headers=headers, stream=True,
-                                     timeout=(self.policy.connect_timeout, self.policy.read_timeout))
+            return self.session.send(self._prepared(url, headers, body), stream=True,
+                                     timeout=(self.policy.connect_timeout, self.policy.read_timeout),
+                                     verify=self.session.verify, proxies=self.session.proxies)
 
         if cancel.idle_after is None:
             return send()
@@ -361,6 +367,20 @@ class HttpProvider(Provider):
             result.close()
             return None
         return result
+
+    def _prepared(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> requests.PreparedRequest:
+        """The POST, from a request prepared once per URL with the session's settings: what
+        `session.post` does on every call (merging them, parsing the URL) was a quarter of
+        its CPU (~90 of ~370 µs per call against the bench's upstream)."""
+        template = self._templates.get(url)
+        if template is None:
+            template = self.session.prepare_request(requests.Request("POST", url))
+            if len(self._templates) < MAX_PREPARED_URLS:  # URLs that name a model are the client's
+                self._templates[url] = template
+        request = template.copy()
+        request.headers.update(headers)
+        request.prepare_body(json.dumps(body), None)
+        return request
 
     def _error_from_response(self, response: requests.Response) -> ProviderError:
         try:
