@@ -13,6 +13,7 @@ response with the headers every proxy in between needs.
 from __future__ import annotations
 
 import json
+import json.encoder
 import logging
 import select
 import socket
@@ -37,8 +38,36 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+def _one_line_json(ensure_ascii: bool) -> Callable[[Any], str]:
+    """JSON on one line, as `json.JSONEncoder(separators=(",", ":")).encode` writes it.
+
+    That method builds a new C encoder for every value (its check for circular references
+    keeps per-call state): 0.55 µs of the 0.9 µs a token's JSON took, measured. Built once
+    without that check (a cycle, which nothing here builds, ends in RecursionError instead),
+    the C encoder is reused; checked once against the public method, which stays the way
+    when the C accelerator is missing or writes otherwise.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, separators=(",", ":"))
+    make_encoder = getattr(json.encoder, "c_make_encoder", None)  # CPython's accelerator (not in typeshed)
+    if make_encoder is None:
+        return encoder.encode
+    quote = json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
+    # The arguments JSONEncoder.iterencode passes: no markers (no circular check), no indent.
+    chunks = make_encoder(None, encoder.default, quote, None, ":", ",", False, False, True)
+
+    def encode(data: Any) -> str:
+        return "".join(chunks(data, 0))
+
+    sample = {"text": "é \n\u2028\"", "n": [1, -2.5, None, True], "nested": {"list": []}}
+    try:
+        return encode if encode(sample) == encoder.encode(sample) else encoder.encode
+    except Exception:
+        return encoder.encode
+
+
+_dumps = _one_line_json(ensure_ascii=False)
+_dumps_ascii = _one_line_json(ensure_ascii=True)
 
 
 def encode_json(data: Any) -> bytes:

@@ -4,6 +4,8 @@ import json
 import threading
 import time
 
+import pytest
+
 from app.sse import HEARTBEAT, SseBody, StreamLog, encode_comment, encode_event, encode_json
 
 
@@ -17,6 +19,15 @@ def test_utf8_is_sent_raw_and_lone_surrogates_are_escaped():
     assert encode_json({"text": "😀é"}) == '{"text":"😀é"}'.encode()
     half = "\ud83d"  # half of an emoji, as a token boundary can leave it
     assert json.loads(encode_json({"text": half})) == {"text": half}
+
+
+def test_json_is_what_the_standard_encoder_writes():
+    values = [{"text": "a\nb\u2028\"\\"}, [1, -2.5, 1e300, None, True, False], {"nested": {"list": [{}]}}, "x", 3,
+              {"n": float("nan")}, {1: "int key"}]
+    for value in values:
+        assert encode_json(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    with pytest.raises(TypeError):
+        encode_json({"not": object()})
 
 
 def test_comment_splits_lines():
