@@ -6,13 +6,33 @@ import time
 
 import pytest
 
-from app.sse import HEARTBEAT, SseBody, StreamLog, encode_comment, encode_event, encode_json
+from app.sse import (
+    DONE,
+    HEARTBEAT,
+    RETRY,
+    ServerSentEvent,
+    SseBody,
+    StreamLog,
+    encode_comment,
+    encode_event,
+    encode_json,
+    read_events,
+)
 
 
 def test_event_has_id_name_and_one_data_line():
     frame = encode_event(7, "token", {"text": "a\nb\r\ndata: x"})
     assert frame == b'id: 7\nevent: token\ndata: {"text":"a\\nb\\r\\ndata: x"}\n\n'
     assert frame.count(b"\n") == 4
+
+
+def test_an_event_writes_every_field_and_reads_back():
+    frame = ServerSentEvent(b"one\r\ntwo\rthree\nfour", "e", 3, retry=100, comment="c1\nc2").encode()
+    assert frame == b": c1\n: c2\nid: 3\nevent: e\ndata: one\ndata: two\ndata: three\ndata: four\nretry: 100\n\n"
+    assert (DONE, HEARTBEAT, RETRY) == (b"data: [DONE]\n\n", b": ping\n\n", b"retry: 3000\n\n")
+    events = read_events([frame, encode_event(4, "token", {"text": "x"}) + DONE])
+    assert [(e.event, e.data, e.id) for e in events] == [
+        ("e", "one\ntwo\nthree\nfour", "3"), ("token", '{"text":"x"}', "4"), ("message", "[DONE]", "4")]
 
 
 def test_utf8_is_sent_raw_and_lone_surrogates_are_escaped():
