@@ -118,9 +118,6 @@ class SseEvent:
         self.data = data
         self.id = id
 
-    def json(self) -> Any:
-        return json.loads(self.data)
-
     def __repr__(self) -> str:
         return f"SseEvent(event={self.event!r}, data={self.data!r}, id={self.id!r})"
 
