@@ -8,9 +8,6 @@ split across chunks is always whole by the time its line is decoded.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 
 class DecodeError(ValueError):
     """The upstream sent something no valid stream contains (e.g. an endless line)."""
@@ -117,9 +114,6 @@ class SseEvent:
         self.event = event
         self.data = data
         self.id = id
-
-    def json(self) -> Any:
-        return json.loads(self.data)
 
     def __repr__(self) -> str:
         return f"SseEvent(event={self.event!r}, data={self.data!r}, id={self.id!r})"

@@ -18,9 +18,12 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from werkzeug.datastructures import Headers
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 # What a client may send as a request id: short, no spaces or quotes that would break a log line.
@@ -38,7 +41,7 @@ HANDLER_NAME = "llm-sse-relay"
 SECRET_SETTINGS = ("API_TOKENS", "JWT_SECRET", "METRICS_TOKEN")
 
 
-def configured_secrets(env: Any) -> list[str]:
+def configured_secrets(env: Mapping[str, Any]) -> list[str]:
     """Values that must never reach a log: provider keys, the relay's own tokens, and the
     passwords of URLs in settings (STORE_URL's Redis password), wherever they show up alone."""
     values = [str(v) for k, v in env.items() if k.endswith("_API_KEY") and v]
@@ -83,13 +86,13 @@ class RelayFormatter(logging.Formatter):
         self.scrub = scrub
 
     def format(self, record: logging.LogRecord) -> str:
-        if not hasattr(record, "request_id"):
-            record.request_id = REQUEST_ID.get()
+        fields = record.__dict__  # where a record keeps its `extra` fields, the request id among them
+        fields.setdefault("request_id", REQUEST_ID.get())
         if not self.json_lines:
             return self.scrub(super().format(record))
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname, "logger": record.name, "request_id": record.request_id,
+            "level": record.levelname, "logger": record.name, "request_id": fields["request_id"],
             "message": record.getMessage(),
         }
         for key in ("stream", "access"):  # structured fields of summary lines
@@ -112,7 +115,7 @@ def configure(level: str, log_format: str, secrets: Iterable[str]) -> None:
     root.addHandler(handler)
 
 
-def request_id_from(headers: Any, trusted: bool, make: Any) -> str:
+def request_id_from(headers: Headers, trusted: bool, make: Callable[[], str]) -> str:
     """The proxy's X-Request-ID when it is trusted and well formed, else a new id."""
     given = headers.get("X-Request-ID", "") if trusted else ""
     return given if REQUEST_ID_SHAPE.fullmatch(given) else make()
@@ -121,10 +124,11 @@ def request_id_from(headers: Any, trusted: bool, make: Any) -> str:
 try:
     from gunicorn.glogging import Logger as _GunicornLogger
 except ImportError:  # gunicorn is not on every deployment (mod_wsgi)
-    _GunicornLogger = object  # type: ignore[assignment,misc]
+    _GunicornLogger = object
 
 
-class GunicornLogger(_GunicornLogger):  # type: ignore[misc,valid-type]
+# gunicorn has no type hints: to the checker its Logger is Any, which a strict check refuses to subclass.
+class GunicornLogger(_GunicornLogger):  # type: ignore[misc]
     """gunicorn's logs through the same scrubber; access lines as JSON when LOG_FORMAT=json."""
 
     def setup(self, cfg: Any) -> None:
@@ -140,7 +144,7 @@ class GunicornLogger(_GunicornLogger):  # type: ignore[misc,valid-type]
                                      else _ScrubbingFormatter(handler.formatter, self.scrub))
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
-        atoms = super().atoms(resp, req, environ, request_time)
+        atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
         for key in ("r", "q", "U"):  # the request line and query string carry ?access_token=
             if isinstance(atoms.get(key), str):
                 atoms[key] = self.scrub(atoms[key])
@@ -148,7 +152,8 @@ class GunicornLogger(_GunicornLogger):  # type: ignore[misc,valid-type]
 
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
         if not self.json_lines:
-            return super().access(resp, req, environ, request_time)
+            super().access(resp, req, environ, request_time)
+            return
         if not (self.cfg.accesslog or self.cfg.logconfig or self.cfg.syslog):
             return None
         atoms = self.atoms(resp, req, environ, request_time)

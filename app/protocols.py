@@ -2,10 +2,9 @@
 
 A `Generation` produces normalized deltas; a protocol object turns them into encoded SSE
 frames for its log, once per stream (every reader of the log copies bytes). Each
-protocol has the same methods: `opening`, `text`, `reasoning`, `signed`, `meta`, `tool_call` and
-`closing`,
-and keeps what it needs between them (event ids, the tool call index). The SSE framing
-itself lives in app/sse.py.
+protocol is a `WireEncoder` (`opening`, `text`, `reasoning`, `signed`, `meta`, `tool_call`
+and `closing`) and keeps what it needs between them (event ids, the tool call index). The
+SSE framing itself lives in app/sse.py: every frame here is one of its `ServerSentEvent`s.
 
 - `RelayEvents`: msgid, token, reasoning, meta, done, error (docs/http-api.md). Event ids count
   frames, so a reader resumes at log position = Last-Event-ID.
@@ -24,11 +23,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from app.errors import anthropic_error_type
 from app.providers.domain import Signed, ToolCall
-from app.sse import encode_event, encode_json, encode_token
+from app.sse import DONE, encode_data, encode_event, read_events
 
 
 @dataclass
@@ -41,13 +40,32 @@ class Ending:
     report_usage: bool = False  # usage or a finish reason came from the provider
 
 
+class WireEncoder(Protocol):
+    """What every wire format provides: encoded frames for one stream's log, from its opening
+    to its closing, one call per delta. None: the format says nothing for that delta."""
+
+    def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
+                request_id: str = "-") -> list[bytes]: ...
+
+    def text(self, text: str) -> bytes: ...
+
+    def reasoning(self, text: str) -> bytes | None: ...
+
+    def signed(self, item: Signed) -> bytes | None: ...
+
+    def meta(self, data: dict[str, Any]) -> bytes | None: ...
+
+    def tool_call(self, call: ToolCall) -> bytes | None: ...
+
+    def closing(self, ending: Ending) -> list[bytes]: ...
+
+
 class RelayEvents:
-    """The relay's own event protocol."""
+    """The relay's own event protocol. `next_id`: the id of the first event it writes (after
+    the frames of a stored log it continues, their count + 1)."""
 
-    resumable = True
-
-    def __init__(self) -> None:
-        self.next_id = 1
+    def __init__(self, next_id: int = 1) -> None:
+        self.next_id = next_id
 
     def _take_id(self) -> int:
         event_id = self.next_id
@@ -61,7 +79,7 @@ class RelayEvents:
                                                          "request_id": request_id})]
 
     def text(self, text: str) -> bytes:
-        return encode_token(self._take_id(), text)
+        return encode_event(self._take_id(), "token", {"text": text})
 
     def reasoning(self, text: str) -> bytes:
         return encode_event(self._take_id(), "reasoning", {"text": text})
@@ -78,11 +96,7 @@ class RelayEvents:
     @staticmethod
     def text_of(frames: list[bytes]) -> str:
         """The answer text that a stream's frames carry (for a producer that continues it)."""
-        texts = []
-        for frame in frames:
-            if frame.startswith(b"id: ") and b"\nevent: token\ndata: " in frame:
-                texts.append(json.loads(frame.split(b"\ndata: ", 1)[1])["text"])
-        return "".join(texts)
+        return "".join(json.loads(event.data)["text"] for event in read_events(frames) if event.event == "token")
 
     def closing(self, ending: Ending) -> list[bytes]:
         frames = []
@@ -136,9 +150,6 @@ def openai_finish(reason: str | None) -> str:
 class OpenAIChunks:
     """OpenAI's streaming chat completion: one `chat.completion.chunk` per delta."""
 
-    resumable = False
-    DONE = b"data: [DONE]\n\n"
-
     def __init__(self, model: str, include_usage: bool = False) -> None:
         self.model = model
         self.include_usage = include_usage
@@ -149,7 +160,7 @@ class OpenAIChunks:
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         data = {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": choices, **extra}
-        return b"data: %s\n\n" % encode_json(data)
+        return encode_data(data)
 
     def _delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
@@ -185,11 +196,11 @@ class OpenAIChunks:
             # What OpenAI sends when a stream fails: the SDKs raise an APIError for it.
             error = {"message": ending.error.get("message"), "type": ending.error.get("type"),
                      "param": None, "code": ending.error.get("type")}
-            return [b"data: %s\n\n" % encode_json({"error": error})]
+            return [encode_data({"error": error})]
         frames = [self._delta({}, openai_finish(ending.finish_reason))]
         if self.include_usage:
             frames.append(self._chunk([], usage=openai_usage(ending.usage)))
-        return frames + [self.DONE]
+        return frames + [DONE]
 
 
 def _json_or_text(text: str) -> Any:
@@ -206,7 +217,6 @@ class UiMessageStream:
     """The AI SDK's UI message stream: start, reasoning-start/delta/end, text-start/delta/end,
     tool parts, finish, [DONE]. One block (reasoning or text) is open at a time."""
 
-    resumable = False
     HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 
     def __init__(self) -> None:
@@ -217,7 +227,7 @@ class UiMessageStream:
 
     @staticmethod
     def _part(data: dict[str, Any]) -> bytes:
-        return b"data: %s\n\n" % encode_json(data)
+        return encode_data(data)
 
     def _close_text(self) -> bytes:
         frame = self._part({"type": "text-end", "id": self.text_id}) if self.text_id else b""
@@ -276,10 +286,10 @@ class UiMessageStream:
         frames = [self._close_text()] if self.text_id or self.reasoning_id else []
         if ending.error is not None:
             return frames + [self._part({"type": "error", "errorText": ending.error.get("message") or "error"}),
-                             OpenAIChunks.DONE]
+                             DONE]
         finish = UI_FINISH.get(ending.finish_reason, "other" if ending.finish_reason != "stopped" else "stop")
         return frames + [self._part({"type": "finish-step"}), self._part({"type": "finish", "finishReason": finish}),
-                         OpenAIChunks.DONE]
+                         DONE]
 
 
 # ------------------------------------------------------------------ Anthropic's Messages stream
@@ -337,7 +347,6 @@ class AnthropicEvents:
     as its `type` (the SDKs skip unnamed events); a failure is `event: error`. Heartbeats are
     `KEEPALIVE` events, since these clients take no comment as a sign of life."""
 
-    resumable = False
     KEEPALIVE = encode_event(None, "ping", {"type": "ping"})
 
     def __init__(self, model: str) -> None:
@@ -373,7 +382,7 @@ class AnthropicEvents:
         self.provider = provider
         # Sent before the provider answers, so the token counts come with message_delta (the
         # SDKs take input_tokens from there too).
-        message = {"id": f"msg_{stream_id}", "type": "message", "role": "assistant", "content": [],
+        message: dict[str, Any] = {"id": f"msg_{stream_id}", "type": "message", "role": "assistant", "content": [],
                    "model": self.model, "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": 0, "output_tokens": 0}}
         return [self._event({"type": "message_start", "message": message})]
@@ -498,8 +507,6 @@ class ResponseEvents:
     only when the request asked for a summary (`reasoning.summary`), as OpenAI does.
     """
 
-    resumable = True
-
     def __init__(self, response: dict[str, Any], summaries: bool = False) -> None:
         self.response = response
         self.summaries = summaries
@@ -543,24 +550,26 @@ class ResponseEvents:
                 + self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)
                 + self._done(reasoning_item(item["id"], text, status)))
 
-    def _open(self, kind: str) -> bytes:
-        """Start a message or reasoning item (closing the other kind, if open)."""
+    def _open(self, kind: str) -> tuple[bytes, str]:
+        """Start a message or reasoning item (closing the other kind, if open), unless one of
+        `kind` is open: the frames that start it, and its id."""
         if self.open is not None and self.open["type"] == kind:
-            return b""
+            return b"", self.open["id"]
         frames = self._close()
         self.written = []
         where = {"output_index": len(self.output)}
         if kind == "message":
-            self.open = {"id": self._item_id("msg"), "type": "message"}
-            return (frames + self._add({"id": self.open["id"], "type": "message", "status": "in_progress",
+            item_id = self._item_id("msg")
+            self.open = {"id": item_id, "type": "message"}
+            return (frames + self._add({"id": item_id, "type": "message", "status": "in_progress",
                                         "role": "assistant", "content": []})
-                    + self._event("response.content_part.added", item_id=self.open["id"], **where, content_index=0,
-                                  part={"type": "output_text", "text": "", "annotations": []}))
-        self.open = {"id": self._item_id("rs"), "type": "reasoning"}
-        return (frames + self._add({"id": self.open["id"], "type": "reasoning", "status": "in_progress",
-                                    "summary": []})
-                + self._event("response.reasoning_summary_part.added", item_id=self.open["id"], **where,
-                              summary_index=0, part={"type": "summary_text", "text": ""}))
+                    + self._event("response.content_part.added", item_id=item_id, **where, content_index=0,
+                                  part={"type": "output_text", "text": "", "annotations": []})), item_id
+        item_id = self._item_id("rs")
+        self.open = {"id": item_id, "type": "reasoning"}
+        return (frames + self._add({"id": item_id, "type": "reasoning", "status": "in_progress", "summary": []})
+                + self._event("response.reasoning_summary_part.added", item_id=item_id, **where,
+                              summary_index=0, part={"type": "summary_text", "text": ""})), item_id
 
     def opening(self, stream_id: str, conversation_id: str, provider: str, model: str,
                 request_id: str = "-") -> list[bytes]:
@@ -571,17 +580,17 @@ class ResponseEvents:
                 self._event("response.in_progress", response=self._snapshot(status="in_progress"))]
 
     def text(self, text: str) -> bytes:
-        frames = self._open("message")
+        frames, item_id = self._open("message")
         self.written.append(text)
-        return frames + self._event("response.output_text.delta", item_id=self.open["id"],
+        return frames + self._event("response.output_text.delta", item_id=item_id,
                                     output_index=len(self.output), content_index=0, delta=text, logprobs=[])
 
     def reasoning(self, text: str) -> bytes | None:
         if not self.summaries:
             return None  # OpenAI sends summaries only to a request that asks for them
-        frames = self._open("reasoning")
+        frames, item_id = self._open("reasoning")
         self.written.append(text)
-        return frames + self._event("response.reasoning_summary_text.delta", item_id=self.open["id"],
+        return frames + self._event("response.reasoning_summary_text.delta", item_id=item_id,
                                     output_index=len(self.output), summary_index=0, delta=text)
 
     def meta(self, data: dict[str, Any]) -> bytes | None:

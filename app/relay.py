@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from app.config import Settings
 from app.logs import REQUEST_ID
-from app.protocols import Ending, RelayEvents
+from app.protocols import Ending, RelayEvents, WireEncoder
 from app.providers import Provider, ProviderError, Task
-from app.providers.domain import Cancellation, Finish, Idle, Meta, Reasoning, Signed, Text, ToolCall, Usage
+from app.providers.domain import Cancellation, Delta, Finish, Idle, Meta, Reasoning, Signed, Text, ToolCall, Usage
 from app.sse import RETRY_MS, StreamLog, encode_event
 from app.store import Store
 from app.tools import Tool, answer_deltas
@@ -69,20 +70,19 @@ class Answer:
     def reasoning_text(self) -> str:
         return "".join(self.reasoning)
 
-    def note(self, delta: Any) -> None:
+    def note(self, delta: Delta) -> None:
         """Keep what a non-text delta says (text is appended by the caller, on its hot path)."""
-        kind = delta.__class__
-        if kind is Reasoning:
+        if isinstance(delta, Reasoning):
             self.reasoning.append(delta.text)
-        elif kind is Signed:
+        elif isinstance(delta, Signed):
             self.signed.append({"provider": delta.provider, "item": delta.item})
-        elif kind is Usage:
+        elif isinstance(delta, Usage):
             self.usage = delta.usage
-        elif kind is Finish:
+        elif isinstance(delta, Finish):
             self.finish_reason = delta.reason
-        elif kind is ToolCall:
+        elif isinstance(delta, ToolCall):
             self.tool_calls.append(delta)
-        elif kind is Meta:
+        elif isinstance(delta, Meta):
             if "failover" in delta.data:
                 self.failovers.append(delta.data["failover"])
             elif "retry" in delta.data:
@@ -116,8 +116,9 @@ class Resumable:
 # `retry` interval; twice that before it counts as gone, whatever STREAM_GRACE_SECONDS says.
 RESUME_WINDOW_SECONDS = 2 * RETRY_MS / 1000
 
-# What a producer step ended on (see Generation.step).
-PROGRESS, WAITING, SILENT = 0, 1, 2
+# What a producer step ended on (see Generation.step): a delta was produced; the provider is
+# about to block (what is in the log can go out now); or it was silent for a heartbeat.
+PROGRESS, BLOCKING, SILENT = 0, 1, 2
 
 
 class Generation:
@@ -136,11 +137,14 @@ class Generation:
                  owner: str = "", resumable: Resumable | None = None, tools: list[Tool] | None = None,
                  max_rounds: int = 4, record: Callable[[Generation], None] | None = None,
                  release: Callable[[Generation], None] | None = None,
-                 on_end: Callable[[Generation], None] | None = None, wire: Any = None,
+                 on_end: Callable[[Generation], None] | None = None, wire: WireEncoder | None = None,
                  request_id: str = "-", resumed: Adopted | None = None, heartbeat: float = 15.0) -> None:
         self.id = stream_id or new_id()
         self.request_id = request_id  # of the request that started it: on its log lines and in msgid
-        self.wire = wire or RelayEvents()  # what the client reads: app/protocols.py
+        # What the client reads (app/protocols.py); an adopted answer's events are numbered on
+        # from the stored ones.
+        self.wire: WireEncoder = wire if wire is not None else RelayEvents(
+            1 if resumed is None else len(resumed.frames) + 1)
         self.owner = owner  # the caller the stream is bound to (see app.access)
         self.tools = tools or []
         self.max_rounds = max_rounds
@@ -160,7 +164,6 @@ class Generation:
         if resumed is not None:  # another process produced the beginning: continue its log
             self.log.frames.extend(resumed.frames)
             self.answer.parts.append(resumed.text)
-            self.wire.next_id = len(resumed.frames) + 1
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.token_events = 0
@@ -237,7 +240,7 @@ class Generation:
             self._in_background()
 
     def step(self) -> int | None:
-        """Produce up to the next delta: PROGRESS, WAITING or SILENT, or None once ended."""
+        """Produce up to the next delta: PROGRESS, BLOCKING or SILENT, or None once ended."""
         return next(self._steps, None)
 
     def _watch_absence(self, grace: float) -> None:
@@ -267,7 +270,7 @@ class Generation:
             pass
 
     def _produce(self) -> Iterator[int]:
-        """The producer, one step per delta; yields PROGRESS, WAITING (the provider is about to
+        """The producer, one step per delta; yields PROGRESS, BLOCKING (the provider is about to
         block: what is in the log can go out) or SILENT (nothing for a heartbeat)."""
         REQUEST_ID.set(self.request_id)  # this thread's log lines belong to that request
         append = self.log.append
@@ -280,29 +283,32 @@ class Generation:
                                       self.request_id):
                 append(frame)
         else:
-            append(wire.meta({"resumed": {"after_chars": len(self.resumed.text), "reason": "producer_lost"}}))
-        yield WAITING  # the opening goes out before the provider is called
+            notice = wire.meta({"resumed": {"after_chars": len(self.resumed.text), "reason": "producer_lost"}})
+            if notice is not None:
+                append(notice)
+        yield BLOCKING  # the opening goes out before the provider is called
         ending: Ending | None = None
         try:
             deltas = answer_deltas(self.provider, self.task, self.cancel, self.tools, self.max_rounds,
                                    answer.tool_records, answer.tool_messages)
             for delta in deltas:
-                kind = delta.__class__
-                if kind is Text:  # the hot path: one encode, one append
+                if type(delta) is Text:  # the hot path: one encode, one append
                     if self.first_token_at is None:
                         self.first_token_at = time.monotonic()
                     parts.append(delta.text)
                     append(text_frame(delta.text))
                     yield PROGRESS
                     continue
-                if kind is Idle:
-                    yield SILENT if delta.silent else WAITING
+                if type(delta) is Idle:
+                    yield SILENT if delta.silent else BLOCKING
                     continue
-                frame = (wire.reasoning(delta.text) if kind is Reasoning else wire.meta(delta.data) if kind is Meta
-                         else wire.tool_call(delta) if kind is ToolCall else wire.signed(delta) if kind is Signed
-                         else None)
-                if frame is not None:
-                    append(frame)
+                said = (wire.reasoning(delta.text) if isinstance(delta, Reasoning)
+                        else wire.meta(delta.data) if isinstance(delta, Meta)
+                        else wire.tool_call(delta) if isinstance(delta, ToolCall)
+                        else wire.signed(delta) if isinstance(delta, Signed)
+                        else None)
+                if said is not None:
+                    append(said)
                 answer.note(delta)
                 yield PROGRESS
             ending = self._ending()
@@ -404,13 +410,23 @@ class DrivenLog:
             return frames[position:]
         while not log.detached:
             state = step()
-            if state is None or state == SILENT or (state == WAITING and len(frames) > position):
+            if state is None or state == SILENT or (state == BLOCKING and len(frames) > position):
                 break
         return frames[position:]
 
 
 # How often a producer says it is alive; a reader elsewhere gives up after 5x this silence.
 PRODUCER_ALIVE_SECONDS = 1.0
+
+
+@dataclass
+class Flushed:
+    """A generation the flusher copies to the store: how many of its frames the store has,
+    and the lease they are written under."""
+
+    generation: Generation
+    written: int
+    lease: str
 
 
 class LogFlusher:
@@ -438,7 +454,7 @@ class LogFlusher:
         self.ttl = ttl
         self.on_closed = on_closed  # the log is complete in the store: readers anywhere see the end
         self.on_store_error = on_store_error
-        self.active: dict[str, list[Any]] = {}  # stream id -> [generation, frames written, lease]
+        self.active: dict[str, Flushed] = {}  # by stream id
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -466,7 +482,7 @@ class LogFlusher:
                 atexit.register(self.flush_now)
                 self._exit_hook = True
             # An adopted stream's log already holds the frames the store has.
-            self.active[generation.id] = [generation, len(generation.log.frames), lease]
+            self.active[generation.id] = Flushed(generation, len(generation.log.frames), lease)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="relay-log-flusher", daemon=True)
                 self._thread.start()
@@ -490,14 +506,14 @@ class LogFlusher:
                     try:
                         self._flush([entry])
                     except Exception as own:
-                        self._abort(entry[0], entry[1][0], own)
-            running = [sid for sid, (gen, *_) in entries if not gen.log.closed and sid in self.active]
+                        self._abort(entry[0], entry[1].generation, own)
+            running = [sid for sid, flushed in entries if not flushed.generation.log.closed and sid in self.active]
             now = time.monotonic()
             try:  # control, not data: a failure here is retried on the next tick
                 if running and now >= next_stop_check:
                     next_stop_check = now + self.STOP_CHECK_SECONDS
                     for sid in self.store.stopped_among(running):
-                        self.active[sid][0].stop("stopped")
+                        self.active[sid].generation.stop("stopped")
                 if running and now >= next_alive:  # readers elsewhere can tell a live producer from a dead one
                     next_alive = now + PRODUCER_ALIVE_SECONDS
                     self.store.touch_many(running, "producer")
@@ -521,20 +537,20 @@ class LogFlusher:
             entry = self.active.pop(stream_id, None)
         if entry is None:
             return
-        generation = entry[0]
+        generation = entry.generation
         logger.warning("stream %s: adopted by another process while this one stalled; stopping here", stream_id)
         generation.log.detach()  # first: the readers must not take this producer's end for the answer's
         generation.stop(SUPERSEDED)
         self.on_closed(generation)
 
-    def _flush(self, entries: list[tuple[str, list[Any]]]) -> None:
+    def _flush(self, entries: list[tuple[str, Flushed]]) -> None:
         batch: dict[str, list[tuple[int, bytes]]] = {}
         written: dict[str, int] = {}
         finished = []
-        leases = {sid: entry[2] for sid, entry in entries}
+        leases = {sid: entry.lease for sid, entry in entries}
         for sid, entry in entries:
-            generation, done, _ = entry
-            log = generation.log
+            done = entry.written
+            log = entry.generation.log
             closed = log.closed  # read before the frames: a closed log has all of them
             frames = log.frames
             count = len(frames)
@@ -548,16 +564,16 @@ class LogFlusher:
         # Only now that the store has them: a failed batch is written again next time.
         for sid, entry in entries:
             if sid in written:
-                entry[1] = written[sid]
+                entry.written = written[sid]
         for sid in fenced:
             self._superseded(sid)
         for sid in finished:
             if sid in fenced:
                 continue
             with self._lock:
-                entry = self.active.pop(sid, None)
-            if entry is not None:
-                self.on_closed(entry[0])
+                ended = self.active.pop(sid, None)
+            if ended is not None:
+                self.on_closed(ended.generation)
 
 
 class StoreLogView:
@@ -646,7 +662,7 @@ def collect(provider: Provider, task: Task, cancel: Cancellation | None = None, 
 class Relay:
     """The generations of this process: started here, found here by id, flushed to the store."""
 
-    def __init__(self, settings: Any, store: Store, on_store_error: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store, on_store_error: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.generations: dict[str, Generation] = {}
@@ -656,7 +672,7 @@ class Relay:
     def start(self, provider: Provider, task: Task, conversation_id: str, *, stream_id: str, owner: str,
               resumable: bool = False, tools: list[Tool] | None = None,
               record: Callable[[Generation], None] | None = None,
-              release: Callable[[Generation], None] | None = None, wire: Any = None,
+              release: Callable[[Generation], None] | None = None, wire: WireEncoder | None = None,
               request_id: str = "-", resumed: Adopted | None = None, driven: bool = False) -> Generation:
         """Start producing an answer: now on a thread of its own, or (`driven`) on the thread
         of its first reader, which must then read it through `DrivenLog`."""

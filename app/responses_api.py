@@ -41,10 +41,10 @@ from app.protocols import (
     response_usage,
 )
 from app.providers.domain import Task
-from app.relay import Answer, DrivenLog, StoreLogView
+from app.relay import Answer
 from app.routes import chat_service, json_body
 from app.service import ChatService
-from app.sse import StreamLog
+from app.sse import FrameLog
 from app.store.base import to_json
 from app.tools import neutral_call
 
@@ -400,7 +400,7 @@ class EventsAfter:
 
     NUMBER = re.compile(rb'"sequence_number":([0-9]+)')
 
-    def __init__(self, log: StreamLog | StoreLogView | DrivenLog, after: int) -> None:
+    def __init__(self, log: FrameLog, after: int) -> None:
         self.log = log
         self.after = after
         self.skipped = 0  # log frames consumed here, before the reader's position 0

@@ -48,7 +48,7 @@ from app.relay import (
     collect,
     new_id,
 )
-from app.sse import HEARTBEAT, StreamLog, client_socket, peer_closed, sse_response
+from app.sse import HEARTBEAT, FrameLog, StreamLog, client_socket, peer_closed, sse_response
 from app.store import Store
 from app.tools import Toolbox, toolbox
 
@@ -64,7 +64,7 @@ class Reading:
     """What a transport serves: a log to read from `position` on, and what to call when the
     reader leaves (`on_close(completed)`) or asks to stop (`stop()`)."""
 
-    log: StreamLog | StoreLogView | DrivenLog
+    log: FrameLog
     position: int = 0
     on_close: Callable[[bool], None] | None = None
     stop: Callable[[], None] | None = None

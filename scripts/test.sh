@@ -45,6 +45,7 @@ make_venv
 command -v npm >/dev/null || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm
 npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 .venv/bin/ruff check .
+.venv/bin/mypy  # strict on app/ (pyproject.toml [tool.mypy])
 
 # Real parts are required: a missing Apache or Chromium fails the run instead of skipping.
 export LLM_RELAY_REQUIRE_ALL=${LLM_RELAY_REQUIRE_ALL:-1}

@@ -99,12 +99,12 @@ def test_a_draining_worker_stops_an_answer_whose_reader_never_comes_back():
     the answer stops like any answer whose reader left."""
     from types import SimpleNamespace
 
+    from app.config import Settings
     from app.relay import Relay
     from app.store import MemoryStore
     from tests.test_relay import Counting, driver
 
-    settings = SimpleNamespace(STREAM_LOG_TTL=60, STREAM_GRACE_SECONDS=0.5, TOOL_MAX_ROUNDS=2,
-                               SSE_HEARTBEAT_SECONDS=15)
+    settings = Settings(STREAM_LOG_TTL=60, STREAM_GRACE_SECONDS=0.5, TOOL_MAX_ROUNDS=2, SSE_HEARTBEAT_SECONDS=15)
     relay = Relay(settings, MemoryStore())
     provider = Counting(100_000, pause=0.01)  # about 17 minutes of answer
     task = SimpleNamespace(model="m", messages=[])

@@ -6,6 +6,7 @@ import json
 import threading
 from types import SimpleNamespace
 
+from app.config import Settings
 from app.protocols import Ending, OpenAIChunks, RelayEvents, UiMessageStream
 from app.providers.domain import IDLE, WAITING, Finish, Provider, Reasoning, Signed, Text, Usage, idle_wait
 from app.relay import DrivenLog, Relay, collect
@@ -13,7 +14,7 @@ from app.sse import HEARTBEAT, SseBody
 from app.store import MemoryStore
 from tests.conftest import wait_until
 
-SETTINGS = SimpleNamespace(STREAM_LOG_TTL=60, STREAM_GRACE_SECONDS=30, TOOL_MAX_ROUNDS=2, SSE_HEARTBEAT_SECONDS=15)
+SETTINGS = Settings(STREAM_LOG_TTL=60, STREAM_GRACE_SECONDS=30, TOOL_MAX_ROUNDS=2, SSE_HEARTBEAT_SECONDS=15)
 
 
 class Counting(Provider):

@@ -4,7 +4,20 @@ import json
 import threading
 import time
 
-from app.sse import HEARTBEAT, SseBody, StreamLog, encode_comment, encode_event, encode_json
+import pytest
+
+from app.sse import (
+    DONE,
+    HEARTBEAT,
+    RETRY,
+    ServerSentEvent,
+    SseBody,
+    StreamLog,
+    encode_comment,
+    encode_event,
+    encode_json,
+    read_events,
+)
 
 
 def test_event_has_id_name_and_one_data_line():
@@ -13,10 +26,28 @@ def test_event_has_id_name_and_one_data_line():
     assert frame.count(b"\n") == 4
 
 
+def test_an_event_writes_every_field_and_reads_back():
+    frame = ServerSentEvent(b"one\r\ntwo\rthree\nfour", "e", 3, retry=100, comment="c1\nc2").encode()
+    assert frame == b": c1\n: c2\nid: 3\nevent: e\ndata: one\ndata: two\ndata: three\ndata: four\nretry: 100\n\n"
+    assert (DONE, HEARTBEAT, RETRY) == (b"data: [DONE]\n\n", b": ping\n\n", b"retry: 3000\n\n")
+    events = read_events([frame, encode_event(4, "token", {"text": "x"}) + DONE])
+    assert [(e.event, e.data, e.id) for e in events] == [
+        ("e", "one\ntwo\nthree\nfour", "3"), ("token", '{"text":"x"}', "4"), ("message", "[DONE]", "4")]
+
+
 def test_utf8_is_sent_raw_and_lone_surrogates_are_escaped():
     assert encode_json({"text": "😀é"}) == '{"text":"😀é"}'.encode()
     half = "\ud83d"  # half of an emoji, as a token boundary can leave it
     assert json.loads(encode_json({"text": half})) == {"text": half}
+
+
+def test_json_is_what_the_standard_encoder_writes():
+    values = [{"text": "a\nb\u2028\"\\"}, [1, -2.5, 1e300, None, True, False], {"nested": {"list": [{}]}}, "x", 3,
+              {"n": float("nan")}, {1: "int key"}]
+    for value in values:
+        assert encode_json(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    with pytest.raises(TypeError):
+        encode_json({"not": object()})
 
 
 def test_comment_splits_lines():

@@ -26,7 +26,7 @@ from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from app.decoders import ChunkedDecoder
 from app.gevent_native import unpatched
 
-log = logging.getLogger("llm_sse_relay.upstream")
+logger = logging.getLogger("llm_sse_relay.upstream")
 
 # A read that waits holds a buffer of the size it asked for (BufferedReader.read1 allocates
 # it before the recv), and a stream spends nearly all its life waiting for the next token:
@@ -57,8 +57,8 @@ def private_reads_available() -> bool:
 
 FAST_READS = private_reads_available()
 if not FAST_READS:
-    log.warning("urllib3 %s no longer has the attributes the fast upstream reader uses; "
-                "reading upstream bodies through the public (slower) path", urllib3.__version__)
+    logger.warning("urllib3 %s no longer has the attributes the fast upstream reader uses; "
+                   "reading upstream bodies through the public (slower) path", getattr(urllib3, "__version__", "?"))
 
 
 def iter_body(response: requests.Response, idle_after: float | None = None,
@@ -79,7 +79,7 @@ def iter_body(response: requests.Response, idle_after: float | None = None,
     return public_iter_body(raw)
 
 
-def public_iter_body(raw: Any) -> Iterator[bytes]:
+def public_iter_body(raw: urllib3.response.HTTPResponse) -> Iterator[bytes]:
     """The documented way: urllib3 yields whatever each read returns (no waiting for a full buffer)."""
     if raw.chunked and raw.supports_chunked_reads():
         return raw.read_chunked(decode_content=True)
@@ -92,15 +92,16 @@ def _iter_chunked(raw: Any, socket_reader: Any, idle_after: float | None,
     socket_io = socket_reader.raw
     sock = socket_io._sock
     ticking = idle_after is not None and read_timeout is not None and idle_after < read_timeout
+    tick, limit = idle_after or 0.0, read_timeout or 0.0  # read only while ticking, when both are set
     # On a native thread and plain TCP, the kernel times the wait (SO_RCVTIMEO on a blocking
     # socket): one recv() per read. A Python timeout polls before every recv: a second system
     # call, and a second take of the GIL among hundreds of mod_wsgi threads.
     kernel_timer = ticking and type(sock) is _NativeSocket
     if kernel_timer:
         sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(idle_after))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(tick))
     elif ticking:
-        sock.settimeout(idle_after)
+        sock.settimeout(tick)
     last_data = time.monotonic()
     size = READ_MIN
     while not decoder.done:
@@ -114,8 +115,10 @@ def _iter_chunked(raw: Any, socket_reader: Any, idle_after: float | None,
             socket_io._timeout_occurred = False
             data = None
         if data is None or (not data and kernel_timer and _nothing_yet(sock)):  # a tick of silence
-            if time.monotonic() - last_data >= read_timeout:  # type: ignore[operator]
-                raise ReadTimeoutError(None, None, f"no data for {read_timeout:g} s")
+            if time.monotonic() - last_data >= limit:
+                # What urllib3 raises for a read timeout, so callers handle one kind; urllib3 names
+                # the pool in it, and no pool is at hand here (its message is all anyone reads).
+                raise ReadTimeoutError(None, None, f"no data for {limit:g} s")  # type: ignore[arg-type]
             yield b""
             continue
         if not data:
