@@ -113,20 +113,20 @@ def _count_content(content: Any, spend: Spend) -> None:
 
 
 def _check_id(value: Any, settings: Settings) -> int:
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, "invalid_request", "every tool call and tool result needs a string id")
-    if len(value) > settings.MAX_TOOL_ID_CHARS:
-        raise ApiError(400, "invalid_request",
-                       f"a tool call id is longer than {settings.MAX_TOOL_ID_CHARS} characters")
-    return len(value)
+    return _bounded_name(value, settings.MAX_TOOL_ID_CHARS, "every tool call and tool result needs a string id",
+                         "a tool call id")
 
 
 def _check_name(value: Any, settings: Settings) -> int:
+    return _bounded_name(value, settings.MAX_TOOL_NAME_CHARS, "every tool needs a name", "a tool name")
+
+
+def _bounded_name(value: Any, limit: int, missing: str, what: str) -> int:
+    """The length of a non-empty string of at most `limit` characters; a 400 otherwise."""
     if not isinstance(value, str) or not value:
-        raise ApiError(400, "invalid_request", "every tool needs a name")
-    if len(value) > settings.MAX_TOOL_NAME_CHARS:
-        raise ApiError(400, "invalid_request",
-                       f"a tool name is longer than {settings.MAX_TOOL_NAME_CHARS} characters")
+        raise ApiError(400, "invalid_request", missing)
+    if len(value) > limit:
+        raise ApiError(400, "invalid_request", f"{what} is longer than {limit} characters")
     return len(value)
 
 
