@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -63,6 +63,16 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     unavailable: a 503 for the caller, the details for the log."""
     log.warning("SQLite store failed: %s", exc)
     return StoreError(f"SQLite store failed: {exc}")
+
+
+def execute_each(db: sqlite3.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    """`db.executemany(sql, rows)`, one `execute` a row, in the caller's transaction. Called from
+    gevent's native thread pool (every SQLite call is, under the gevent worker), `executemany`
+    on the write connection failed now and then with SQLITE_MISUSE ("bad parameter or other API
+    misuse"): 1-3 streams of a few thousand in the bench ended with an error event. Rows one by
+    one (the statement is cached) never did, in the same stress test."""
+    for row in rows:
+        db.execute(sql, row)
 
 
 # Blocking SQLite calls run on gevent's native thread pool when the worker is gevent's.
@@ -293,11 +303,11 @@ class SqliteStore(Store):
                 rows = db.execute(f"SELECT id, lease FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
                                   chunk).fetchall()
                 fenced.update(s for s, held in rows if held and held != leases[s])
-            db.executemany("INSERT OR IGNORE INTO frames VALUES (?, ?, ?)",
-                           [(s, n, f) for s, frames in batch.items() if s not in fenced for n, f in frames])
-            db.executemany("INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
-                           "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires",
-                           [(s, expires) for s in closing if s not in fenced])
+            execute_each(db, "INSERT OR IGNORE INTO frames VALUES (?, ?, ?)",
+                         [(s, n, f) for s, frames in batch.items() if s not in fenced for n, f in frames])
+            execute_each(db, "INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
+                         "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires",
+                         [(s, expires) for s in closing if s not in fenced])
             return fenced
 
         return self._write(write)
@@ -314,7 +324,7 @@ class SqliteStore(Store):
     def touch_many(self, stream_ids: list[str], who: str) -> None:
         column = {"reader": "reader_seen", "producer": "producer_seen"}[who]
         rows = [(time.time(), s) for s in stream_ids]
-        self._write(lambda db: db.executemany(f"UPDATE streams SET {column} = ? WHERE id = ?", rows))
+        self._write(lambda db: execute_each(db, f"UPDATE streams SET {column} = ? WHERE id = ?", rows))
 
     def read_log(self, stream_id: str, after: int, timeout: float) -> LogRead:
         def read(db: sqlite3.Connection) -> LogRead:
@@ -379,7 +389,7 @@ class SqliteStore(Store):
 
     def refresh(self, slots: list[tuple[str, str]], ttl: float) -> None:
         rows = [(time.time() + ttl, key, member) for key, member in slots]
-        self._write(lambda db: db.executemany("UPDATE slots SET expires = ? WHERE key = ? AND member = ?", rows))
+        self._write(lambda db: execute_each(db, "UPDATE slots SET expires = ? WHERE key = ? AND member = ?", rows))
 
     def release(self, key: str, member: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM slots WHERE key = ? AND member = ?", (key, member)))
@@ -400,8 +410,8 @@ class SqliteStore(Store):
                        "(SELECT 1 FROM conversations WHERE id = ? AND expires < ?)", (conversation_id,
                                                                                       conversation_id, now))
             db.execute("DELETE FROM conversations WHERE id = ? AND expires < ?", (conversation_id, now))
-            db.executemany("INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)",
-                           [(conversation_id, t, expires) for t in texts])
+            execute_each(db, "INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)",
+                         [(conversation_id, t, expires) for t in texts])
             row = db.execute(
                 "INSERT INTO conversations VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                 "count = count + excluded.count, bytes = bytes + excluded.bytes, expires = excluded.expires "
