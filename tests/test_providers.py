@@ -445,3 +445,23 @@ def test_demo_thinks_when_asked():
     thoughts = [i for i, d in enumerate(deltas) if isinstance(d, Reasoning)]
     assert len(thoughts) > 3 and max(thoughts) < first_text
     assert texts(deltas) == texts(plain)  # the thinking is never part of the answer
+
+
+@responses.activate
+def test_anthropic_input_tokens_count_the_cached_part_too():
+    """With prompt caching, Anthropic splits the input: `input_tokens` is only what follows the
+    last cache breakpoint; the whole input is it plus `cache_read_input_tokens` and
+    `cache_creation_input_tokens` (llama.cpp's /v1/messages reported a 13-token prompt as 5)."""
+    usage = {"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 8, "output_tokens": 1}
+    frames = [
+        sse({"type": "message_start", "message": {"usage": usage}}, "message_start"),
+        sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}},
+            "content_block_delta"),
+        sse({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+            "message_delta"),
+        sse({"type": "message_stop"}, "message_stop"),
+    ]
+    mock("anthropic", frames)
+    usages = [d.usage for d in run(provider("anthropic")) if isinstance(d, Usage)]
+    assert usages[-1]["input_tokens"] == 113 and usages[-1]["output_tokens"] == 2
+    assert usages[-1]["total_tokens"] == 115

@@ -88,6 +88,17 @@ def anthropic_tool_choice(choice: str) -> dict[str, Any] | None:
         choice, {"type": "tool", "name": choice})
 
 
+def whole_input(usage: dict[str, Any]) -> int | None:
+    """The request's input tokens. With prompt caching Anthropic splits them: `input_tokens` are
+    those after the last cache breakpoint, and the cached part is counted apart, read
+    (`cache_read_input_tokens`) or written (`cache_creation_input_tokens`)."""
+    tokens = usage.get("input_tokens")
+    if not isinstance(tokens, int):
+        return None
+    cached = (usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens"))
+    return tokens + sum(n for n in cached if isinstance(n, int))
+
+
 class AnthropicStreamParser:
     """Events named as their `type`; text is `content_block_delta` / `text_delta`."""
 
@@ -132,7 +143,7 @@ class AnthropicStreamParser:
             return []  # citations and delta types added later: not answer text
         if kind == "message_start":
             usage = (data.get("message") or {}).get("usage") or {}
-            self.input_tokens = usage.get("input_tokens")
+            self.input_tokens = whole_input(usage)
             return [Usage(self.input_tokens, usage.get("output_tokens"))]
         if kind == "content_block_start":
             block = data.get("content_block") or {}
@@ -156,7 +167,7 @@ class AnthropicStreamParser:
             out: list[Delta] = []
             usage = data.get("usage")
             if isinstance(usage, dict):  # cumulative output count
-                input_tokens = usage.get("input_tokens", self.input_tokens)
+                input_tokens = whole_input(usage) if "input_tokens" in usage else self.input_tokens
                 out.append(Usage(input_tokens, usage.get("output_tokens")))
             reason = (data.get("delta") or {}).get("stop_reason")
             if reason:
