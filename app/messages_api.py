@@ -342,7 +342,8 @@ def await_first_outcome(reading: Reading, within: float) -> None:
     comes in time. Nothing is consumed: the response reads the log from its start."""
     log, deadline = reading.log, time.monotonic() + within
     # Past message_start, the one frame of the opening (written when a driven log is first read).
-    while not log.closed and not log.wait(1, max(0.0, deadline - time.monotonic())):
+    # A log detached by a draining worker answers every wait at once: nothing to wait for then.
+    while not log.closed and not log.detached and not log.wait(1, max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
             return
 
