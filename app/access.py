@@ -309,6 +309,17 @@ class Access:
     def close_stream(self, caller_id: str, stream_id: str) -> None:
         self._give(f"streams:{caller_id}", stream_id, self.max_streams)
 
+    def close_stream_dropping(self, caller_id: str, stream_id: str, ticket_id: str) -> None:
+        """`close_stream`, and the ticket `ticket_id` deleted in the same store write (a
+        stream's end costs one write, not two)."""
+        if not self.max_streams:
+            self.store.take_ticket(ticket_id)
+            return
+        key = f"streams:{caller_id}"
+        with self._lock:
+            self.held.discard((key, stream_id))
+        self.store.release_dropping(key, stream_id, ticket_id)
+
     def open_reader(self, caller_id: str, reader_id: str) -> None:
         """Take a slot for a response reading a POST-SSE stream; release with `close_reader`."""
         self._take(f"readers:{caller_id}", reader_id, self.max_readers, "too_many_readers",

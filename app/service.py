@@ -241,7 +241,9 @@ class ChatService:
             if generation.log.closed and position >= len(generation.log.frames):
                 return None
             return self._reading(generation, position)
-        ticket = self.store.take_ticket(stream_id)
+        # Taken, and kept as the adoption record while the answer runs (if this process dies, a
+        # restart, another one adopts it), in one store write.
+        ticket = self.store.move_ticket(stream_id, ADOPT + stream_id, self.settings.STREAM_LOG_TTL)
         if ticket is not None:  # first open: this process becomes the producer
             return self._produce(caller, stream_id, ticket, position)
         state = self.store.log_state(stream_id)
@@ -259,29 +261,30 @@ class ChatService:
         return Reading(StoreLogView(self.store, stream_id, adopt=lambda: self._adopt(stream_id)), position)
 
     def _produce(self, caller: Caller | None, stream_id: str, data: dict[str, Any], position: int) -> Reading:
-        """Start the generation of a ticket just taken. A ticket whose opening is refused (not the
-        creator, a cap, a store error) is put back, so the creator can still open it."""
+        """Start the generation of a ticket just taken (moved to its adoption record). A ticket
+        whose opening is refused (not the creator, a cap, a store error) is put back, so the
+        creator can still open it."""
         try:
             ticket = Ticket.from_dict(data)
         except (TypeError, KeyError):  # kept by an older version of the app: it cannot be opened
+            self.store.take_ticket(ADOPT + stream_id)
             raise ApiError(404, "not_found", "no such stream (unknown, or expired)") from None
         with ExitStack() as refused:
-            refused.callback(self.store.put_ticket, stream_id, data, self.settings.STREAM_TICKET_TTL)
+            refused.callback(self.store.move_ticket, ADOPT + stream_id, stream_id, self.settings.STREAM_TICKET_TTL)
             self._owner_check(caller, ticket.owner)
             provider = self.providers.get(ticket.provider)
             if provider is None or not provider.configured:
                 raise ApiError(400, "provider_not_configured", f"provider '{ticket.provider}' is not available")
             messages = self.conversations.history_at(ticket.conversation_id, ticket.position, stream_id)
+            self.access.open_stream(ticket.owner, stream_id)
             slot = ExitStack()  # held until the generation ends
-            slot.enter_context(self.access.stream_slot(ticket.owner, stream_id))
+            slot.callback(self.access.close_stream, ticket.owner, stream_id)
             refused.pop_all()  # opened: the ticket is not put back
         self.access.release_ticket(ticket.owner, stream_id)
-        # Kept while the answer runs: if this process dies (a restart), another one adopts it.
-        self.store.put_ticket(ADOPT + stream_id, data, self.settings.STREAM_LOG_TTL)
         task = ticket.task(messages)
         chat = ChatRequest(provider, task, ticket.conversation_id, self.tools.select(list(ticket.tools)))
         return self._reading(self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, slot,
-                                         resumable=True, transport="postsse"), position)
+                                         resumable=True, transport="postsse", adoptable=True), position)
 
     def _adopt(self, stream_id: str) -> StreamLog | None:
         """Continue an answer whose producer died (its process was restarted or killed), here.
@@ -318,7 +321,7 @@ class ChatService:
         slot = ExitStack()
         slot.callback(self.access.close_stream, ticket.owner, stream_id)
         generation = self._start(chat, task, ticket.conversation_id, stream_id, ticket.owner, slot, resumable=True,
-                                 transport="postsse", resumed=Adopted(frames, written, lease))
+                                 transport="postsse", resumed=Adopted(frames, written, lease), adoptable=True)
         return generation.log
 
     def stop_stream(self, caller: Caller, stream_id: str) -> None:
@@ -483,9 +486,12 @@ class ChatService:
     # -- shared steps
     def _start(self, chat: ChatRequest, task: Task, conversation_id: str, stream_id: str, owner: str,
                slot: ExitStack, resumable: bool, wire: Any = None, transport: str = "sse",
-               resumed: Adopted | None = None) -> Generation:
+               resumed: Adopted | None = None, adoptable: bool = False) -> Generation:
         """Produce `task` (the request with its history) as a generation bound to `owner`; `slot`
-        (the owner's stream slot) is given back when the generation ends."""
+        (the owner's stream slot) is given back when the generation ends. An `adoptable` answer
+        (POST-SSE: its adoption record is kept under ADOPT + `stream_id`) has as `slot` only the
+        `close_stream` of `owner`'s slot for `stream_id`, so that its end gives the slot back and
+        removes the record in one store write."""
         metrics = self.metrics
 
         def record(generation: Generation) -> None:
@@ -493,12 +499,14 @@ class ChatService:
                 self._finish(generation.conversation_id, generation.id, generation.answer, owner)
 
         def release(generation: Generation) -> None:
-            slot.close()
-            if resumable and generation.cancel.reason != SUPERSEDED:  # ended here: nothing left to adopt
+            if adoptable and generation.cancel.reason != SUPERSEDED:  # ended here: nothing left to adopt
+                slot.pop_all()
                 try:
-                    self.store.take_ticket(ADOPT + generation.id)
-                except Exception:
-                    pass
+                    self.access.close_stream_dropping(owner, generation.id, ADOPT + generation.id)
+                except Exception as exc:
+                    logger.warning("stream %s: giving back its slot and adoption record failed: %s", generation.id, exc)
+            else:
+                slot.close()
             metrics.stream_closed(transport)
             metrics.answer_ended(transport, generation.provider.name, generation.task.model, generation.answer,
                                  generation.started, generation.first_token_at, generation.token_events)

@@ -44,6 +44,29 @@ def test_tickets_are_taken_once_and_expire(store):
     assert store.take_ticket("never") is None
 
 
+def test_a_ticket_moves_to_a_new_id_once_in_one_step(store):
+    store.put_ticket("t", {"prompt": "漢字"}, ttl=60)
+    assert store.move_ticket("t", "adopt:t", ttl=60) == {"prompt": "漢字"}
+    assert not store.ticket_exists("t") and store.move_ticket("t", "adopt:t", ttl=60) is None
+    assert store.take_ticket("adopt:t") == {"prompt": "漢字"}  # still there after the second, refused move
+    store.put_ticket("old", {"prompt": "x"}, ttl=0.05)
+    time.sleep(0.1)
+    assert store.move_ticket("old", "adopt:old", ttl=60) is None and not store.ticket_exists("adopt:old")
+    store.put_ticket("short", {"prompt": "y"}, ttl=60)
+    store.move_ticket("short", "adopt:short", ttl=0.05)  # the new id keeps the new ttl
+    time.sleep(0.1)
+    assert not store.ticket_exists("adopt:short") and store.take_ticket("adopt:short") is None
+
+
+def test_a_slot_is_given_back_and_a_ticket_dropped_in_one_step(store):
+    assert store.acquire("c", "s1", 1, 60)
+    store.put_ticket("adopt:s1", {"prompt": "x"}, ttl=60)
+    store.release_dropping("c", "s1", "adopt:s1")
+    assert not store.ticket_exists("adopt:s1") and store.acquire("c", "s2", 1, 60)
+    store.release_dropping("c", "gone", "never")  # neither there: nothing to do, no error
+    assert not store.acquire("c", "s3", 1, 60)
+
+
 def test_stream_logs_batches_and_states(store):
     store.open_log("s", ttl=60, owner="me")
     assert store.log_state("s") == "open" and store.log_owner("s") == "me"

@@ -114,6 +114,12 @@ class Store(ConversationStore, Protocol):
         """Whether a ticket waits under this id (a read: looking costs no write)."""
         ...
 
+    def move_ticket(self, ticket_id: str, to_id: str, ttl: float) -> dict[str, Any] | None:
+        """`take_ticket`, and its payload kept under `to_id` for `ttl`, in one write (a stream
+        opened, its adoption record kept: one store transaction, not two). None, and nothing
+        kept, when there was no ticket."""
+        ...
+
     # -- stream logs
     def open_log(self, stream_id: str, ttl: float, owner: str = "", lease: str = "") -> None:
         """Start a log; its appends are taken from the producer holding `lease` only."""
@@ -198,6 +204,11 @@ class Store(ConversationStore, Protocol):
     def release(self, key: str, member: str) -> None:
         ...
 
+    def release_dropping(self, key: str, member: str, ticket_id: str) -> None:
+        """`release` and the ticket `ticket_id` deleted, in one write (a stream's end: its slot
+        given back, its adoption record gone)."""
+        ...
+
     def close(self) -> None:
         """Close its connections (the end of a process, or of a test)."""
 
@@ -253,6 +264,15 @@ class MemoryStore(Store):
     def ticket_exists(self, ticket_id: str) -> bool:
         expires, _ = self._tickets.get(ticket_id, (0, None))
         return expires > time.time()
+
+    def move_ticket(self, ticket_id: str, to_id: str, ttl: float) -> dict[str, Any] | None:
+        with self._lock:
+            expires, payload = self._tickets.pop(ticket_id, (0, None))
+            if not payload or expires <= time.time():
+                return None
+            self._tickets[to_id] = (time.time() + ttl, payload)
+        moved: dict[str, Any] = json.loads(payload)
+        return moved
 
     def open_log(self, stream_id: str, ttl: float, owner: str = "", lease: str = "") -> None:
         with self._lock:
@@ -359,6 +379,11 @@ class MemoryStore(Store):
     def release(self, key: str, member: str) -> None:
         with self._lock:
             self._slots.get(key, {}).pop(member, None)
+
+    def release_dropping(self, key: str, member: str, ticket_id: str) -> None:
+        with self._lock:
+            self._slots.get(key, {}).pop(member, None)
+            self._tickets.pop(ticket_id, None)
 
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
                         owner: str = "") -> ConversationInfo | None:

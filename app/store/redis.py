@@ -51,6 +51,12 @@ if ARGV[3] ~= '' then
 end
 return 1
 """
+# KEYS: ticket, new ticket. ARGV: ms the new one lives.
+MOVE_TICKET = """
+local payload = redis.call('GETDEL', KEYS[1])
+if payload then redis.call('SET', KEYS[2], payload, 'PX', ARGV[1]) end
+return payload
+"""
 # KEYS: stream record. ARGV: lease, now.
 TAKE_OVER = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -114,6 +120,7 @@ class RedisStore(Store):
         self._log_ms = 3_600_000
         self._append_log = self.redis.register_script(APPEND_LOG)
         self._take_over = self.redis.register_script(TAKE_OVER)
+        self._move_ticket = self.redis.register_script(MOVE_TICKET)
         self._append_conversation = self.redis.register_script(APPEND_CONVERSATION)
         self._delete_conversation = self.redis.register_script(DELETE_CONVERSATION)
 
@@ -134,6 +141,12 @@ class RedisStore(Store):
     @mapped
     def ticket_exists(self, ticket_id: str) -> bool:
         return bool(self.redis.exists(self._key("ticket", ticket_id)))
+
+    @mapped
+    def move_ticket(self, ticket_id: str, to_id: str, ttl: float) -> dict[str, Any] | None:
+        raw = self._move_ticket(keys=[self._key("ticket", ticket_id), self._key("ticket", to_id)],
+                                args=[max(1, int(ttl * 1000))])
+        return json.loads(raw) if raw else None
 
     # -- stream logs
     @mapped
@@ -266,6 +279,13 @@ class RedisStore(Store):
     @mapped
     def release(self, key: str, member: str) -> None:
         self.redis.zrem(self._key("slots", key), member)
+
+    @mapped
+    def release_dropping(self, key: str, member: str, ticket_id: str) -> None:
+        with self.redis.pipeline() as pipe:  # MULTI/EXEC: one round trip, nothing in between
+            pipe.zrem(self._key("slots", key), member)
+            pipe.delete(self._key("ticket", ticket_id))
+            pipe.execute()
 
     # -- conversations: a list of records, and a hash with its owner and size
     @mapped

@@ -271,6 +271,22 @@ class SqliteStore(Store):
         payload: dict[str, Any] = json.loads(row[0])
         return payload
 
+    def move_ticket(self, ticket_id: str, to_id: str, ttl: float) -> dict[str, Any] | None:
+        def move(db: sqlite3.Connection) -> str | None:
+            now = time.time()
+            row = db.execute("DELETE FROM tickets WHERE id = ? RETURNING payload, expires", (ticket_id,)).fetchone()
+            if row is None or row[1] < now:
+                return None
+            payload: str = row[0]
+            db.execute("INSERT OR REPLACE INTO tickets VALUES (?, ?, ?)", (to_id, payload, now + ttl))
+            return payload
+
+        raw = self._write(move)
+        if raw is None:
+            return None
+        moved: dict[str, Any] = json.loads(raw)
+        return moved
+
     def ticket_exists(self, ticket_id: str) -> bool:
         return bool(self._query("SELECT 1 FROM tickets WHERE id = ? AND expires >= ?", (ticket_id, time.time())))
 
@@ -393,6 +409,13 @@ class SqliteStore(Store):
 
     def release(self, key: str, member: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM slots WHERE key = ? AND member = ?", (key, member)))
+
+    def release_dropping(self, key: str, member: str, ticket_id: str) -> None:
+        def release(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM slots WHERE key = ? AND member = ?", (key, member))
+            db.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
+
+        self._write(release)
 
     # -- conversations
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
