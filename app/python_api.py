@@ -97,7 +97,7 @@ class TaskBuilder:
 
     def __init__(self, provider: str | None = None) -> None:
         self._options: dict[str, Any] = {"provider": provider}
-        self._messages: list[dict[str, str]] = []
+        self._messages: list[dict[str, Any]] = []
 
     def provider(self, name: str) -> TaskBuilder:
         self._options["provider"] = name
@@ -107,7 +107,9 @@ class TaskBuilder:
         self._options["system"] = text
         return self
 
-    def message(self, role: str, content: str) -> TaskBuilder:
+    def message(self, role: str, content: str | list[dict[str, Any]]) -> TaskBuilder:
+        """A message; a user's `content` may be a list of `text` and `image_url` parts, as in
+        the HTTP API (checked the same way)."""
         self._messages.append({"role": role, "content": content})
         return self
 
@@ -124,6 +126,11 @@ class TaskBuilder:
 
     def max_tokens(self, value: int) -> TaskBuilder:
         self._options["max_tokens"] = value
+        return self
+
+    def reasoning(self, level: str) -> TaskBuilder:
+        """Ask the model to think first: "low", "medium" or "high" (docs/http-api.md)."""
+        self._options["reasoning"] = level
         return self
 
     def _chat(self) -> tuple[ChatService, Caller, ChatRequest]:

@@ -85,3 +85,19 @@ def test_an_existing_flask_app_serves_the_relay_with_init_app(upstream):
         assert ask("hi", model="demo-fast")
     with pytest.raises(ConfigError, match="LLM_PROVIDER"):
         init_app(Flask("other_app"), app_config(upstream.url, LLM_PROVIDER="no-such-provider"))
+
+
+def test_the_builder_asks_for_reasoning_and_sends_images(make_app):
+    """Every option of the HTTP API reaches the Python API: `reasoning` streams as its own
+    events (and `.ask()` is the answer without it); an image part is checked and seen."""
+    from tests.test_images import PNG_URL
+
+    app = make_app()
+    with app.test_request_context():
+        events = b"".join(task("demo").reasoning("low").prompt("why?").stream().response).decode()
+        assert "event: reasoning" in events and "event: token" in events
+        answer = task("demo").message("user", [{"type": "text", "text": "what is it?"},
+                                               {"type": "image_url", "image_url": {"url": PNG_URL}}]).ask()
+        assert "a PNG image of 3×2 pixels" in answer
+        with pytest.raises(ApiError):
+            task("demo").reasoning("extreme").prompt("x").ask()
