@@ -116,10 +116,9 @@ def parse_messages(value: Any, settings: Settings) -> list[dict[str, Any]]:
     return messages
 
 
-def check_images(messages: list[dict[str, Any]], settings: Settings, provider: Provider) -> None:
-    """A request's images within the limits, and in a form its provider takes (the relay never
-    fetches an image URL on a provider's behalf)."""
-    images.check_images(messages, settings.MAX_IMAGES, settings.MAX_IMAGE_TOTAL_BYTES)
+def check_image_urls(messages: list[dict[str, Any]], provider: Provider) -> None:
+    """Images in a form the provider takes: the relay never fetches an image URL on a provider's
+    behalf. (How many and how large: the one budget, app/budget.py.)"""
     if not provider.takes_image_urls and any(part.get("url") for part in images.images_in(messages)):
         raise invalid(f"provider '{provider.name}' takes images as data: URLs only, not by web URL")
 
@@ -195,7 +194,7 @@ def parse_chat_request(data: Mapping[str, Any], settings: Settings, providers: M
     if conversation_id is not None and not (isinstance(conversation_id, str) and ID_PATTERN.fullmatch(conversation_id)):
         raise invalid("'conversation_id' must be 1-64 characters of letters, digits, '_' or '-'")
 
-    check_images(messages, settings, provider)
+    check_image_urls(messages, provider)
     tools = parse_tools(data.get("tools"), toolbox)
     task = Task(messages=messages, model=model, system=system, temperature=temperature, max_tokens=max_tokens,
                 reasoning=reasoning_option(data.get("reasoning")))

@@ -19,7 +19,7 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 
 from app import images
-from app.chat_request import ChatRequest, check_images, invalid, message_list, new_turn, number_option
+from app.chat_request import ChatRequest, check_image_urls, invalid, message_list, new_turn, number_option
 from app.config import Settings
 from app.errors import ApiError
 from app.openai_api import MAX_TOOLS, TOOL_NAME, resolve_model
@@ -294,7 +294,7 @@ def parse_messages_request(data: dict[str, Any], service: ChatService) -> tuple[
     max_tokens = int(number_option(data["max_tokens"], "max_tokens", 1, settings.MAX_OUTPUT_TOKENS, True, False))
     system = system_prompt(data.get("system"))
     messages = neutral_messages(data.get("messages"), settings, _signer(provider))
-    check_images(messages, settings, provider)  # sizes: the one budget (app/budget.py), in ChatService
+    check_image_urls(messages, provider)  # sizes: the one budget (app/budget.py), in ChatService
     tools = client_tools(data.get("tools"))
     temperature = data.get("temperature")
     if temperature is not None:

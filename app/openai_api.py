@@ -21,7 +21,7 @@ from app import images
 from app.chat_request import (
     MODEL_PATTERN,
     ChatRequest,
-    check_images,
+    check_image_urls,
     invalid,
     keep_record,
     message_list,
@@ -227,7 +227,7 @@ def parse_completion_request(data: dict[str, Any], service: ChatService) -> tupl
         raise invalid("only response_format {type: text} is supported")
     provider, model = resolve_model(data.get("model"), service.providers, settings)
     messages = neutral_messages(data.get("messages"), settings, provider.name, thinking_signer(provider))
-    check_images(messages, settings, provider)
+    check_image_urls(messages, provider)
     tools = client_tools(data.get("tools"))
     temperature = data.get("temperature")
     if temperature is not None:

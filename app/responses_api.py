@@ -26,7 +26,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 
 from app import images
-from app.chat_request import ID_PATTERN, ChatRequest, check_images, invalid, number_option
+from app.chat_request import ID_PATTERN, ChatRequest, check_image_urls, invalid, number_option
 from app.config import Settings
 from app.errors import ApiError
 from app.openai_api import MAX_TOOLS, REASONING_EFFORTS, TOOL_NAME, resolve_model
@@ -367,7 +367,7 @@ def parse_response_request(data: dict[str, Any], service: ChatService) -> tuple[
     # request budget (app/budget.py counts it all).
     history = service.conversations.bounded(history, reserve=sum(len(images.text_of(m["content"])) for m in messages),
                                           reserved=len(messages), images_reserved=list(images.images_in(messages)))
-    check_images(history + messages, settings, provider)
+    check_image_urls(history + messages, provider)
     top_p = data.get("top_p")
     response = {
         "id": "", "object": "response", "created_at": int(time.time()), "status": "in_progress",
