@@ -70,7 +70,11 @@ class Scripted:
 
     def _handle(self, conn: socket.socket, script: str) -> None:
         if self.tls is not None:
-            conn = self.tls.wrap_socket(conn, server_side=True)
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:  # the relay did not trust it
+                conn.close()
+                return
         with conn:
             data = b""
             while b"\r\n\r\n" not in data:
