@@ -238,12 +238,21 @@ def test_a_failed_call_is_the_error_requests_raises_and_ours_after_it(failure, t
             thing.close()
 
 
-class Proxy:
-    """An HTTP proxy: CONNECT tunnels, and absolute-URL requests passed on (as origin-form)."""
+def tls_upstream_context(directory, ca_bundle: str) -> ssl.SSLContext:
+    """A server context with the TLS upstream's certificate (the one CA bundle trusts both)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(ca_bundle, ca_bundle.replace(".crt", ".key"))
+    return context
 
-    def __init__(self) -> None:
+
+class Proxy:
+    """An HTTP proxy: CONNECT tunnels, and absolute-URL requests passed on (as origin-form);
+    spoken to over TLS when given a context."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.listener.getsockname()[1]}"
         self.request_lines: list[str] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -256,6 +265,8 @@ class Proxy:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, client: socket.socket) -> None:
+        if self.tls is not None:
+            client = self.tls.wrap_socket(client, server_side=True)
         data = b""
         while b"\r\n\r\n" not in data:
             data += client.recv(65536)
@@ -293,21 +304,22 @@ class Proxy:
         self.listener.close()
 
 
-@pytest.mark.parametrize("scheme", ["http", "https"])
-def test_proxies_from_the_environment_are_used_while_waiting_in_slices(scheme, upstream, tls_upstream,
-                                                                       monkeypatch):
+@pytest.mark.parametrize("scheme,proxy_tls", [("http", False), ("https", False), ("https", True)])
+def test_proxies_from_the_environment_are_used_while_waiting_in_slices(scheme, proxy_tls, upstream, tls_upstream,
+                                                                       tmp_path, monkeypatch):
     if scheme == "https":
         upstream, ca_bundle = tls_upstream
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_bundle)
-    proxy = Proxy()
+    proxy = Proxy(tls_upstream_context(tmp_path, ca_bundle) if proxy_tls else None)
     try:
         monkeypatch.setenv(f"{scheme.upper()}_PROXY", proxy.url)
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
         provider = openai(upstream.url)
         upstream.reset(Reply(chunks=ANSWER, head_delay=0.5))
+        started = threads_started_here(monkeypatch)
         deltas = list(provider.stream(task(), Cancellation(idle_after=0.1)))
-        assert answer_of(deltas) == "late but whole" and deltas.count(IDLE) >= 2
+        assert answer_of(deltas) == "late but whole" and deltas.count(IDLE) >= 2 and started == []
         host = upstream.url.split("://")[1]
         # HTTP through a proxy: the absolute URL; HTTPS: a CONNECT tunnel, TLS inside it.
         [line] = proxy.request_lines
@@ -316,12 +328,17 @@ def test_proxies_from_the_environment_are_used_while_waiting_in_slices(scheme, u
         proxy.close()
 
 
-def test_under_gevent_a_stream_waiting_for_headers_holds_up_no_other(upstream):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_under_gevent_a_stream_waiting_for_headers_holds_up_no_other(scheme, upstream, tls_upstream):
     """gunicorn's gevent worker: one process, one event loop. The first stream's upstream
     answers after 4 s; a second stream in the same worker is answered meanwhile, and the
     first gets its heartbeats and then its answer."""
+    env = {"SSE_HEARTBEAT_SECONDS": "0.3"}
+    if scheme == "https":
+        upstream, ca_bundle = tls_upstream
+        env["REQUESTS_CA_BUNDLE"] = ca_bundle
     upstream.reset(Reply(chunks=ANSWER, head_delay=4.0), Reply(chunks=BODIES["openai"](["quick"])))
-    server = gunicorn(free_port(), {**provider_env(upstream.url), "SSE_HEARTBEAT_SECONDS": "0.3"})
+    server = gunicorn(free_port(), {**provider_env(upstream.url), **env})
     try:
         slow = open_stream(f"{server.url}/api/chat/stream?provider=openai&prompt=hi")
         upstream.wait_for_request()
