@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -46,8 +47,8 @@ def tls_upstream(tmp_path_factory):
 
 class Scripted:
     """An upstream on a raw socket, one script per connection: "silent" reads the request and
-    then waits for the relay to leave (recording when), "answer" answers it, "close" closes
-    without a word, "garbage" answers what is not HTTP."""
+    then waits for the relay to leave (recording when), "answer" answers it, "closes" closes
+    without a word, "reset" resets the connection, "garbage" answers what is not HTTP."""
 
     def __init__(self, *scripts: str, tls: ssl.SSLContext | None = None) -> None:
         self.scripts = list(scripts)
@@ -92,6 +93,8 @@ class Scripted:
                 body = b"".join(b"%x\r\n%s\r\n" % (len(f), f) for f in ANSWER) + b"0\r\n\r\n"
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
                              b"Connection: close\r\n\r\n" + body)
+            elif script == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             elif script == "garbage":
                 conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
 
@@ -193,6 +196,7 @@ FAILURES = {
     "connect-timeout": (requests.ConnectTimeout, "upstream_timeout"),
     "silent": (requests.ReadTimeout, "upstream_timeout"),
     "closes": (requests.ConnectionError, "upstream_unreachable"),
+    "reset": (requests.ConnectionError, "upstream_unreachable"),
     "garbage": (requests.ConnectionError, "upstream_unreachable"),
     "untrusted-tls": (requests.exceptions.SSLError, "upstream_unreachable"),
 }

@@ -329,7 +329,7 @@ class HttpProvider(Provider):
         if cancel.idle_after is None:
             return self.session.send(request, stream=True, timeout=timeout, verify=self.session.verify,
                                      proxies=self.session.proxies)
-        if upstream_body.HEADER_WAIT:
+        if upstream_body.HEADER_WAIT and isinstance(self.session.get_adapter(url), HeaderWaitAdapter):
             return (yield from send_awaiting_headers(self.session, request, timeout, cancel))
         return (yield from self._send_on_a_thread(request, timeout, cancel))
 

@@ -248,7 +248,8 @@ class SentRequest:
         self.error_at = "pool"  # where requests' adapter.send meets `error`
         self.conn: Any = None
         self.reader: Any = None
-        self.began = False  # the response's first byte (or the connection's end) has arrived
+        self.timed_out = False  # the read timeout ran out before the response began
+        self.read_error: OSError | None = None  # what `wait` met, for getresponse() to meet again
         self.method = request.method or "POST"
         self.retries = adapter.max_retries
         self.pool: Any = None  # an HTTP(S)ConnectionPool: its private methods are not in its type
@@ -330,9 +331,8 @@ class SentRequest:
             # one took nothing (a timeout in recv, or in SSL_read's wait for a whole record).
             self.reader.raw._timeout_occurred = False
             return False
-        except OSError as exc:  # met again, where getresponse() would have met it
-            self.error = exc
-        self.began = True
+        except OSError as exc:  # raised where getresponse() would have met it
+            self.read_error = exc
         return True
 
     def abort(self) -> None:
@@ -362,8 +362,10 @@ class SentRequest:
             try:
                 if not conn.is_closed:
                     conn.timeout = read_timeout
-                if not self.began:  # the read timeout ran out in `wait`
+                if self.timed_out:  # as the first recv of getresponse() would have
                     raise TimeoutError("timed out")
+                if self.read_error is not None:
+                    raise self.read_error
                 conn.response_class = self._primed_response
                 try:
                     response = conn.getresponse()
@@ -446,7 +448,8 @@ def send_awaiting_headers(session: requests.Session, request: requests.PreparedR
     The connect and the send of the request block, up to the connect timeout each, as they
     would on any thread."""
     adapter = session.get_adapter(request.url or "")
-    assert isinstance(adapter, HeaderWaitAdapter) and cancel.idle_after is not None
+    if not isinstance(adapter, HeaderWaitAdapter) or cancel.idle_after is None:
+        raise TypeError("send_awaiting_headers needs a HeaderWaitAdapter and cancel.idle_after")
     connect_timeout, read_timeout = timeout
     yield WAITING
     sent = SentRequest(adapter, request, session.verify, session.proxies,
@@ -459,7 +462,10 @@ def send_awaiting_headers(session: requests.Session, request: requests.PreparedR
                 deadline = time.monotonic() + read_timeout
                 while not cancel.is_set():
                     left = deadline - time.monotonic()
-                    if left <= 0 or sent.wait(min(cancel.idle_after, left)):
+                    if left <= 0:
+                        sent.timed_out = True
+                        break
+                    if sent.wait(min(cancel.idle_after, left)):
                         break
                     yield IDLE
             finally:
