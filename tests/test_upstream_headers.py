@@ -352,3 +352,15 @@ def test_under_gevent_a_stream_waiting_for_headers_holds_up_no_other(scheme, ups
         assert text_of(events) == "late but whole" and slow.comments.count("ping") >= 3
     finally:
         server.stop()
+
+
+def test_where_urllib3_lacks_what_the_wait_needs_a_thread_waits_as_before(upstream, monkeypatch):
+    from app.providers import upstream_body
+
+    monkeypatch.setattr(upstream_body, "HEADER_WAIT", False)  # what a future urllib3 would bring
+    provider = openai(upstream.url)
+    upstream.reset(Reply(chunks=ANSWER, head_delay=1.0))
+    started = threads_started_here(monkeypatch)
+    deltas = list(provider.stream(task(), Cancellation(idle_after=0.2)))
+    assert answer_of(deltas) == "late but whole" and deltas.count(IDLE) >= 3
+    assert [t.name for t in started] == ["relay-upstream-headers"]
