@@ -40,7 +40,7 @@ from app.providers.domain import (
     Text,
     idle_wait,
 )
-from app.providers.upstream_body import iter_body, shut
+from app.providers.upstream_body import HeaderWaitAdapter, iter_body, send_awaiting_headers, shut
 
 log = logging.getLogger("llm_sse_relay.upstream")
 
@@ -183,7 +183,7 @@ def upstream_session(base_url: str, pool_size: int) -> requests.Session:
     session.trust_env = False
     session.proxies = requests.utils.get_environ_proxies(base_url)
     session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-    adapter = requests.adapters.HTTPAdapter(pool_maxsize=pool_size)
+    adapter = HeaderWaitAdapter(pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -320,16 +320,27 @@ class HttpProvider(Provider):
               cancel: Cancellation) -> Generator[Idle, None, requests.Response | None]:
         """POST the request; the response once its headers are in (None if cancelled before).
 
-        With `idle_after` set, the wait for the headers (a model loading can take a minute)
-        happens on a short-lived helper thread while this one yields `IDLE`.
+        With `idle_after` set, the wait for the headers (a model loading can take a minute) is
+        sliced on this thread, `IDLE` between slices (`send_awaiting_headers`): a thread per
+        call was an OS thread per stream under mod_wsgi, started during a burst of them.
         """
-        def send() -> requests.Response:
-            return self.session.send(self._prepared(url, headers, body), stream=True,
-                                     timeout=(self.policy.connect_timeout, self.policy.read_timeout),
-                                     verify=self.session.verify, proxies=self.session.proxies)
-
+        request = self._prepared(url, headers, body)
+        timeout = (self.policy.connect_timeout, self.policy.read_timeout)
         if cancel.idle_after is None:
-            return send()
+            return self.session.send(request, stream=True, timeout=timeout, verify=self.session.verify,
+                                     proxies=self.session.proxies)
+        if upstream_body.HEADER_WAIT and isinstance(self.session.get_adapter(url), HeaderWaitAdapter):
+            return (yield from send_awaiting_headers(self.session, request, timeout, cancel))
+        return (yield from self._send_on_a_thread(request, timeout, cancel))
+
+    def _send_on_a_thread(self, request: requests.PreparedRequest, timeout: tuple[float, float],
+                          cancel: Cancellation) -> Generator[Idle, None, requests.Response | None]:
+        """The wait for the headers on a short-lived helper thread, while this one yields `IDLE`:
+        only where urllib3 no longer has what `send_awaiting_headers` needs (`HEADER_WAIT`)."""
+        def send() -> requests.Response:
+            return self.session.send(request, stream=True, timeout=timeout, verify=self.session.verify,
+                                     proxies=self.session.proxies)
+
         outcome: dict[str, Any] = {}
         settled = threading.Lock()  # the helper hands the response over, or closes it when nobody waits
         wake = threading.Event()

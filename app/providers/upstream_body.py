@@ -1,4 +1,5 @@
-"""Reading an upstream response body as it arrives, and shutting it from another thread.
+"""An upstream response as it arrives: its headers awaited on the caller's thread, its body
+read as it comes, and its socket shut from another thread.
 
 This is the one place that reaches below the public API of requests. The fast path
 reads http.client's buffered socket reader directly (`raw._fp.fp.read1`) and decodes
@@ -6,25 +7,43 @@ chunked framing with `ChunkedDecoder`: one pass per network read however many to
 holds, which measured 2-3x the public path on one fast stream. Those are private
 attributes of urllib3 and http.client, so they are checked once, at import, against real
 objects of the installed versions; if a future version moves them, every body takes the
-public path (`raw.stream`) instead, and the log says so once.
+public path (`raw.stream`) instead, and the log says so once. The wait for the headers
+(`send_awaiting_headers`) drives urllib3's connection pool step by step, with its private
+methods, checked the same way (`HEADER_WAIT`).
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import requests
 import urllib3
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
+from urllib3.connection import BaseSSLError, _wrap_proxy_error
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import (
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util.proxy import connection_requires_http_tunnel
+from urllib3.util.ssl_match_hostname import CertificateError
+from urllib3.util.timeout import Timeout
+from urllib3.util.url import _encode_target, parse_url
 
 from app.decoders import ChunkedDecoder
 from app.gevent_native import unpatched
+from app.providers.domain import IDLE, WAITING, Cancellation, Idle
 
 logger = logging.getLogger("llm_sse_relay.upstream")
 
@@ -172,13 +191,292 @@ def shut(response: requests.Response) -> None:
         candidates.append(getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None))
     for sock in candidates:
         if isinstance(sock, socket.socket):
-            try:
-                # Closed with a reset, not a polite FIN: an upstream writing into a full window
-                # (its reader stopped reading) would never see a FIN, only keep probing the
-                # orphaned socket for a minute, and keep generating meanwhile.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            abort(sock)
             return
     response.close()
+
+
+def abort(sock: socket.socket) -> None:
+    """Shut `sock` for both directions, with a reset when it is closed: a read blocked on it
+    in another thread returns now.
+
+    A reset, not a polite FIN: an upstream writing into a full window (its reader stopped
+    reading) would never see a FIN, only keep probing the orphaned socket for a minute, and
+    keep generating (and billing) meanwhile.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# -- the response headers, awaited on the caller's thread
+
+def header_wait_available() -> bool:
+    """Whether this urllib3 still has what `SentRequest` drives its pool with."""
+    pool_methods = ("_get_conn", "_put_conn", "_validate_conn", "_prepare_proxy", "_raise_timeout", "_get_timeout")
+    return (FAST_READS and all(callable(getattr(HTTPConnectionPool, name, None)) for name in pool_methods)
+            and callable(getattr(requests.adapters.HTTPAdapter, "get_connection_with_tls_context", None))
+            and callable(getattr(urllib3.connection.HTTPConnection, "getresponse", None)))
+
+
+HEADER_WAIT = header_wait_available()
+if not HEADER_WAIT:
+    logger.warning("urllib3 %s no longer has what the upstream call waits for headers with; a thread waits "
+                   "for each call's headers instead", getattr(urllib3, "__version__", "?"))
+
+# What HTTPConnectionPool.urlopen discards a connection for (and turns into its own errors).
+_URLOPEN_FAILURES = (Urllib3Timeout, http.client.HTTPException, OSError, ProtocolError, BaseSSLError, SSLError,
+                     CertificateError, ProxyError)
+
+
+class SentRequest:
+    """A request sent on a connection of its pool, its response not read yet.
+
+    `HTTPConnectionPool.urlopen` (urllib3 2.x), cut where it waits for the response: what
+    it does up to `getresponse()` (proxy headers or tunnel, connect, TLS, send) happens
+    here, its errors kept as urlopen would raise them; `wait` waits for the first byte of
+    the response in slices; `urlopen` (which `HeaderWaitAdapter.send` calls, so requests
+    maps the errors and builds the response as it always does) reads the headers. One
+    attempt: requests' adapter retries nothing (`Retry(0, read=False)`).
+    """
+
+    def __init__(self, adapter: requests.adapters.HTTPAdapter, request: requests.PreparedRequest,
+                 verify: Any, proxies: Any, timeout: Timeout) -> None:
+        self.error: BaseException | None = None
+        self.error_at = "pool"  # where requests' adapter.send meets `error`
+        self.conn: Any = None
+        self.reader: Any = None
+        self.timed_out = False  # the read timeout ran out before the response began
+        self.read_error: OSError | None = None  # what `wait` met, for getresponse() to meet again
+        self.method = request.method or "POST"
+        self.retries = adapter.max_retries
+        self.pool: Any = None  # an HTTP(S)ConnectionPool: its private methods are not in its type
+        try:
+            self.pool = adapter.get_connection_with_tls_context(request, verify, proxies=proxies)
+            self.error_at = "verify"
+            adapter.cert_verify(self.pool, request.url, verify, None)  # type: ignore[no-untyped-call]
+            self.error_at = "urlopen"
+            self._send(request, adapter.request_url(request, proxies), timeout)
+        except Exception as exc:
+            self.error = exc
+
+    @property
+    def waits(self) -> bool:
+        return self.error is None and self.conn is not None and self.conn.sock is not None
+
+    def _send(self, request: requests.PreparedRequest, url: str, timeout: Timeout) -> None:
+        pool = self.pool
+        if url.startswith("/"):
+            self.url, scheme = _encode_target(url), None
+        else:
+            parsed = parse_url(url)
+            self.url, scheme = parsed._replace(fragment=None).url, parsed.scheme
+        headers: Any = request.headers
+        tunnel = connection_requires_http_tunnel(pool.proxy, pool.proxy_config, scheme)
+        if not tunnel:
+            headers = headers.copy()
+            headers.update(pool.proxy_headers)
+        self.timeout = pool._get_timeout(timeout)
+        conn = self.conn = pool._get_conn()
+        try:
+            conn.timeout = self.timeout.connect_timeout
+            if pool.proxy is not None and tunnel and conn.is_closed:
+                try:
+                    pool._prepare_proxy(conn)
+                except (BaseSSLError, OSError, TimeoutError) as e:
+                    pool._raise_timeout(err=e, url=pool.proxy.url, timeout_value=conn.timeout)
+                    raise
+            # HTTPConnectionPool._make_request, up to getresponse()
+            pool.num_requests += 1
+            conn.timeout = Timeout.resolve_default_timeout(self.timeout.connect_timeout)
+            try:
+                try:
+                    pool._validate_conn(conn)
+                except (TimeoutError, BaseSSLError) as e:
+                    pool._raise_timeout(err=e, url=self.url, timeout_value=conn.timeout)
+                    raise
+            except (OSError, NewConnectionError, Urllib3Timeout, BaseSSLError, CertificateError, SSLError) as e:
+                new_e: Exception = SSLError(e) if isinstance(e, (BaseSSLError, CertificateError)) else e
+                if conn.proxy and not conn.has_connected_to_proxy:
+                    new_e = _wrap_proxy_error(new_e, conn.proxy.scheme)
+                raise new_e from e
+            chunked = not (request.body is None or "Content-Length" in request.headers)
+            try:
+                conn.request(self.method, self.url, body=request.body, headers=headers, chunked=chunked,
+                             preload_content=False, decode_content=False, enforce_content_length=True)
+            except BrokenPipeError:  # the server may have answered before closing: read on
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EPROTOTYPE, errno.ECONNRESET):
+                    raise
+        except BaseException as exc:
+            self._fail(exc)
+
+    def wait(self, seconds: float) -> bool:
+        """Up to `seconds` for the response to begin; True once it has (or the connection ended).
+
+        The wait is a read into the buffer http.client then parses the response from (not a
+        poll of the socket): over TLS 1.3 the server's session tickets make the socket
+        readable long before the answer, and the read takes them in and waits on."""
+        sock = self.conn.sock
+        if self.reader is None:
+            self.reader = sock.makefile("rb")  # what http.client's response would make
+        sock.settimeout(seconds)
+        try:
+            self.reader.peek(1)
+        except TimeoutError:
+            # SocketIO refuses every read after a timeout, in case one was cut half-way; this
+            # one took nothing (a timeout in recv, or in SSL_read's wait for a whole record).
+            self.reader.raw._timeout_occurred = False
+            return False
+        except OSError as exc:  # raised where getresponse() would have met it
+            self.read_error = exc
+        return True
+
+    def abort(self) -> None:
+        """From any thread: wakes a `wait` (it returns True, with nothing to read)."""
+        sock = getattr(self.conn, "sock", None)
+        if isinstance(sock, socket.socket):
+            abort(sock)
+
+    def discard(self) -> None:
+        """Not read, and never back in the pool half-used: closed (with a reset) and forgotten."""
+        if self.conn is None:  # never taken, failed (already closed), or the response's
+            return
+        self.abort()
+        if self.reader is not None:
+            self.reader.close()
+        self.conn.close()
+        self.pool._put_conn(None)
+        self.conn = self.reader = None
+
+    def urlopen(self, **_: Any) -> Any:
+        """The response, its headers read; or the error urlopen would have raised."""
+        if self.error is not None:
+            raise self.error
+        conn, pool = self.conn, self.pool
+        read_timeout = self.timeout.read_timeout
+        try:
+            try:
+                if not conn.is_closed:
+                    conn.timeout = read_timeout
+                if self.timed_out:  # as the first recv of getresponse() would have
+                    raise TimeoutError("timed out")
+                if self.read_error is not None:
+                    raise self.read_error
+                conn.response_class = self._primed_response
+                try:
+                    response = conn.getresponse()
+                finally:
+                    del conn.response_class
+            except (BaseSSLError, OSError) as e:
+                pool._raise_timeout(err=e, url=self.url, timeout_value=read_timeout)
+                raise
+        except BaseException as exc:
+            self._fail(exc)
+        response.retries = self.retries
+        response._connection = conn
+        response._pool = pool
+        self.conn = self.reader = None  # the response's now
+        return response
+
+    def _primed_response(self, sock: Any, *args: Any, **kwargs: Any) -> http.client.HTTPResponse:
+        """http.client's response, reading from the buffer `wait` filled (it makes its own)."""
+        return http.client.HTTPResponse(_MadeFile(self.reader), *args, **kwargs)  # type: ignore[arg-type]
+
+    def _fail(self, exc: BaseException) -> None:
+        """As urlopen fails: the connection discarded, the error turned into urllib3's."""
+        conn = self.conn
+        if self.reader is not None:
+            self.reader.close()
+        conn.close()
+        self.pool._put_conn(None)
+        self.conn = None
+        if not isinstance(exc, _URLOPEN_FAILURES):
+            raise exc
+        new_e: Exception = SSLError(exc) if isinstance(exc, (BaseSSLError, CertificateError)) else exc
+        if (isinstance(new_e, (OSError, NewConnectionError, Urllib3Timeout, SSLError, http.client.HTTPException))
+                and conn.proxy and not conn.has_connected_to_proxy):
+            new_e = _wrap_proxy_error(new_e, conn.proxy.scheme)
+        elif isinstance(new_e, (OSError, http.client.HTTPException)):
+            new_e = ProtocolError("Connection aborted.", new_e)
+        # Raises: MaxRetryError, or a read error as it is (requests' Retry(0, read=False)).
+        self.retries.increment(self.method, self.url, error=new_e, _pool=self.pool, _stacktrace=exc.__traceback__)
+        raise MaxRetryError(self.pool, self.url, new_e) from exc  # only if someone allowed retries
+
+
+class _MadeFile:
+    """A socket to http.client.HTTPResponse, whose only use of it is `makefile("rb")`."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def makefile(self, mode: str) -> Any:
+        return self.reader
+
+
+class HeaderWaitAdapter(requests.adapters.HTTPAdapter):
+    """requests' HTTP adapter, which also finishes a `SentRequest`: its `send` (unchanged)
+    then reads the response through it, turning its errors into requests' and building the
+    `Response` exactly as for any other call."""
+
+    def get_connection_with_tls_context(self, request: requests.PreparedRequest, verify: Any,
+                                        proxies: Any = None, cert: Any = None) -> Any:
+        sent = getattr(request, "sent_request", None)
+        if sent is None:
+            return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        if sent.error is not None and sent.error_at == "pool":
+            raise sent.error
+        return sent
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        if not isinstance(conn, SentRequest):
+            super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
+        elif conn.error is not None and conn.error_at == "verify":
+            raise conn.error
+
+
+def send_awaiting_headers(session: requests.Session, request: requests.PreparedRequest,
+                          timeout: tuple[float, float], cancel: Cancellation) -> Generator[Idle, None,
+                                                                                             requests.Response | None]:
+    """`session.send(request, stream=True)`, with the wait for the response headers on this
+    thread, in slices of `cancel.idle_after`: `WAITING` before the connect, then `IDLE` after
+    each slice. None when cancelled first (the connection closed, not returned to the pool).
+
+    The connect and the send of the request block, up to the connect timeout each, as they
+    would on any thread."""
+    adapter = session.get_adapter(request.url or "")
+    if not isinstance(adapter, HeaderWaitAdapter) or cancel.idle_after is None:
+        raise TypeError("send_awaiting_headers needs a HeaderWaitAdapter and cancel.idle_after")
+    connect_timeout, read_timeout = timeout
+    yield WAITING
+    sent = SentRequest(adapter, request, session.verify, session.proxies,
+                       Timeout(connect=connect_timeout, read=read_timeout))
+    answered = False
+    try:
+        if sent.waits:
+            unregister = cancel.on_cancel(sent.abort)
+            try:
+                deadline = time.monotonic() + read_timeout
+                while not cancel.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        sent.timed_out = True
+                        break
+                    if sent.wait(min(cancel.idle_after, left)):
+                        break
+                    yield IDLE
+            finally:
+                unregister()
+            if cancel.is_set():
+                return None
+        request.sent_request = sent  # type: ignore[attr-defined]  # for HeaderWaitAdapter
+        response = session.send(request, stream=True, timeout=timeout, verify=session.verify,
+                                proxies=session.proxies)
+        answered = True
+        return response
+    finally:
+        if not answered:  # cancelled, closed, or failed: whatever is still open goes
+            sent.discard()
