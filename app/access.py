@@ -37,7 +37,7 @@ from flask import Blueprint, Flask, Request, Response, g, request
 
 from app.config import ConfigError, Settings
 from app.errors import ApiError
-from app.store.base import ConversationInfo, ConversationStore, Store, to_json
+from app.store.base import ConversationInfo, ConversationStore, Store, Ticket, to_json
 
 log = logging.getLogger("llm_sse_relay.access")
 
@@ -476,6 +476,13 @@ class MeteredStore(ConversationStore):
         self._keep(conversation_id, holder, held, kept, ttl, info)
         return info
 
+    def start_conversation(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float, owner: str,
+                           ticket: Ticket | None = None) -> ConversationInfo:
+        holder, held, kept = self._hold(conversation_id, messages, ttl, owner, refuse=True, new=True)
+        info = self.store.start_conversation(conversation_id, messages, ttl, owner, ticket)
+        self._keep(conversation_id, holder, held, kept, ttl, info)
+        return info
+
     def delete_conversation(self, conversation_id: str) -> bool:
         info = self.store.conversation(conversation_id) if self.quota else None
         deleted = self.store.delete_conversation(conversation_id)
@@ -507,12 +514,13 @@ class MeteredStore(ConversationStore):
         return bool(self.quota) and not owner.startswith(UNMETERED)
 
     def _hold(self, conversation_id: str, records: list[dict[str, Any]], ttl: float, owner: str,
-              refuse: bool) -> tuple[str, int, int]:
+              refuse: bool, new: bool = False) -> tuple[str, int, int]:
         """Take the slots the conversation needs once `records` are added: whose slots, how
-        many the conversation holds then, and how many of them it held before."""
+        many the conversation holds then, and how many of them it held before (`new`: none,
+        its id was just issued)."""
         if not self.quota:
             return owner, 0, 0
-        info = self.store.conversation(conversation_id)
+        info = None if new else self.store.conversation(conversation_id)
         if info is not None:  # what a conversation keeps counts against whoever it belongs to
             owner = info.owner
         if not self._metered(owner):

@@ -194,12 +194,20 @@ class ChatService:
         self._check_model(chat)
         ticket_id = new_id()
         ttl = self.settings.STREAM_TICKET_TTL
+        task = chat.task  # its messages are read from the conversation when the stream opens
+
+        def ticket(conversation_id: str, position: int) -> tuple[str, dict[str, Any], float]:
+            kept = Ticket(caller.id, chat.provider.name, task.model, conversation_id, position, task.system,
+                          task.temperature, task.max_tokens, tuple(t.name for t in chat.tools),
+                          reasoning=task.reasoning)
+            return ticket_id, kept.to_dict(), ttl
+
         with self.access.held_ticket(caller.id, ticket_id, ttl):
-            conversation_id, task, position = self.conversations.begin(caller, chat, ticket_id)
-            ticket = Ticket(caller.id, chat.provider.name, task.model, conversation_id, position, task.system,
-                            task.temperature, task.max_tokens, tuple(t.name for t in chat.tools),
-                            reasoning=task.reasoning)
-            self.store.put_ticket(ticket_id, ticket.to_dict(), ttl)
+            if chat.conversation_id is None:  # its first messages and the ticket in one store write
+                conversation_id, _, _ = self.conversations.begin(caller, chat, ticket_id, ticket=ticket)
+            else:
+                conversation_id, _, position = self.conversations.begin(caller, chat, ticket_id)
+                self.store.put_ticket(*ticket(conversation_id, position))
         return {"id": ticket_id, "stream_url": f"/api/chat/streams/{ticket_id}", "conversation_id": conversation_id}
 
     def open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None,

@@ -191,6 +191,18 @@ def test_conversations_keep_order_owner_and_size(store):
     assert not store.delete_conversation("c")
 
 
+def test_a_new_conversation_starts_with_its_ticket_in_one_step(store):
+    records = [{"role": "user", "content": "q1"}, {"role": "user", "content": "漢字"}]
+    info = store.start_conversation("c", records, 60, "ann", ("t", {"position": 2}, 60))
+    assert info == store_base.ConversationInfo("ann", 2, sum(len(store_base.to_json(r).encode()) for r in records))
+    assert store.conversation("c") == info and [m["content"] for m in store.messages("c")] == ["q1", "漢字"]
+    assert store.take_ticket("t") == {"position": 2}
+    after = store.append_message("c", {"role": "assistant", "content": "a"}, 60, owner="bob")
+    assert after.owner == "ann" and after.messages == 3  # a conversation like any other from then on
+    assert store.start_conversation("d", records[:1], 60, "bob").messages == 1  # no ticket
+    assert not store.ticket_exists("t") and store.conversation("d").owner == "bob"
+
+
 def test_a_deleted_conversation_stays_deleted(store):
     # An answer still running when its conversation is deleted must not bring it back.
     store.append_message("c", {"role": "user", "content": "secret"}, 60, owner="ann")

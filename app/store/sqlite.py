@@ -443,6 +443,25 @@ class SqliteStore(Store):
 
         return self._write(append)
 
+    def start_conversation(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float, owner: str,
+                           ticket: base.Ticket | None = None) -> ConversationInfo:
+        # Two statements and the ticket's own transaction fewer than append_messages then put_ticket.
+        texts = [to_json(m) for m in messages]
+        size = sum(len(t.encode()) for t in texts)
+        now = time.time()
+        kept = None if ticket is None else (ticket[0], to_json(ticket[1]), now + ticket[2])
+
+        def start(db: sqlite3.Connection) -> None:
+            execute_each(db, "INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)",
+                         [(conversation_id, t, now + ttl) for t in texts])
+            db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)",
+                       (conversation_id, owner, len(texts), size, now + ttl))
+            if kept is not None:
+                db.execute("INSERT INTO tickets VALUES (?, ?, ?)", kept)
+
+        self._write(start)
+        return ConversationInfo(owner, len(texts), size)
+
     def conversation(self, conversation_id: str) -> ConversationInfo | None:
         row = next(iter(self._query("SELECT owner, count, bytes, expires FROM conversations WHERE id = ?",
                                     (conversation_id,))), None)
