@@ -219,6 +219,10 @@ def test_conversations_expire_after_their_last_message(store):
     store.append_message("old", {"role": "user", "content": "q"}, 0.05, owner="ann")
     time.sleep(0.1)
     assert store.conversation("old") is None and store.messages("old") == []
+    store.append_message("kept", {"role": "user", "content": "q"}, 0.2, owner="ann")
+    store.append_message("kept", {"role": "assistant", "content": "a"}, 60, owner="ann")  # its TTL starts again
+    time.sleep(0.3)
+    assert store.conversation("kept").messages == 2 and len(store.messages("kept")) == 2
     again = store.append_message("old", {"role": "user", "content": "new"}, 60, owner="bob")
     assert again.owner == "bob" and again.messages == 1  # an expired id starts over
 

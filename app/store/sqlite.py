@@ -426,13 +426,16 @@ class SqliteStore(Store):
         expires = now + ttl
 
         def append(db: sqlite3.Connection) -> ConversationInfo | None:
-            if db.execute("SELECT 1 FROM tombstones WHERE id = ? AND expires >= ?", (conversation_id, now)).fetchone():
+            deleted, was_expiring = db.execute(
+                "SELECT (SELECT 1 FROM tombstones WHERE id = ? AND expires >= ?), "
+                "(SELECT expires FROM conversations WHERE id = ?)", (conversation_id, now, conversation_id)).fetchone()
+            if deleted:
                 return None
-            # An expired conversation that the sweep has not dropped yet starts over.
-            db.execute("DELETE FROM messages WHERE conversation_id = ? AND EXISTS "
-                       "(SELECT 1 FROM conversations WHERE id = ? AND expires < ?)", (conversation_id,
-                                                                                      conversation_id, now))
-            db.execute("DELETE FROM conversations WHERE id = ? AND expires < ?", (conversation_id, now))
+            if was_expiring is not None and was_expiring < now:
+                # Expired, and not swept yet: it starts over. (Looked up first: a DELETE of its
+                # messages on every append walked all of them, however long the conversation.)
+                db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+                db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
             execute_each(db, "INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)",
                          [(conversation_id, t, expires) for t in texts])
             row = db.execute(
