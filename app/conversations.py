@@ -90,9 +90,11 @@ class Conversations:
             raise ApiError(404, "not_found", "the conversation of this stream was deleted")
         return messages
 
-    def finish(self, conversation_id: str, request_id: str, answer: Answer, owner: str) -> None:
+    def finish(self, conversation_id: str, request_id: str, answer: Answer, owner: str,
+               releasing: tuple[tuple[str, str] | None, str] | None = None) -> None:
         """Store the assistant's turn, however it ended (not kept when the conversation was
-        deleted meanwhile: its tombstone refuses it)."""
+        deleted meanwhile: its tombstone refuses it). `releasing`: a POST-SSE stream's slot and
+        adoption record, given back with it in the same write (`append_message_releasing`)."""
         record: dict[str, Any] = {
             "role": "assistant", "content": answer.text, "status": answer.outcome,
             "finish_reason": answer.finish_reason, "usage": answer.usage,
@@ -111,7 +113,10 @@ class Conversations:
             record["error"] = answer.error
         if answer.failovers:  # who wrote which part: each entry says after how many characters
             record["failover"] = answer.failovers
-        self.store.append_message(conversation_id, record, self.ttl, owner=owner)
+        if releasing is None:
+            self.store.append_message(conversation_id, record, self.ttl, owner=owner)
+        else:
+            self.store.append_message_releasing(conversation_id, record, self.ttl, owner, *releasing)
 
     def owned(self, caller: Caller | None, conversation_id: str) -> ConversationInfo:
         """The conversation's info, if it exists and `caller` may use it; else the same 404."""

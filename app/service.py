@@ -499,15 +499,28 @@ class ChatService:
         (the owner's stream slot) is given back when the generation ends. An `adoptable` answer
         (POST-SSE: its adoption record is kept under ADOPT + `stream_id`) has as `slot` only the
         `close_stream` of `owner`'s slot for `stream_id`, so that its end gives the slot back and
-        removes the record in one store write."""
+        removes the record in the store write that keeps its answer (or, if that write failed, in
+        one of their own)."""
         metrics = self.metrics
+        released = False
 
         def record(generation: Generation) -> None:
-            if generation.cancel.reason != SUPERSEDED:  # else the adopter records the answer
+            nonlocal released
+            if generation.cancel.reason == SUPERSEDED:  # the adopter records the answer
+                return
+            if adoptable and generation.conversation_id:  # ended here: nothing left to adopt
+                slot.pop_all()
+                ending = (self.access.closing_stream(owner, generation.id), ADOPT + generation.id)
+                self.conversations.finish(generation.conversation_id, generation.id, generation.answer, owner,
+                                          releasing=ending)
+                released = True
+            else:
                 self._finish(generation.conversation_id, generation.id, generation.answer, owner)
 
         def release(generation: Generation) -> None:
-            if adoptable and generation.cancel.reason != SUPERSEDED:  # ended here: nothing left to adopt
+            if released:  # with the answer
+                pass
+            elif adoptable and generation.cancel.reason != SUPERSEDED:
                 slot.pop_all()
                 try:
                     self.access.close_stream_dropping(owner, generation.id, ADOPT + generation.id)

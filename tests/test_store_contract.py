@@ -203,6 +203,24 @@ def test_a_new_conversation_starts_with_its_ticket_in_one_step(store):
     assert not store.ticket_exists("t") and store.conversation("d").owner == "bob"
 
 
+def test_a_post_sse_answer_is_kept_with_its_streams_end_in_one_step(store):
+    store.start_conversation("c", [{"role": "user", "content": "q"}], 60, "ann")
+    for member in ("s1", "s2"):
+        assert store.acquire("streams:ann", member, 2, 60)
+        store.put_ticket(f"adopt:{member}", {"owner": "ann"}, 60)
+    info = store.append_message_releasing("c", {"role": "assistant", "content": "a"}, 60, "ann",
+                                          ("streams:ann", "s1"), "adopt:s1")
+    assert info.messages == 2 and [m["content"] for m in store.messages("c")] == ["q", "a"]
+    assert not store.ticket_exists("adopt:s1") and store.ticket_exists("adopt:s2")
+    assert store.acquire("streams:ann", "s3", 2, 60)  # s1's slot was given back, s2's kept
+    assert not store.acquire("streams:ann", "s4", 2, 60)
+    # A deleted conversation refuses the answer; the stream still ends. No slot: the record alone.
+    assert store.delete_conversation("c")
+    assert store.append_message_releasing("c", {"role": "assistant", "content": "b"}, 60, "ann", None,
+                                          "adopt:s2") is None
+    assert not store.ticket_exists("adopt:s2") and store.messages("c") == []
+
+
 def test_a_deleted_conversation_stays_deleted(store):
     # An answer still running when its conversation is deleted must not bring it back.
     store.append_message("c", {"role": "user", "content": "secret"}, 60, owner="ann")

@@ -92,6 +92,13 @@ class ConversationStore(Protocol):
         will answer them (`put_ticket`'s arguments), in one write."""
         ...
 
+    def append_message_releasing(self, conversation_id: str, message: dict[str, Any], ttl: float, owner: str,
+                                 slot: tuple[str, str] | None, ticket_id: str) -> ConversationInfo | None:
+        """`append_message` of a POST-SSE stream's answer, and the stream's end in the same write:
+        its `slot` (key, member) given back (None: it held none) and the ticket `ticket_id` (its
+        adoption record) deleted, whether or not a tombstone refuses the record."""
+        ...
+
     def conversation(self, conversation_id: str) -> ConversationInfo | None:
         """Owner and size of a conversation; None when unknown or expired."""
         ...
@@ -122,6 +129,15 @@ class Store(ConversationStore, Protocol):
             raise StoreError(f"conversation {conversation_id} was not new")
         if ticket is not None:
             self.put_ticket(*ticket)
+        return info
+
+    def append_message_releasing(self, conversation_id: str, message: dict[str, Any], ttl: float, owner: str,
+                                 slot: tuple[str, str] | None, ticket_id: str) -> ConversationInfo | None:
+        info = self.append_message(conversation_id, message, ttl, owner)
+        if slot is None:
+            self.take_ticket(ticket_id)
+        else:
+            self.release_dropping(*slot, ticket_id)
         return info
 
     def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:

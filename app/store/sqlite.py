@@ -420,6 +420,23 @@ class SqliteStore(Store):
     # -- conversations
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
                         owner: str = "") -> ConversationInfo | None:
+        return self._write(self._appending(conversation_id, messages, ttl, owner))
+
+    def append_message_releasing(self, conversation_id: str, message: dict[str, Any], ttl: float, owner: str,
+                                 slot: tuple[str, str] | None, ticket_id: str) -> ConversationInfo | None:
+        append = self._appending(conversation_id, [message], ttl, owner)
+
+        def end(db: sqlite3.Connection) -> ConversationInfo | None:
+            if slot is not None:
+                db.execute("DELETE FROM slots WHERE key = ? AND member = ?", slot)
+            db.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
+            return append(db)
+
+        return self._write(end)
+
+    def _appending(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
+                   owner: str) -> Callable[[sqlite3.Connection], ConversationInfo | None]:
+        """The write transaction's work of `append_messages`."""
         texts = [to_json(m) for m in messages]
         size = sum(len(t.encode()) for t in texts)
         now = time.time()
@@ -444,7 +461,7 @@ class SqliteStore(Store):
                 "RETURNING owner, count, bytes", (conversation_id, owner, len(texts), size, expires)).fetchone()
             return ConversationInfo(*row)
 
-        return self._write(append)
+        return append
 
     def start_conversation(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float, owner: str,
                            ticket: base.Ticket | None = None) -> ConversationInfo:
