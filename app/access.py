@@ -37,7 +37,7 @@ from flask import Blueprint, Flask, Request, Response, g, request
 
 from app.config import ConfigError, Settings
 from app.errors import ApiError
-from app.store.base import ConversationInfo, ConversationStore, Store, to_json
+from app.store.base import ConversationInfo, ConversationStore, Store, Ticket, to_json
 
 log = logging.getLogger("llm_sse_relay.access")
 
@@ -312,13 +312,21 @@ class Access:
     def close_stream_dropping(self, caller_id: str, stream_id: str, ticket_id: str) -> None:
         """`close_stream`, and the ticket `ticket_id` deleted in the same store write (a
         stream's end costs one write, not two)."""
-        if not self.max_streams:
+        slot = self.closing_stream(caller_id, stream_id)
+        if slot is None:
             self.store.take_ticket(ticket_id)
-            return
+        else:
+            self.store.release_dropping(*slot, ticket_id)
+
+    def closing_stream(self, caller_id: str, stream_id: str) -> tuple[str, str] | None:
+        """`close_stream` for a caller that gives the slot back in a store write of its own: the
+        slot's (key, member), no longer kept alive here; None when streams are not capped."""
+        if not self.max_streams:
+            return None
         key = f"streams:{caller_id}"
         with self._lock:
             self.held.discard((key, stream_id))
-        self.store.release_dropping(key, stream_id, ticket_id)
+        return key, stream_id
 
     def open_reader(self, caller_id: str, reader_id: str) -> None:
         """Take a slot for a response reading a POST-SSE stream; release with `close_reader`."""
@@ -476,6 +484,20 @@ class MeteredStore(ConversationStore):
         self._keep(conversation_id, holder, held, kept, ttl, info)
         return info
 
+    def start_conversation(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float, owner: str,
+                           ticket: Ticket | None = None) -> ConversationInfo:
+        holder, held, kept = self._hold(conversation_id, messages, ttl, owner, refuse=True, new=True)
+        info = self.store.start_conversation(conversation_id, messages, ttl, owner, ticket)
+        self._keep(conversation_id, holder, held, kept, ttl, info)
+        return info
+
+    def append_message_releasing(self, conversation_id: str, message: dict[str, Any], ttl: float, owner: str,
+                                 slot: tuple[str, str] | None, ticket_id: str) -> ConversationInfo | None:
+        holder, held, kept = self._hold(conversation_id, [message], ttl, owner, refuse=False)
+        info = self.store.append_message_releasing(conversation_id, message, ttl, owner, slot, ticket_id)
+        self._keep(conversation_id, holder, held, kept, ttl, info)
+        return info
+
     def delete_conversation(self, conversation_id: str) -> bool:
         info = self.store.conversation(conversation_id) if self.quota else None
         deleted = self.store.delete_conversation(conversation_id)
@@ -507,12 +529,13 @@ class MeteredStore(ConversationStore):
         return bool(self.quota) and not owner.startswith(UNMETERED)
 
     def _hold(self, conversation_id: str, records: list[dict[str, Any]], ttl: float, owner: str,
-              refuse: bool) -> tuple[str, int, int]:
+              refuse: bool, new: bool = False) -> tuple[str, int, int]:
         """Take the slots the conversation needs once `records` are added: whose slots, how
-        many the conversation holds then, and how many of them it held before."""
+        many the conversation holds then, and how many of them it held before (`new`: none,
+        its id was just issued)."""
         if not self.quota:
             return owner, 0, 0
-        info = self.store.conversation(conversation_id)
+        info = None if new else self.store.conversation(conversation_id)
         if info is not None:  # what a conversation keeps counts against whoever it belongs to
             owner = info.owner
         if not self._metered(owner):

@@ -17,6 +17,7 @@ answer still running when it was deleted.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +28,7 @@ from app.errors import ApiError
 from app.images import image_bytes, images_in, text_of
 from app.providers.domain import Task
 from app.relay import Answer, new_id
-from app.store.base import ConversationInfo, ConversationStore, to_json
+from app.store.base import ConversationInfo, ConversationStore, Ticket, to_json
 from app.tools import neutral_call
 
 NOT_FOUND = "no such conversation"
@@ -45,15 +46,23 @@ class Conversations:
         self.max_images = settings.MAX_IMAGES
         self.max_image_bytes = settings.MAX_IMAGE_TOTAL_BYTES * 4 // 3  # as sent: base64
 
-    def begin(self, caller: Caller, chat: ChatRequest, request_id: str) -> tuple[str, Task, int]:
+    def begin(self, caller: Caller, chat: ChatRequest, request_id: str,
+              ticket: Callable[[str, int], Ticket] | None = None) -> tuple[str, Task, int]:
         """Store the request's messages; return the conversation id, the task to send, and the
-        conversation's length after them (where a POST-SSE ticket's history ends)."""
+        conversation's length after them (where a POST-SSE ticket's history ends).
+
+        `ticket(conversation_id, length)`, for a request that starts a conversation only, is the
+        POST-SSE ticket to store with its messages, in the same write."""
         now = time.time()
         new = chat.records if chat.records is not None else chat.task.messages
         records = [{**message, "request_id": request_id, "created": now} for message in new]
         history: list[dict[str, Any]] = []
         if chat.conversation_id is None:
             conversation_id = new_id()
+            kept = None if ticket is None else ticket(conversation_id, len(records))
+            stored = self.store.start_conversation(conversation_id, records, self.ttl, caller.id, kept)
+        elif ticket is not None:
+            raise ValueError("a ticket is stored with the messages of a new conversation only")
         else:
             conversation_id = chat.conversation_id
             info = self.owned(caller, conversation_id)
@@ -63,9 +72,10 @@ class Conversations:
                                f"this conversation reached its size limit ({self.cap_messages} messages or "
                                f"{self.cap_bytes} bytes); start a new conversation")
             history = self.replayable(self.store.messages(conversation_id, max(0, info.messages - self.max_messages)))
-        stored = self.store.append_messages(conversation_id, records, self.ttl, owner=caller.id)
-        if stored is None:  # deleted since it was looked up
-            raise ApiError(404, "not_found", NOT_FOUND)
+            appended = self.store.append_messages(conversation_id, records, self.ttl, owner=caller.id)
+            if appended is None:  # deleted since it was looked up
+                raise ApiError(404, "not_found", NOT_FOUND)
+            stored = appended
         new = chat.task.messages
         history = self.bounded(history, reserve=sum(len(text_of(m.get("content"))) for m in new), reserved=len(new),
                                images_reserved=list(images_in(new)))
@@ -80,9 +90,11 @@ class Conversations:
             raise ApiError(404, "not_found", "the conversation of this stream was deleted")
         return messages
 
-    def finish(self, conversation_id: str, request_id: str, answer: Answer, owner: str) -> None:
+    def finish(self, conversation_id: str, request_id: str, answer: Answer, owner: str,
+               releasing: tuple[tuple[str, str] | None, str] | None = None) -> None:
         """Store the assistant's turn, however it ended (not kept when the conversation was
-        deleted meanwhile: its tombstone refuses it)."""
+        deleted meanwhile: its tombstone refuses it). `releasing`: a POST-SSE stream's slot and
+        adoption record, given back with it in the same write (`append_message_releasing`)."""
         record: dict[str, Any] = {
             "role": "assistant", "content": answer.text, "status": answer.outcome,
             "finish_reason": answer.finish_reason, "usage": answer.usage,
@@ -101,7 +113,10 @@ class Conversations:
             record["error"] = answer.error
         if answer.failovers:  # who wrote which part: each entry says after how many characters
             record["failover"] = answer.failovers
-        self.store.append_message(conversation_id, record, self.ttl, owner=owner)
+        if releasing is None:
+            self.store.append_message(conversation_id, record, self.ttl, owner=owner)
+        else:
+            self.store.append_message_releasing(conversation_id, record, self.ttl, owner, *releasing)
 
     def owned(self, caller: Caller | None, conversation_id: str) -> ConversationInfo:
         """The conversation's info, if it exists and `caller` may use it; else the same 404."""

@@ -194,12 +194,20 @@ class ChatService:
         self._check_model(chat)
         ticket_id = new_id()
         ttl = self.settings.STREAM_TICKET_TTL
+        task = chat.task  # its messages are read from the conversation when the stream opens
+
+        def ticket(conversation_id: str, position: int) -> tuple[str, dict[str, Any], float]:
+            kept = Ticket(caller.id, chat.provider.name, task.model, conversation_id, position, task.system,
+                          task.temperature, task.max_tokens, tuple(t.name for t in chat.tools),
+                          reasoning=task.reasoning)
+            return ticket_id, kept.to_dict(), ttl
+
         with self.access.held_ticket(caller.id, ticket_id, ttl):
-            conversation_id, task, position = self.conversations.begin(caller, chat, ticket_id)
-            ticket = Ticket(caller.id, chat.provider.name, task.model, conversation_id, position, task.system,
-                            task.temperature, task.max_tokens, tuple(t.name for t in chat.tools),
-                            reasoning=task.reasoning)
-            self.store.put_ticket(ticket_id, ticket.to_dict(), ttl)
+            if chat.conversation_id is None:  # its first messages and the ticket in one store write
+                conversation_id, _, _ = self.conversations.begin(caller, chat, ticket_id, ticket=ticket)
+            else:
+                conversation_id, _, position = self.conversations.begin(caller, chat, ticket_id)
+                self.store.put_ticket(*ticket(conversation_id, position))
         return {"id": ticket_id, "stream_url": f"/api/chat/streams/{ticket_id}", "conversation_id": conversation_id}
 
     def open_stream(self, caller: Caller | None, stream_id: str, last_event_id: str | None,
@@ -491,15 +499,28 @@ class ChatService:
         (the owner's stream slot) is given back when the generation ends. An `adoptable` answer
         (POST-SSE: its adoption record is kept under ADOPT + `stream_id`) has as `slot` only the
         `close_stream` of `owner`'s slot for `stream_id`, so that its end gives the slot back and
-        removes the record in one store write."""
+        removes the record in the store write that keeps its answer (or, if that write failed, in
+        one of their own)."""
         metrics = self.metrics
+        released = False
 
         def record(generation: Generation) -> None:
-            if generation.cancel.reason != SUPERSEDED:  # else the adopter records the answer
+            nonlocal released
+            if generation.cancel.reason == SUPERSEDED:  # the adopter records the answer
+                return
+            if adoptable and generation.conversation_id:  # ended here: nothing left to adopt
+                slot.pop_all()
+                ending = (self.access.closing_stream(owner, generation.id), ADOPT + generation.id)
+                self.conversations.finish(generation.conversation_id, generation.id, generation.answer, owner,
+                                          releasing=ending)
+                released = True
+            else:
                 self._finish(generation.conversation_id, generation.id, generation.answer, owner)
 
         def release(generation: Generation) -> None:
-            if adoptable and generation.cancel.reason != SUPERSEDED:  # ended here: nothing left to adopt
+            if released:  # with the answer
+                pass
+            elif adoptable and generation.cancel.reason != SUPERSEDED:
                 slot.pop_all()
                 try:
                     self.access.close_stream_dropping(owner, generation.id, ADOPT + generation.id)

@@ -191,6 +191,36 @@ def test_conversations_keep_order_owner_and_size(store):
     assert not store.delete_conversation("c")
 
 
+def test_a_new_conversation_starts_with_its_ticket_in_one_step(store):
+    records = [{"role": "user", "content": "q1"}, {"role": "user", "content": "漢字"}]
+    info = store.start_conversation("c", records, 60, "ann", ("t", {"position": 2}, 60))
+    assert info == store_base.ConversationInfo("ann", 2, sum(len(store_base.to_json(r).encode()) for r in records))
+    assert store.conversation("c") == info and [m["content"] for m in store.messages("c")] == ["q1", "漢字"]
+    assert store.take_ticket("t") == {"position": 2}
+    after = store.append_message("c", {"role": "assistant", "content": "a"}, 60, owner="bob")
+    assert after.owner == "ann" and after.messages == 3  # a conversation like any other from then on
+    assert store.start_conversation("d", records[:1], 60, "bob").messages == 1  # no ticket
+    assert not store.ticket_exists("t") and store.conversation("d").owner == "bob"
+
+
+def test_a_post_sse_answer_is_kept_with_its_streams_end_in_one_step(store):
+    store.start_conversation("c", [{"role": "user", "content": "q"}], 60, "ann")
+    for member in ("s1", "s2"):
+        assert store.acquire("streams:ann", member, 2, 60)
+        store.put_ticket(f"adopt:{member}", {"owner": "ann"}, 60)
+    info = store.append_message_releasing("c", {"role": "assistant", "content": "a"}, 60, "ann",
+                                          ("streams:ann", "s1"), "adopt:s1")
+    assert info.messages == 2 and [m["content"] for m in store.messages("c")] == ["q", "a"]
+    assert not store.ticket_exists("adopt:s1") and store.ticket_exists("adopt:s2")
+    assert store.acquire("streams:ann", "s3", 2, 60)  # s1's slot was given back, s2's kept
+    assert not store.acquire("streams:ann", "s4", 2, 60)
+    # A deleted conversation refuses the answer; the stream still ends. No slot: the record alone.
+    assert store.delete_conversation("c")
+    assert store.append_message_releasing("c", {"role": "assistant", "content": "b"}, 60, "ann", None,
+                                          "adopt:s2") is None
+    assert not store.ticket_exists("adopt:s2") and store.messages("c") == []
+
+
 def test_a_deleted_conversation_stays_deleted(store):
     # An answer still running when its conversation is deleted must not bring it back.
     store.append_message("c", {"role": "user", "content": "secret"}, 60, owner="ann")
@@ -207,6 +237,10 @@ def test_conversations_expire_after_their_last_message(store):
     store.append_message("old", {"role": "user", "content": "q"}, 0.05, owner="ann")
     time.sleep(0.1)
     assert store.conversation("old") is None and store.messages("old") == []
+    store.append_message("kept", {"role": "user", "content": "q"}, 0.2, owner="ann")
+    store.append_message("kept", {"role": "assistant", "content": "a"}, 60, owner="ann")  # its TTL starts again
+    time.sleep(0.3)
+    assert store.conversation("kept").messages == 2 and len(store.messages("kept")) == 2
     again = store.append_message("old", {"role": "user", "content": "new"}, 60, owner="bob")
     assert again.owner == "bob" and again.messages == 1  # an expired id starts over
 

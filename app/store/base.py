@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 Frame = tuple[int, bytes]
+# A POST-SSE ticket to keep: (id, payload, ttl), as `put_ticket` takes them.
+Ticket = tuple[str, dict[str, Any], float]
 # How often a store without key expiry drops what expired (on its next write).
 SWEEP_SECONDS = 60.0
 
@@ -83,6 +85,20 @@ class ConversationStore(Protocol):
                        owner: str = "") -> ConversationInfo | None:
         return self.append_messages(conversation_id, [message], ttl, owner)
 
+    def start_conversation(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float, owner: str,
+                           ticket: Ticket | None = None) -> ConversationInfo:
+        """`append_messages` for a conversation whose id was just issued (so no tombstone or
+        expired records of it can exist), and with its records the POST-SSE `ticket` that
+        will answer them (`put_ticket`'s arguments), in one write."""
+        ...
+
+    def append_message_releasing(self, conversation_id: str, message: dict[str, Any], ttl: float, owner: str,
+                                 slot: tuple[str, str] | None, ticket_id: str) -> ConversationInfo | None:
+        """`append_message` of a POST-SSE stream's answer, and the stream's end in the same write:
+        its `slot` (key, member) given back (None: it held none) and the ticket `ticket_id` (its
+        adoption record) deleted, whether or not a tombstone refuses the record."""
+        ...
+
     def conversation(self, conversation_id: str) -> ConversationInfo | None:
         """Owner and size of a conversation; None when unknown or expired."""
         ...
@@ -105,6 +121,24 @@ class Store(ConversationStore, Protocol):
     # -- tickets
     def put_ticket(self, ticket_id: str, payload: dict[str, Any], ttl: float) -> None:
         ...
+
+    def start_conversation(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float, owner: str,
+                           ticket: Ticket | None = None) -> ConversationInfo:
+        info = self.append_messages(conversation_id, messages, ttl, owner)
+        if info is None:  # a tombstone under an id issued just now: the id was not new
+            raise StoreError(f"conversation {conversation_id} was not new")
+        if ticket is not None:
+            self.put_ticket(*ticket)
+        return info
+
+    def append_message_releasing(self, conversation_id: str, message: dict[str, Any], ttl: float, owner: str,
+                                 slot: tuple[str, str] | None, ticket_id: str) -> ConversationInfo | None:
+        info = self.append_message(conversation_id, message, ttl, owner)
+        if slot is None:
+            self.take_ticket(ticket_id)
+        else:
+            self.release_dropping(*slot, ticket_id)
+        return info
 
     def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:
         """The payload to the first caller only (it becomes the producer); None after."""

@@ -420,19 +420,39 @@ class SqliteStore(Store):
     # -- conversations
     def append_messages(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
                         owner: str = "") -> ConversationInfo | None:
+        return self._write(self._appending(conversation_id, messages, ttl, owner))
+
+    def append_message_releasing(self, conversation_id: str, message: dict[str, Any], ttl: float, owner: str,
+                                 slot: tuple[str, str] | None, ticket_id: str) -> ConversationInfo | None:
+        append = self._appending(conversation_id, [message], ttl, owner)
+
+        def end(db: sqlite3.Connection) -> ConversationInfo | None:
+            if slot is not None:
+                db.execute("DELETE FROM slots WHERE key = ? AND member = ?", slot)
+            db.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
+            return append(db)
+
+        return self._write(end)
+
+    def _appending(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float,
+                   owner: str) -> Callable[[sqlite3.Connection], ConversationInfo | None]:
+        """The write transaction's work of `append_messages`."""
         texts = [to_json(m) for m in messages]
         size = sum(len(t.encode()) for t in texts)
         now = time.time()
         expires = now + ttl
 
         def append(db: sqlite3.Connection) -> ConversationInfo | None:
-            if db.execute("SELECT 1 FROM tombstones WHERE id = ? AND expires >= ?", (conversation_id, now)).fetchone():
+            deleted, was_expiring = db.execute(
+                "SELECT (SELECT 1 FROM tombstones WHERE id = ? AND expires >= ?), "
+                "(SELECT expires FROM conversations WHERE id = ?)", (conversation_id, now, conversation_id)).fetchone()
+            if deleted:
                 return None
-            # An expired conversation that the sweep has not dropped yet starts over.
-            db.execute("DELETE FROM messages WHERE conversation_id = ? AND EXISTS "
-                       "(SELECT 1 FROM conversations WHERE id = ? AND expires < ?)", (conversation_id,
-                                                                                      conversation_id, now))
-            db.execute("DELETE FROM conversations WHERE id = ? AND expires < ?", (conversation_id, now))
+            if was_expiring is not None and was_expiring < now:
+                # Expired, and not swept yet: it starts over. (Looked up first: a DELETE of its
+                # messages on every append walked all of them, however long the conversation.)
+                db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+                db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
             execute_each(db, "INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)",
                          [(conversation_id, t, expires) for t in texts])
             row = db.execute(
@@ -441,7 +461,26 @@ class SqliteStore(Store):
                 "RETURNING owner, count, bytes", (conversation_id, owner, len(texts), size, expires)).fetchone()
             return ConversationInfo(*row)
 
-        return self._write(append)
+        return append
+
+    def start_conversation(self, conversation_id: str, messages: list[dict[str, Any]], ttl: float, owner: str,
+                           ticket: base.Ticket | None = None) -> ConversationInfo:
+        # Two statements and the ticket's own transaction fewer than append_messages then put_ticket.
+        texts = [to_json(m) for m in messages]
+        size = sum(len(t.encode()) for t in texts)
+        now = time.time()
+        kept = None if ticket is None else (ticket[0], to_json(ticket[1]), now + ticket[2])
+
+        def start(db: sqlite3.Connection) -> None:
+            execute_each(db, "INSERT INTO messages (conversation_id, message, expires) VALUES (?, ?, ?)",
+                         [(conversation_id, t, now + ttl) for t in texts])
+            db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)",
+                       (conversation_id, owner, len(texts), size, now + ttl))
+            if kept is not None:
+                db.execute("INSERT INTO tickets VALUES (?, ?, ?)", kept)
+
+        self._write(start)
+        return ConversationInfo(owner, len(texts), size)
 
     def conversation(self, conversation_id: str) -> ConversationInfo | None:
         row = next(iter(self._query("SELECT owner, count, bytes, expires FROM conversations WHERE id = ?",
