@@ -10,6 +10,8 @@
 # Sizing and timeouts: RELAY_SSE_PROCESSES, RELAY_SSE_THREADS, RELAY_APP_PROCESSES,
 # RELAY_APP_THREADS, RELAY_IO_TIMEOUT, RELAY_ANSWER_TIMEOUT, RELAY_APP_REQUEST_TIMEOUT,
 # RELAY_MAX_WORKERS, RELAY_THREADS_PER_CHILD (environment).
+# Memory against CPU (apache/README.md, step 5; both unset by default): RELAY_MAX_MEM_FREE
+# (Apache's MaxMemFree, kB) and RELAY_MALLOC_ARENA_MAX (glibc's, for Apache and its daemons).
 # Which mod_wsgi: RELAY_MOD_WSGI=pypi (the default: PyPI's mod-wsgi, pinned in pyproject.toml's
 # `apache` group, built into the venv below; needs apache2-dev and python3-dev) or
 # RELAY_MOD_WSGI=debian (libapache2-mod-wsgi-py3).
@@ -114,6 +116,7 @@ fi
 define_opt() { [ -n "${!1:-}" ] && echo "Define $1 ${!1}" || true; }
 MAX_WORKERS=${RELAY_MAX_WORKERS:-1000}
 PER_CHILD=${RELAY_THREADS_PER_CHILD:-250}  # as apache/README.md recommends
+MAX_MEM_FREE=${RELAY_MAX_MEM_FREE:-}  # Apache's default (2048 kB) unless set: step 5
 
 cat > "$ROOT/httpd.conf" <<EOF
 ServerRoot $ROOT
@@ -182,6 +185,7 @@ ${LOAD_WSGI:-}
     MinSpareThreads $PER_CHILD
     MaxSpareThreads $MAX_WORKERS
 </IfModule>
+$([ -n "$MAX_MEM_FREE" ] && echo "MaxMemFree $MAX_MEM_FREE")
 
 <IfModule wsgi_module>
     WSGISocketPrefix $ROOT/run/wsgi
@@ -227,6 +231,8 @@ trap stop INT TERM EXIT
 # As /etc/apache2/envvars would: the daemons see the env file at start and build the app then.
 START_ENV=()
 [ "$MODE" = wsgi ] && START_ENV=("LLM_RELAY_ENV_FILE=$ROOT/relay.env")
+# As envvars or the systemd unit would set it (apache/README.md, step 5).
+[ -n "${RELAY_MALLOC_ARENA_MAX:-}" ] && START_ENV+=("MALLOC_ARENA_MAX=$RELAY_MALLOC_ARENA_MAX")
 env "${START_ENV[@]}" "$APACHE" -f "$ROOT/httpd.conf" -DFOREGROUND &
 APACHE_PID=$!
 for _ in $(seq 100); do
