@@ -67,6 +67,21 @@ def test_a_slot_is_given_back_and_a_ticket_dropped_in_one_step(store):
     assert not store.acquire("c", "s3", 1, 60)
 
 
+def test_a_batch_larger_than_one_statement_keeps_every_frame_in_order_and_the_first_of_a_repeat(store):
+    """The SQLite store inserts frames many rows a statement (ROWS_PER_INSERT, 100): batches
+    across that bound, for many streams at once, with a frame written again after a failed
+    batch (the repeat must not replace what the store has)."""
+    ids = [f"s{n}" for n in range(7)]
+    for sid in ids:
+        store.open_log(sid, ttl=60)
+    store.append_many({sid: [(i, b"%s-%d" % (sid.encode(), i)) for i in range(1, 40)] for sid in ids})
+    store.append_many({sid: [(39, b"again"), *[(i, b"%s-%d" % (sid.encode(), i)) for i in range(40, 251)]]
+                       for sid in ids}, closing=tuple(ids), ttl=60)
+    for sid in ids:
+        assert store.read_frames(sid, 0, 0) == [(i, b"%s-%d" % (sid.encode(), i)) for i in range(1, 251)]
+        assert store.log_state(sid) == "closed"
+
+
 def test_stream_logs_batches_and_states(store):
     store.open_log("s", ttl=60, owner="me")
     assert store.log_state("s") == "open" and store.log_owner("s") == "me"

