@@ -426,9 +426,10 @@ print(len(failures), sorted(set(failures))[:3])
 
 def test_sqlite_writes_from_gevents_native_threads_never_fail(tmp_path):
     """Under gunicorn's gevent worker every SQLite call ran on gevent's native thread pool
-    (a contended write still does): there, `executemany` on the write connection failed now and then with SQLITE_MISUSE ("bad
-    parameter or other API misuse"), 1-3 streams of a few thousand in the bench, each ending
-    with an error event. The same rows written one `execute` at a time never fail."""
+    (a contended write still does): there, `executemany` on the write connection failed now
+    and then with SQLITE_MISUSE ("bad parameter or other API misuse"), 1-3 streams of a few
+    thousand in the bench, each ending with an error event. The same rows written one
+    `execute` at a time never fail."""
     import subprocess
     import sys
 
