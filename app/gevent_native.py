@@ -1,9 +1,9 @@
 """The operating system's own primitives when gevent has monkey-patched the standard library.
 
 Under gunicorn's gevent worker, `threading.Lock` and `select.poll` are cooperative
-versions. A few places need the real ones: a lock shared with native threads (SQLite
-writers run on gevent's thread pool), and a zero-timeout poll that must never yield to
-the event loop. Elsewhere (mod_wsgi, werkzeug) these are the standard library's.
+versions. A few places need the real ones: a sleep on one of gevent's native threads (a
+SQLite write waiting there for another process), and a zero-timeout poll that must never
+yield to the event loop. Elsewhere (mod_wsgi, werkzeug) these are the standard library's.
 """
 
 from __future__ import annotations

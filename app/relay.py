@@ -365,6 +365,8 @@ class Generation:
 
     def _log_line(self) -> None:
         """One summary line per stream (structured in JSON logs)."""
+        if not logger.isEnabledFor(logging.INFO):  # the bench's LOG_LEVEL=WARNING: nothing to build
+            return
         ttft = None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000)
         summary = {"id": self.id, "provider": self.provider.name, "model": self.task.model, "ttft_ms": ttft,
                    "tokens": self.token_events, "duration_ms": round((time.monotonic() - self.started) * 1000),

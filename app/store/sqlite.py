@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -67,16 +68,45 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
 
 def execute_each(db: sqlite3.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
     """`db.executemany(sql, rows)`, one `execute` a row, in the caller's transaction. Called from
-    gevent's native thread pool (every SQLite call is, under the gevent worker), `executemany`
-    on the write connection failed now and then with SQLITE_MISUSE ("bad parameter or other API
-    misuse"): 1-3 streams of a few thousand in the bench ended with an error event. Rows one by
-    one (the statement is cached) never did, in the same stress test."""
+    gevent's native thread pool (where every SQLite call of the gevent worker ran until
+    2026-12), `executemany` on the write connection failed now and then with SQLITE_MISUSE
+    ("bad parameter or other API misuse"): 1-3 streams of a few thousand in the bench ended
+    with an error event. Rows one by one (the statement is cached) never did, in the same
+    stress test, which still runs (a contended write still goes to a native thread)."""
     for row in rows:
         db.execute(sql, row)
 
 
-# Blocking SQLite calls run on gevent's native thread pool when the worker is gevent's.
+# Rows one multi-row INSERT carries: 300 bound parameters for frames, under the oldest
+# SQLite's limit (999).
+ROWS_PER_INSERT = 100
+
+
+def insert_rows(db: sqlite3.Connection, insert: str, rows: Sequence[Sequence[Any]]) -> None:
+    """`insert` (up to its "VALUES") for every row, up to ROWS_PER_INSERT rows a statement.
+
+    One statement is one step of SQLite, and one release of the GIL while it runs: the log
+    flusher writes about one frame per open stream every tick, and under mod_wsgi each release
+    handed the GIL to one of hundreds of stream threads, then waited to get it back. In one
+    thread alone a row costs less too (6.8 against 5.0-6.1 µs, 250 rows a transaction)."""
+    if not rows:
+        return
+    group = "(" + ",".join("?" * len(rows[0])) + ")"
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[i:i + ROWS_PER_INSERT]
+        db.execute(insert + ",".join([group] * len(chunk)), [value for row in chunk for value in row])
+
+
+# Under gunicorn's gevent worker, SQLite is called on the event loop itself: a read or a write
+# takes ~0.1 ms there, less than handing it to a native thread and back, which under a burst
+# (the loop always busy, the thread waiting up to a GIL switch interval for each step) made
+# every call wait ~100 ms in the thread pool's queue (p50 of 2,000 calls, 500 POST-SSE streams
+# opened in a second). Only what can block goes to gevent's native threads: a write that finds
+# another process writing (it waits there), and the WAL checkpoint (it syncs the disk).
 _gevent_pool = gevent_threadpool()
+# How often, at most, a checkpoint is started after a commit under gevent.
+CHECKPOINT_SECONDS = 1.0
+_native_sleep = unpatched("time", "sleep")
 
 # Read connections a process keeps between reads. More readers at one instant open more,
 # closed again when returned past this number. A connection holds ~160 kB (SQLite's
@@ -96,8 +126,10 @@ class SqliteStore(Store):
         # Writers of this process queue here, in order, so only one of them at a time
         # competes for SQLite's file lock with the other processes (hundreds of mod_wsgi
         # threads polling that lock starve each other).
-        self._write_lock = unpatched("threading", "Lock")()  # shared with the pool's native threads
-        self._off_loop(self._create_schema)
+        # (Under gevent, gevent's lock: its holder may wait cooperatively for another process.)
+        self._write_lock = threading.Lock()
+        self._last_checkpoint = time.monotonic()
+        self._create_schema()
 
     def _create_schema(self) -> None:
         with self._write_lock:
@@ -124,6 +156,8 @@ class SqliteStore(Store):
             # meet "database is locked" here, so this waits like every other write.
             self._retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             db.execute("PRAGMA synchronous=NORMAL")
+            if _gevent_pool is not None:
+                db.execute("PRAGMA wal_autocheckpoint=0")  # a checkpoint syncs the disk: _checkpoint_if_due
         except BaseException:
             db.close()
             raise
@@ -158,7 +192,7 @@ class SqliteStore(Store):
                 db.close()
 
     @staticmethod
-    def _retry_locked(call: Callable[[], T]) -> T:
+    def _retry_locked(call: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         delay = 0.001
         while True:
@@ -169,32 +203,60 @@ class SqliteStore(Store):
                     raise _store_error(exc) from exc
                 if time.monotonic() > deadline:
                     raise StoreError(f"SQLite store locked by another process for {LOCK_WAIT_SECONDS:g} s") from exc
-                time.sleep(delay)  # gevent-aware when patched: other streams run meanwhile
+                sleep(delay)  # gevent-aware when patched: other streams run meanwhile
                 delay = min(delay * 2, 0.02)
 
-    def _off_loop(self, call: Callable[[], T]) -> T:
-        """Under gevent, run a blocking SQLite call on a native thread: disk I/O and lock waits
-        then cost the event loop nothing, and the other streams of the worker keep flowing."""
-        if _gevent_pool is None:
-            return call()
+    @staticmethod
+    def _on_native_thread(call: Callable[[], T]) -> T:
+        assert _gevent_pool is not None
         result: T = _gevent_pool().apply(call)
         return result
 
+    def _checkpoint_if_due(self, db: sqlite3.Connection) -> None:
+        """Under gevent, copy the WAL back into the database at most every CHECKPOINT_SECONDS,
+        on a native thread (the loop's commits never do it: wal_autocheckpoint is off there, as
+        a checkpoint syncs the disk). Called with this process's write lock held, as SQLite's
+        own checkpoint runs in the committing connection: no write of this process lands
+        meanwhile, so the pass completes and the next write starts the WAL over."""
+        if _gevent_pool is None or time.monotonic() - self._last_checkpoint < CHECKPOINT_SECONDS:
+            return
+        self._last_checkpoint = time.monotonic()
+        try:
+            self._on_native_thread(lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        except sqlite3.Error as exc:
+            log.warning("SQLite checkpoint failed: %s", exc)
+
     def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one write transaction, waiting for other processes cooperatively."""
-        return self._off_loop(lambda: self._write_here(work))
-
-    def _write_here(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if not self._write_lock.acquire(timeout=LOCK_WAIT_SECONDS):
             raise StoreError(f"SQLite store busy for {LOCK_WAIT_SECONDS:g} s (writers of this process)")
         try:
-            return self._write_locked(work)
+            db = self._write_db()
+            if _gevent_pool is None:
+                self._retry_locked(lambda: db.execute("BEGIN IMMEDIATE"))
+                return self._in_transaction(db, work)
+            try:
+                db.execute("BEGIN IMMEDIATE")  # no busy timeout: at once, or "locked"
+            except sqlite3.OperationalError as exc:
+                if not _is_lock_wait(exc):
+                    raise _store_error(exc) from exc
+                # Another process is writing: wait for it on a native thread, which wakes the
+                # moment its turn comes (on the loop, a wake-up waits for every stream ready
+                # before it, and this process's other writers behind it).
+                result = self._on_native_thread(lambda: self._locked_write(db, work))
+            else:
+                result = self._in_transaction(db, work)
+            self._checkpoint_if_due(db)
+            return result
         finally:
             self._write_lock.release()
 
-    def _write_locked(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        db = self._write_db()
-        self._retry_locked(lambda: db.execute("BEGIN IMMEDIATE"))
+    def _locked_write(self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+        self._retry_locked(lambda: db.execute("BEGIN IMMEDIATE"), _native_sleep)
+        return self._in_transaction(db, work)
+
+    def _in_transaction(self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` and the COMMIT, in the write transaction `db` has just begun."""
         try:
             if time.time() - self._last_sweep >= SWEEP_SECONDS:
                 self._sweep(db)  # whatever routes run, expiry runs with them
@@ -213,9 +275,6 @@ class SqliteStore(Store):
 
     def _query(self, sql: str, params: Any = ()) -> list[Any]:
         """A read; WAL readers rarely wait, but a checkpoint can make them (then: politely)."""
-        return self._off_loop(lambda: self._query_here(sql, params))
-
-    def _query_here(self, sql: str, params: Any) -> list[Any]:
         try:
             with self._read_db() as db:
                 return self._retry_locked(lambda: db.execute(sql, params).fetchall())
@@ -225,9 +284,6 @@ class SqliteStore(Store):
     def _snapshot(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Several reads in one read transaction: in WAL mode they all see the database as
         it was at the first, whatever other processes commit meanwhile."""
-        return self._off_loop(lambda: self._snapshot_here(work))
-
-    def _snapshot_here(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def run(db: sqlite3.Connection) -> T:
             db.execute("BEGIN")
             try:
@@ -319,8 +375,8 @@ class SqliteStore(Store):
                 rows = db.execute(f"SELECT id, lease FROM streams WHERE id IN ({','.join('?' * len(chunk))})",
                                   chunk).fetchall()
                 fenced.update(s for s, held in rows if held and held != leases[s])
-            execute_each(db, "INSERT OR IGNORE INTO frames VALUES (?, ?, ?)",
-                         [(s, n, f) for s, frames in batch.items() if s not in fenced for n, f in frames])
+            insert_rows(db, "INSERT OR IGNORE INTO frames VALUES ",
+                        [(s, n, f) for s, frames in batch.items() if s not in fenced for n, f in frames])
             execute_each(db, "INSERT INTO streams (id, state, expires) VALUES (?, 'closed', ?) "
                          "ON CONFLICT(id) DO UPDATE SET state = 'closed', expires = excluded.expires",
                          [(s, expires) for s in closing if s not in fenced])
