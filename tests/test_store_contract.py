@@ -17,6 +17,7 @@ from app.sse import HEARTBEAT, SseBody
 from app.store import MemoryStore, open_store
 from app.store import base as store_base
 from app.store import sqlite as sqlite_store
+from app.store.base import StoreError
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -234,6 +235,22 @@ def test_a_post_sse_answer_is_kept_with_its_streams_end_in_one_step(store):
     assert store.append_message_releasing("c", {"role": "assistant", "content": "b"}, 60, "ann", None,
                                           "adopt:s2") is None
     assert not store.ticket_exists("adopt:s2") and store.messages("c") == []
+
+
+def test_where_the_end_of_a_stream_is_a_write_of_its_own_its_failure_does_not_undo_the_answer():
+    """The stores without one write for both (Redis, memory) append, then give the slot back:
+    the answer is kept, so a failure of the second step is logged, not raised (the reader would
+    be told the answer could not be saved, and retry it); the slot and record expire by their
+    TTL. Found in review."""
+    class FailingRelease(MemoryStore):
+        def release_dropping(self, key: str, member: str, ticket_id: str) -> None:
+            raise StoreError("Redis went away")
+
+    store = FailingRelease()
+    store.start_conversation("c", [{"role": "user", "content": "q"}], 60, "ann")
+    info = store.append_message_releasing("c", {"role": "assistant", "content": "a"}, 60, "ann",
+                                          ("streams:ann", "s1"), "adopt:s1")
+    assert info is not None and [m["content"] for m in store.messages("c")] == ["q", "a"]
 
 
 def test_a_deleted_conversation_stays_deleted(store):
@@ -511,3 +528,48 @@ def test_under_gevent_the_wal_is_checkpointed_off_the_loop(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout) < 6 * 2**20, done.stdout
+
+
+GEVENT_KILLED_WRITER = r"""
+from gevent import monkey; monkey.patch_all()
+import sqlite3, sys
+import gevent
+from gevent.monkey import get_original
+from app.store.sqlite import SqliteStore
+
+path = sys.argv[1]
+store = SqliteStore(path)
+native_sleep = get_original("time", "sleep")
+
+# Another process holds SQLite's write lock for 0.3 s: greenlet A's write goes to a native thread.
+other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+other.execute("BEGIN IMMEDIATE")
+get_original("_thread", "start_new_thread")(lambda: (native_sleep(0.3), other.execute("COMMIT")), ())
+
+def slow_work(db):  # A's transaction stays open on the write connection for 1 s
+    db.execute("INSERT INTO tickets VALUES ('a', '{}', 1e12)")
+    native_sleep(1.0)
+
+a = gevent.spawn(store._write, slow_work)
+gevent.sleep(0.1)
+a.kill()  # gunicorn ending a worker's handlers after graceful_timeout
+gevent.sleep(0.4)  # A's native thread is inside its transaction now
+try:
+    store.put_ticket("b", {}, 60)  # must wait for A's transaction to end, then succeed
+    print("OK", store.ticket_exists("a"), store.ticket_exists("b"))
+except Exception as exc:
+    print("FAILED", type(exc).__name__, exc)
+"""
+
+
+def test_under_gevent_a_writer_killed_while_its_write_waits_keeps_the_connection_until_it_ends(tmp_path):
+    """A write that waits for another process runs on a native thread while its greenlet waits:
+    a greenlet killed meanwhile must not hand the write connection (and the process's write
+    lock) to the next writer while that thread's transaction is still open. Found in review."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", GEVENT_KILLED_WRITER, str(tmp_path / "relay.sqlite3")],
+                          capture_output=True, text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["OK", "True", "True"], done.stdout + done.stderr[-2000:]

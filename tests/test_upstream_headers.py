@@ -332,6 +332,36 @@ def test_proxies_from_the_environment_are_used_while_waiting_in_slices(scheme, p
         proxy.close()
 
 
+def test_a_cancel_through_an_https_proxy_ends_the_header_wait_at_once(tmp_path, monkeypatch):
+    """Through an HTTPS proxy to an HTTPS upstream (TLS inside TLS) the connection's socket is
+    urllib3's SSLTransport: the cancel must reach the socket under it, not wait out the slice
+    (a heartbeat interval, the upstream generating meanwhile). Found in review."""
+    context, ca_bundle = self_signed_tls(tmp_path)
+    upstream = Scripted("silent", tls=context)
+    proxy = Proxy(tls_upstream_context(tmp_path, ca_bundle))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_bundle)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        provider = openai(upstream.url, UPSTREAM_READ_TIMEOUT="30")
+        cancel = Cancellation(idle_after=5.0)  # one slice: a heartbeat interval
+        cancelled_at: list[float] = []
+
+        def cancel_soon() -> None:
+            cancelled_at.append(time.monotonic())
+            cancel.cancel("client left")
+
+        threading.Timer(0.5, cancel_soon).start()
+        list(provider.stream(task(), cancel))
+        took = time.monotonic() - cancelled_at[0]
+        assert took < 3.0, f"the header wait ended {took:.1f} s after the cancel"
+        assert upstream.gone_event.wait(2), "the upstream connection is still open"
+    finally:
+        proxy.close()
+        upstream.close()
+
+
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_under_gevent_a_stream_waiting_for_headers_holds_up_no_other(scheme, upstream, tls_upstream):
     """gunicorn's gevent worker: one process, one event loop. The first stream's upstream

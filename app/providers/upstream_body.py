@@ -38,6 +38,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.proxy import connection_requires_http_tunnel
 from urllib3.util.ssl_match_hostname import CertificateError
+from urllib3.util.ssltransport import SSLTransport
 from urllib3.util.timeout import Timeout
 from urllib3.util.url import _encode_target, parse_url
 
@@ -189,11 +190,18 @@ def shut(response: requests.Response) -> None:
     candidates = [getattr(connection, "sock", None)]
     if FAST_READS:  # after a partial read urllib3 may have let go of it: the reader's socket
         candidates.append(getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None))
-    for sock in candidates:
+    for sock in map(tls_inside_tls, candidates):
         if isinstance(sock, socket.socket):
             abort(sock)
             return
     response.close()
+
+
+def tls_inside_tls(sock: Any) -> Any:
+    """The socket under urllib3's SSLTransport (TLS to the upstream inside TLS to an HTTPS
+    proxy), which is no `socket.socket` itself; anything else as it is."""
+    inner = getattr(sock, "socket", None) if isinstance(sock, SSLTransport) else None
+    return inner if inner is not None else sock
 
 
 def abort(sock: socket.socket) -> None:
@@ -337,7 +345,7 @@ class SentRequest:
 
     def abort(self) -> None:
         """From any thread: wakes a `wait` (it returns True, with nothing to read)."""
-        sock = getattr(self.conn, "sock", None)
+        sock = tls_inside_tls(getattr(self.conn, "sock", None))
         if isinstance(sock, socket.socket):
             abort(sock)
 

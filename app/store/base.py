@@ -19,11 +19,14 @@ the default for one host, Redis for several.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+log = logging.getLogger("llm_sse_relay.store")
 
 Frame = tuple[int, bytes]
 # A POST-SSE ticket to keep: (id, payload, ttl), as `put_ticket` takes them.
@@ -134,10 +137,16 @@ class Store(ConversationStore, Protocol):
     def append_message_releasing(self, conversation_id: str, message: dict[str, Any], ttl: float, owner: str,
                                  slot: tuple[str, str] | None, ticket_id: str) -> ConversationInfo | None:
         info = self.append_message(conversation_id, message, ttl, owner)
-        if slot is None:
-            self.take_ticket(ticket_id)
-        else:
-            self.release_dropping(*slot, ticket_id)
+        try:
+            if slot is None:
+                self.take_ticket(ticket_id)
+            else:
+                self.release_dropping(*slot, ticket_id)
+        except StoreError as exc:
+            # The answer is kept: told it was not, its reader would ask for it again. What
+            # was not given back expires with its TTL.
+            log.warning("the end of stream record %s was not written (%s); its slot and record expire", ticket_id,
+                        exc)
         return info
 
     def take_ticket(self, ticket_id: str) -> dict[str, Any] | None:

@@ -208,9 +208,22 @@ class SqliteStore(Store):
 
     @staticmethod
     def _on_native_thread(call: Callable[[], T]) -> T:
+        """`call` on one of gevent's native threads, waited for to its end. The calling greenlet
+        holds the write lock meanwhile: killed while it waits (gunicorn ending a worker's
+        handlers), it must not release the lock, and the write connection with it, while the
+        thread is still in its transaction."""
         assert _gevent_pool is not None
-        result: T = _gevent_pool().apply(call)
-        return result
+        task = _gevent_pool().spawn(call)
+        try:
+            result: T = task.get()
+            return result
+        except BaseException:
+            while not task.ready():
+                try:
+                    task.wait()
+                except BaseException:  # interrupted again: the thread still has the connection
+                    pass
+            raise
 
     def _checkpoint_if_due(self, db: sqlite3.Connection) -> None:
         """Under gevent, copy the WAL back into the database at most every CHECKPOINT_SECONDS,
