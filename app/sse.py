@@ -79,13 +79,21 @@ def encode_json(data: Any) -> bytes:
         return _dumps_ascii(data).encode()
 
 
+_checked_names: dict[str, bytes] = {}  # names already checked: a handful per app, one per token
+
+
 def event_name(event: str) -> bytes:
     """The `event:` field's value; a line break or NUL in it would start a forged field."""
+    name = _checked_names.get(event) if isinstance(event, str) else None
+    if name is not None:
+        return name
     if not isinstance(event, str) or not event or "\n" in event or "\r" in event or "\0" in event:
         raise ValueError(f"not a usable SSE event name: {event!r}")
     name = event.encode()  # a lone surrogate cannot be: a ValueError too
     if len(name) > 200:
         raise ValueError(f"not a usable SSE event name: {event!r}")
+    if len(_checked_names) < 1024:
+        _checked_names[event] = name
     return name
 
 
