@@ -458,7 +458,6 @@ class LogFlusher:
         self.on_store_error = on_store_error
         self.active: dict[str, Flushed] = {}  # by stream id
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._exit_hook = False
 
