@@ -45,19 +45,16 @@ def tls_upstream(tmp_path_factory):
     server.close()
 
 
-class Scripted:
-    """An upstream on a raw socket, one script per connection: "silent" reads the request and
-    then waits for the relay to leave (recording when), "answer" answers it, "closes" closes
-    without a word, "reset" resets the connection, "garbage" answers what is not HTTP."""
+class Listener:
+    """A server on 127.0.0.1 (TLS when given a context) that hands each connection to
+    `_handle` on a thread of its own."""
 
-    def __init__(self, *scripts: str, tls: ssl.SSLContext | None = None) -> None:
-        self.scripts = list(scripts)
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.tls = tls
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.requests: list[bytes] = []
-        self.gone: list[float] = []  # when each silent connection was closed by the relay
-        self.gone_event = threading.Event()
+
+    def start(self) -> None:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -66,10 +63,32 @@ class Scripted:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
-            threading.Thread(target=self._handle, args=(conn, script), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _handle(self, conn: socket.socket, script: str) -> None:
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class Scripted(Listener):
+    """An upstream on a raw socket, one script per connection: "silent" reads the request and
+    then waits for the relay to leave (recording when), "answer" answers it, "closes" closes
+    without a word, "reset" resets the connection, "garbage" answers what is not HTTP."""
+
+    def __init__(self, *scripts: str, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(tls)
+        self.scripts = list(scripts)
+        self.requests: list[bytes] = []
+        self.gone: list[float] = []  # when each silent connection was closed by the relay
+        self.gone_event = threading.Event()
+        self._scripts_lock = threading.Lock()
+        self.start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with self._scripts_lock:  # taken in the order the connections came
+            script = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
         if self.tls is not None:
             try:
                 conn = self.tls.wrap_socket(conn, server_side=True)
@@ -97,9 +116,6 @@ class Scripted:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             elif script == "garbage":
                 conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def threads_started_here(monkeypatch) -> list[threading.Thread]:
@@ -249,24 +265,14 @@ def tls_upstream_context(directory, ca_bundle: str) -> ssl.SSLContext:
     return context
 
 
-class Proxy:
+class Proxy(Listener):
     """An HTTP proxy: CONNECT tunnels, and absolute-URL requests passed on (as origin-form);
     spoken to over TLS when given a context."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.tls = tls
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.listener.getsockname()[1]}"
+        super().__init__(tls)
         self.request_lines: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        self.start()
 
     def _handle(self, client: socket.socket) -> None:
         if self.tls is not None:
@@ -303,9 +309,6 @@ class Proxy:
 
         threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
         pipe(client, upstream)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.mark.parametrize("scheme,proxy_tls", [("http", False), ("https", False), ("https", True)])
